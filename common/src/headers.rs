@@ -1,0 +1,6 @@
+//! Header names of the wire protocol (SPEC §3), lowercase as HTTP/2 sends them.
+
+pub const CODE_COMMIT: &str = "x-cis490-code-commit";
+pub const TAR_SHA256: &str = "x-cis490-tar-sha256";
+pub const UPLOAD_LENGTH: &str = "x-cis490-upload-length";
+pub const CONTENT_TYPE_ZSTD: &str = "application/zstd";

@@ -1,0 +1,13 @@
+//! Protocol pieces both daemons agree on: identifiers, header names, commit parsing, the
+//! `meta.json` reader, TLS loading, the systemd notify wrapper and the one durable-write helper.
+
+pub mod durable;
+pub mod headers;
+pub mod ids;
+pub mod logging;
+pub mod meta;
+pub mod notify;
+pub mod timefmt;
+pub mod tls;
+
+pub use ids::{validate_id, Commit, IdError};

@@ -1,0 +1,41 @@
+//! The systemd notify protocol: READY, WATCHDOG, STOPPING, RELOADING. Without `NOTIFY_SOCKET`
+//! every call is a no-op, so the daemons run the same under systemd, in tests and by hand.
+
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+
+fn send(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "failed to notify the service manager");
+    }
+}
+
+pub fn ready() {
+    send(&[NotifyState::Ready]);
+}
+
+pub fn watchdog() {
+    send(&[NotifyState::Watchdog]);
+}
+
+pub fn stopping() {
+    send(&[NotifyState::Stopping]);
+}
+
+pub fn status(line: &str) {
+    send(&[NotifyState::Status(line)]);
+}
+
+/// `RELOADING=1` with the `MONOTONIC_USEC` systemd needs to match the later `READY=1`.
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(_) => send(&[NotifyState::Reloading]),
+    }
+}
+
+/// How often to send `WATCHDOG=1`: half the interval systemd gave us, if it gave one.
+pub fn watchdog_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled().map(|d| d / 2)
+}

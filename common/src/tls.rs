@@ -1,0 +1,210 @@
+//! Loading PEM material and building rustls configurations with the ring provider.
+//!
+//! Every config goes through `builder_with_provider`: if another crate in the build enables a
+//! second provider, rustls' process-default builder would panic at run time.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("failed to read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("{path} holds no PEM private key: {detail}")]
+    NoKey { path: PathBuf, detail: String },
+    #[error("{path}: certificate is not usable as a CA: {detail}")]
+    BadCa { path: PathBuf, detail: String },
+    #[error("certificate {cert} and key {key} do not form a usable pair: {detail}")]
+    BadPair {
+        cert: PathBuf,
+        key: PathBuf,
+        detail: String,
+    },
+    #[error("{path}: certificate cannot be parsed: {detail}")]
+    Parse { path: PathBuf, detail: String },
+}
+
+/// The crypto provider every config in this project uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads every certificate of a PEM file (a leaf followed by its intermediates, or a CA bundle).
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+        .filter_map(Result::ok)
+        .collect();
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key (PKCS#8, PKCS#1 or SEC1) of a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read(path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::NoKey {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })
+}
+
+/// Loads a CA bundle into a root store; every certificate in it must be acceptable.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots.add(cert).map_err(|e| TlsError::BadCa {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
+/// Paths of a server's TLS material.
+#[derive(Debug, Clone)]
+pub struct ServerTlsFiles<'a> {
+    pub cert_file: &'a Path,
+    pub key_file: &'a Path,
+    pub client_ca_file: &'a Path,
+}
+
+/// Server config that requires a client certificate chaining to `client_ca_file`, speaks
+/// TLS 1.2 and 1.3 only, and offers HTTP/2 and HTTP/1.1 by ALPN.
+pub fn server_config(files: &ServerTlsFiles<'_>) -> Result<ServerConfig, TlsError> {
+    let provider = provider();
+    let roots = Arc::new(load_roots(files.client_ca_file)?);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| TlsError::BadCa {
+            path: files.client_ca_file.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    let certs = load_certs(files.cert_file)?;
+    let key = load_key(files.key_file)?;
+    let bad_pair = |detail: String| TlsError::BadPair {
+        cert: files.cert_file.to_path_buf(),
+        key: files.key_file.to_path_buf(),
+        detail,
+    };
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad_pair(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| bad_pair(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Paths of a client's TLS material.
+#[derive(Debug, Clone)]
+pub struct ClientTlsFiles<'a> {
+    pub ca_file: &'a Path,
+    pub cert_file: &'a Path,
+    pub key_file: &'a Path,
+}
+
+/// Client config presenting a certificate and trusting only `ca_file` for the server.
+pub fn client_config(files: &ClientTlsFiles<'_>, alpn_h2: bool) -> Result<ClientConfig, TlsError> {
+    let roots = load_roots(files.ca_file)?;
+    let certs = load_certs(files.cert_file)?;
+    let key = load_key(files.key_file)?;
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::BadCa {
+            path: files.ca_file.to_path_buf(),
+            detail: e.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| TlsError::BadPair {
+            cert: files.cert_file.to_path_buf(),
+            key: files.key_file.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    cfg.alpn_protocols = if alpn_h2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    Ok(cfg)
+}
+
+/// The identity a certificate names: its first DNS subject-alternative name, else its subject CN.
+pub fn identity(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                return Some((*dns).to_string());
+            }
+        }
+    }
+    let cn = parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string);
+    cn
+}
+
+/// Validity window and identity of a certificate, for `doctor`-style reports.
+#[derive(Debug, Clone)]
+pub struct CertSummary {
+    pub identity: Option<String>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl CertSummary {
+    /// Time left before expiry; `None` once expired.
+    pub fn remaining(&self, now: SystemTime) -> Option<Duration> {
+        self.not_after.duration_since(now).ok()
+    }
+}
+
+pub fn summarize(path: &Path) -> Result<CertSummary, TlsError> {
+    let certs = load_certs(path)?;
+    let first = &certs[0];
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(first.as_ref()).map_err(|e| TlsError::Parse {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    let to_sys = |t: i64| {
+        if t >= 0 {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(t as u64)
+        } else {
+            SystemTime::UNIX_EPOCH
+        }
+    };
+    Ok(CertSummary {
+        identity: identity(first),
+        not_before: to_sys(parsed.validity().not_before.timestamp()),
+        not_after: to_sys(parsed.validity().not_after.timestamp()),
+    })
+}

@@ -1,0 +1,321 @@
+//! `receiver.toml` (SPEC §6): every key with its default, unknown keys rejected by name, and a
+//! validation pass that loads certificates and probes the store before anything is bound.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_PATH: &str = "/etc/cis490/receiver.toml";
+pub const ENV_PATH: &str = "CIS490_RECEIVER_CONFIG";
+
+pub const DEFAULT_REMEDIATION: &str = "cd /opt/cis490 && sudo -u cis490 git pull origin main\nsudo /opt/cis490/scripts/install-lab-host.sh";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
+    #[serde(default = "default_store_dir")]
+    pub store_dir: PathBuf,
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub version_gate: GateConfig,
+    #[serde(default)]
+    pub quarantine: QuarantineConfig,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
+}
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9490))
+}
+fn default_store_dir() -> PathBuf {
+    PathBuf::from("/var/lib/cis490/store")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub tokens_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_body_bytes: u64,
+    pub max_uncompressed_bytes: u64,
+    pub max_concurrent_uploads: usize,
+    pub header_timeout_s: u64,
+    pub body_idle_timeout_s: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 32 << 30,
+            max_uncompressed_bytes: 128 << 30,
+            max_concurrent_uploads: 64,
+            header_timeout_s: 10,
+            body_idle_timeout_s: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Fs,
+    S3,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    #[serde(default)]
+    pub kind: StoreKind,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub bucket: Option<String>,
+    #[serde(default)]
+    pub prefix: String,
+    pub access_key_file: Option<PathBuf>,
+    pub secret_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GateConfig {
+    pub enabled: bool,
+    pub window: usize,
+    pub refresh_interval_s: u64,
+    pub branch: String,
+    pub repo_path: Option<PathBuf>,
+    pub remediation: String,
+    pub forgejo: Option<ForgejoConfig>,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig {
+            enabled: true,
+            window: 100,
+            refresh_interval_s: 5,
+            branch: "main".into(),
+            repo_path: None,
+            remediation: DEFAULT_REMEDIATION.into(),
+            forgejo: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForgejoConfig {
+    pub base_url: String,
+    pub owner: String,
+    pub repo: String,
+    pub token_file: Option<PathBuf>,
+    /// Extra CA bundle for a Forgejo behind a private CA; the system roots are used otherwise.
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuarantineConfig {
+    pub keep_days: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        QuarantineConfig {
+            keep_days: 30,
+            max_bytes: 10 << 30,
+        }
+    }
+}
+
+/// A configuration problem, rendered as one line naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {message}")]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(file: &Path, key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Where the config comes from: `--config`, then `$CIS490_RECEIVER_CONFIG`, then the default.
+pub fn resolve_path(flag: Option<PathBuf>, env: Option<std::ffi::OsString>) -> PathBuf {
+    flag.or_else(|| env.filter(|v| !v.is_empty()).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+}
+
+/// Turns a toml error into one line: the key (or the line it sits on) and the reason.
+pub fn toml_error(file: &Path, text: &str, err: &toml::de::Error) -> ConfigError {
+    let message = err.message().replace('\n', " ");
+    let key = match err.span() {
+        Some(span) => {
+            let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+            let name = line.split('=').next().unwrap_or(line).trim();
+            format!("line {line_no} `{name}`")
+        }
+        None => "(document)".to_string(),
+    };
+    ConfigError::new(file, key, message)
+}
+
+impl Config {
+    /// Reads and parses the file; semantic checks are [`Config::validate`].
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, "(file)", format!("cannot read: {e}")))?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| toml_error(path, text, &e))
+    }
+
+    /// Checks values that parse but cannot work. File-touching checks live in `validate_files`.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let err = |k: &str, m: &str| Err(ConfigError::new(path, k, m));
+        if self.limits.max_body_bytes == 0 {
+            return err("limits.max_body_bytes", "must be greater than 0");
+        }
+        if self.limits.max_uncompressed_bytes == 0 {
+            return err("limits.max_uncompressed_bytes", "must be greater than 0");
+        }
+        if self.limits.max_concurrent_uploads == 0 {
+            return err("limits.max_concurrent_uploads", "must be greater than 0");
+        }
+        if self.limits.header_timeout_s == 0 {
+            return err("limits.header_timeout_s", "must be greater than 0");
+        }
+        if self.limits.body_idle_timeout_s == 0 {
+            return err("limits.body_idle_timeout_s", "must be greater than 0");
+        }
+        if self.version_gate.window == 0 {
+            return err("version_gate.window", "must be greater than 0");
+        }
+        if self.version_gate.refresh_interval_s == 0 {
+            return err("version_gate.refresh_interval_s", "must be greater than 0");
+        }
+        if self.version_gate.branch.trim().is_empty() {
+            return err("version_gate.branch", "must not be empty");
+        }
+        if self.store.kind == StoreKind::S3 {
+            return err(
+                "store.kind",
+                "\"s3\" is not supported by this build yet; use \"fs\"",
+            );
+        }
+        if let Some(f) = &self.version_gate.forgejo {
+            if !(f.base_url.starts_with("https://") || f.base_url.starts_with("http://")) {
+                return err(
+                    "version_gate.forgejo.base_url",
+                    "must start with https:// or http://",
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[tls]
+cert_file = "/c.pem"
+key_file = "/k.pem"
+client_ca_file = "/ca.pem"
+"#;
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let c = Config::parse(Path::new("r.toml"), MIN).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8443");
+        assert_eq!(c.metrics_listen.to_string(), "127.0.0.1:9490");
+        assert_eq!(c.limits.max_body_bytes, 32 << 30);
+        assert_eq!(c.limits.max_uncompressed_bytes, 128 << 30);
+        assert_eq!(c.limits.max_concurrent_uploads, 64);
+        assert_eq!(c.limits.header_timeout_s, 10);
+        assert_eq!(c.limits.body_idle_timeout_s, 60);
+        assert!(c.version_gate.enabled);
+        assert_eq!(c.version_gate.window, 100);
+        assert_eq!(c.version_gate.refresh_interval_s, 5);
+        assert_eq!(c.version_gate.branch, "main");
+        assert_eq!(c.quarantine.keep_days, 30);
+        assert_eq!(c.quarantine.max_bytes, 10 << 30);
+        assert_eq!(c.store.kind, StoreKind::Fs);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let text = format!("{MIN}\n[limits]\nmax_body_byte = 3\n");
+        let e = Config::parse(Path::new("/etc/r.toml"), &text).unwrap_err();
+        let line = e.to_string();
+        assert!(line.starts_with("/etc/r.toml: line "), "{line}");
+        assert!(line.contains("max_body_byte"), "{line}");
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn wrong_types_name_the_line() {
+        let text = format!("{MIN}\n[version_gate]\nwindow = \"ten\"\n");
+        let e = Config::parse(Path::new("r.toml"), &text).unwrap_err();
+        assert!(e.to_string().contains("`window`"), "{e}");
+    }
+
+    #[test]
+    fn zero_window_is_rejected() {
+        let text = format!("{MIN}\n[version_gate]\nwindow = 0\n");
+        let c = Config::parse(Path::new("r.toml"), &text).unwrap();
+        let e = c.validate(Path::new("r.toml")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "r.toml: version_gate.window: must be greater than 0"
+        );
+    }
+
+    #[test]
+    fn env_and_flag_precedence() {
+        assert_eq!(
+            resolve_path(Some("/a".into()), Some("/b".into())),
+            PathBuf::from("/a")
+        );
+        assert_eq!(resolve_path(None, Some("/b".into())), PathBuf::from("/b"));
+        assert_eq!(resolve_path(None, None), PathBuf::from(DEFAULT_PATH));
+    }
+}

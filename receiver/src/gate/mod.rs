@@ -1,0 +1,376 @@
+//! The commit gate (SPEC §4): an immutable allow-list swapped atomically by a background
+//! refresher, so admission is a lock-free set lookup; a miss triggers one bounded refresh.
+
+pub mod git;
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use cis490_common::Commit;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::GateConfig;
+
+/// Where the current list came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Forgejo,
+    Git,
+    GitFallback,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Forgejo => "forgejo",
+            Source::Git => "git",
+            Source::GitFallback => "git-fallback",
+        }
+    }
+}
+
+/// One loaded allow-list; never mutated after it is published.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub commits: Vec<Commit>,
+    set: HashSet<Commit>,
+    pub source: Source,
+    pub loaded_at: Instant,
+}
+
+impl Snapshot {
+    pub fn new(commits: Vec<Commit>, source: Source) -> Self {
+        let set = commits.iter().copied().collect();
+        Snapshot {
+            commits,
+            set,
+            source,
+            loaded_at: Instant::now(),
+        }
+    }
+
+    pub fn contains(&self, c: &Commit) -> bool {
+        self.set.contains(c)
+    }
+
+    pub fn head(&self) -> Option<Commit> {
+        self.commits.first().copied()
+    }
+}
+
+/// The answer to "may this commit's data enter the dataset?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    NotInWindow {
+        head: Option<Commit>,
+    },
+    /// No list has ever been loaded: answer 503, never 412.
+    Unavailable,
+}
+
+/// What `/v1/ping`, `gate` and the metrics show.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GateView {
+    pub enabled: bool,
+    pub source: Option<&'static str>,
+    pub head_commit: Option<String>,
+    pub window: usize,
+    pub commits: usize,
+    pub age_s: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Status {
+    last_error: Option<String>,
+}
+
+/// A source of commit lists, tried in order at every refresh.
+#[derive(Debug, Clone)]
+enum SourceSpec {
+    Git { repo: PathBuf },
+}
+
+pub struct Gate {
+    cfg: GateConfig,
+    sources: Vec<SourceSpec>,
+    snapshot: ArcSwapOption<Snapshot>,
+    status: std::sync::Mutex<Status>,
+    pub refresh_failures: AtomicU64,
+    /// Serialises refreshes; holds when the last one started.
+    refresh_lock: tokio::sync::Mutex<Option<Instant>>,
+    /// When the last refresh triggered by a miss started, for the one-per-second limit.
+    last_miss_refresh: std::sync::Mutex<Option<Instant>>,
+    /// Bumped by the refresher loop; the watchdog stops if it stalls.
+    pub heartbeat: AtomicU64,
+}
+
+/// Longest a request waits for a refresh-on-miss before it is answered.
+pub const MISS_WAIT: Duration = Duration::from_secs(2);
+const MISS_MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Gate {
+    pub fn new(cfg: GateConfig) -> Self {
+        let mut sources = Vec::new();
+        if let Some(repo) = git::resolve_repo(cfg.repo_path.as_deref()) {
+            sources.push(SourceSpec::Git { repo });
+        }
+        Gate {
+            cfg,
+            sources,
+            snapshot: ArcSwapOption::empty(),
+            status: std::sync::Mutex::new(Status::default()),
+            refresh_failures: AtomicU64::new(0),
+            refresh_lock: tokio::sync::Mutex::new(None),
+            last_miss_refresh: std::sync::Mutex::new(None),
+            heartbeat: AtomicU64::new(0),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.cfg.enabled
+    }
+
+    pub fn config(&self) -> &GateConfig {
+        &self.cfg
+    }
+
+    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.snapshot.load_full()
+    }
+
+    /// True when admission can be decided (a list is loaded, or the gate is off).
+    pub fn ready(&self) -> bool {
+        !self.cfg.enabled || self.snapshot.load().is_some()
+    }
+
+    fn lock_status(&self) -> std::sync::MutexGuard<'_, Status> {
+        // Invariant: Status holds plain values; a panic mid-update cannot break it.
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admission without waiting: the set lookup alone.
+    pub fn check_now(&self, commit: &Commit) -> Admission {
+        if !self.cfg.enabled {
+            return Admission::Admitted;
+        }
+        match &*self.snapshot.load() {
+            None => Admission::Unavailable,
+            Some(s) if s.contains(commit) => Admission::Admitted,
+            Some(s) => Admission::NotInWindow { head: s.head() },
+        }
+    }
+
+    /// Admission with one bounded refresh on a miss, so a commit pushed a moment ago passes.
+    pub async fn check(&self, commit: &Commit) -> Admission {
+        match self.check_now(commit) {
+            Admission::NotInWindow { .. } | Admission::Unavailable => {}
+            admitted => return admitted,
+        }
+        let asked = Instant::now();
+        let _ = tokio::time::timeout(MISS_WAIT, self.refresh_after(asked)).await;
+        self.check_now(commit)
+    }
+
+    /// Refreshes unless a refresh started after `asked` already; honours the per-second limit.
+    async fn refresh_after(&self, asked: Instant) {
+        let mut last = self.refresh_lock.lock().await;
+        if matches!(*last, Some(t) if t >= asked) {
+            return;
+        }
+        let wait = {
+            let m = self
+                .last_miss_refresh
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            m.map(|t| MISS_MIN_INTERVAL.saturating_sub(t.elapsed()))
+                .unwrap_or_default()
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        *self
+            .last_miss_refresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        *last = Some(Instant::now());
+        let _ = self.refresh_locked().await;
+    }
+
+    /// One refresh pass over the sources (used by the background loop and by `gate`).
+    pub async fn refresh(&self) -> Result<(), String> {
+        let mut last = self.refresh_lock.lock().await;
+        *last = Some(Instant::now());
+        self.refresh_locked().await
+    }
+
+    async fn refresh_locked(&self) -> Result<(), String> {
+        if self.sources.is_empty() {
+            let e = "no commit source configured: set [version_gate] repo_path or [version_gate.forgejo], or enabled = false".to_string();
+            self.record_failure(&e);
+            return Err(e);
+        }
+        let mut errors = Vec::new();
+        let multi = self.sources.len() > 1;
+        for (i, spec) in self.sources.iter().enumerate() {
+            let result = match spec.clone() {
+                SourceSpec::Git { repo } => {
+                    let (branch, window) = (self.cfg.branch.clone(), self.cfg.window);
+                    let repo2 = repo.clone();
+                    match tokio::task::spawn_blocking(move || {
+                        git::list_commits(&repo2, &branch, window)
+                    })
+                    .await
+                    {
+                        Ok(Ok(list)) => Ok(list),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(e) => Err(format!("git reader task failed: {e}")),
+                    }
+                    .map(|l| {
+                        (
+                            l,
+                            if multi && i > 0 {
+                                Source::GitFallback
+                            } else {
+                                Source::Git
+                            },
+                        )
+                    })
+                }
+            };
+            match result {
+                Ok((list, _)) if list.is_empty() => {
+                    errors.push(format!("{}: no commits", spec_name(spec)));
+                }
+                Ok((list, source)) => {
+                    self.publish(list, source);
+                    return Ok(());
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        let e = errors.join("; ");
+        self.record_failure(&e);
+        Err(e)
+    }
+
+    fn publish(&self, list: Vec<Commit>, source: Source) {
+        let previous = self.snapshot.load().as_ref().map(|s| s.source);
+        let snap = Snapshot::new(list, source);
+        let head = snap.head().map(|c| c.to_string()).unwrap_or_default();
+        let count = snap.commits.len();
+        self.snapshot.store(Some(Arc::new(snap)));
+        self.lock_status().last_error = None;
+        if previous != Some(source) && (previous.is_some() || source == Source::GitFallback) {
+            tracing::warn!(
+                event = "gate_source_changed",
+                from = previous.map(Source::as_str).unwrap_or("none"),
+                to = source.as_str(),
+                "commit gate source changed"
+            );
+        }
+        tracing::debug!(
+            event = "gate_refreshed",
+            source = source.as_str(),
+            head,
+            commits = count
+        );
+    }
+
+    fn record_failure(&self, e: &str) {
+        self.refresh_failures.fetch_add(1, Ordering::Relaxed);
+        self.lock_status().last_error = Some(e.to_string());
+        tracing::warn!(
+            event = "gate_refresh_failed",
+            error = e,
+            "commit gate refresh failed; keeping the previous list"
+        );
+    }
+
+    /// Runs the background refresher until `shutdown` fires.
+    pub async fn run_refresher(self: Arc<Self>, shutdown: CancellationToken) {
+        if !self.cfg.enabled {
+            loop {
+                self.heartbeat.fetch_add(1, Ordering::Relaxed);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+        let interval = Duration::from_secs(self.cfg.refresh_interval_s);
+        loop {
+            let _ = self.refresh().await;
+            self.heartbeat.fetch_add(1, Ordering::Relaxed);
+            // Wake at least once a second so the heartbeat keeps moving with long intervals.
+            let until = Instant::now() + interval;
+            while Instant::now() < until {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep((until - Instant::now()).min(Duration::from_secs(1))) => {}
+                }
+                self.heartbeat.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn view(&self) -> GateView {
+        let snap = self.snapshot.load_full();
+        GateView {
+            enabled: self.cfg.enabled,
+            source: snap.as_ref().map(|s| s.source.as_str()),
+            head_commit: snap.as_ref().and_then(|s| s.head()).map(|c| c.to_string()),
+            window: self.cfg.window,
+            commits: snap.as_ref().map(|s| s.commits.len()).unwrap_or(0),
+            age_s: snap.as_ref().map(|s| s.loaded_at.elapsed().as_secs()),
+            last_error: self.lock_status().last_error.clone(),
+        }
+    }
+
+    /// The remediation text for a lab host, from the configured template.
+    pub fn remediation(&self, your: Option<&str>, head: Option<&str>) -> String {
+        self.cfg
+            .remediation
+            .replace("{your_commit}", your.unwrap_or(""))
+            .replace("{head_commit}", head.unwrap_or(""))
+    }
+
+    pub fn render_metrics(&self, out: &mut String) {
+        let v = self.view();
+        let _ = writeln!(
+            out,
+            "# HELP cis490_gate_commits Commits in the current allow-list.\n# TYPE cis490_gate_commits gauge\ncis490_gate_commits {}",
+            v.commits
+        );
+        let age = v.age_s.map(|a| a as f64).unwrap_or(f64::NAN);
+        let _ = writeln!(
+            out,
+            "# HELP cis490_gate_age_seconds Seconds since the allow-list was last loaded.\n# TYPE cis490_gate_age_seconds gauge\ncis490_gate_age_seconds {age}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP cis490_gate_source Source of the current allow-list (1 for the current one).\n# TYPE cis490_gate_source gauge"
+        );
+        for s in [Source::Forgejo, Source::Git, Source::GitFallback] {
+            let on = u8::from(v.source == Some(s.as_str()));
+            let _ = writeln!(out, "cis490_gate_source{{source=\"{}\"}} {on}", s.as_str());
+        }
+        let _ = writeln!(
+            out,
+            "# HELP cis490_gate_refresh_failures_total Refreshes in which every source failed.\n# TYPE cis490_gate_refresh_failures_total counter\ncis490_gate_refresh_failures_total {}",
+            self.refresh_failures.load(Ordering::Relaxed)
+        );
+    }
+}
+
+fn spec_name(s: &SourceSpec) -> String {
+    match s {
+        SourceSpec::Git { repo } => format!("git {}", repo.display()),
+    }
+}

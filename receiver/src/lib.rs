@@ -1,0 +1,16 @@
+//! `cis490-receiver`: admits episodes produced by current code over mutual TLS, validates them
+//! in one streaming pass and stores them durably with an index.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod gate;
+pub mod handlers;
+pub mod ingest;
+pub mod metrics;
+pub mod server;
+pub mod store;
+
+pub use config::Config;
+pub use server::Receiver;

@@ -1,0 +1,350 @@
+//! The HTTPS listener (mTLS, HTTP/1.1 and HTTP/2), the plain operations listener, the watchdog
+//! and the shutdown/reload plumbing. Request handling itself lives in `handlers`.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use cis490_common::{notify, tls};
+
+use crate::auth::Tokens;
+use crate::config::{Config, ConfigError};
+use crate::gate::Gate;
+use crate::handlers;
+use crate::metrics::Metrics;
+use crate::store::{EpisodeStore, FsOptions, FsStore};
+
+/// Time granted to in-flight requests after SIGTERM before they are cut off.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
+
+pub struct AppState {
+    pub cfg: Config,
+    pub config_path: PathBuf,
+    pub tls: ArcSwap<ServerConfig>,
+    pub tokens: ArcSwap<Option<Tokens>>,
+    pub store: Arc<dyn EpisodeStore>,
+    pub gate: Arc<Gate>,
+    pub metrics: Arc<Metrics>,
+    pub uploads: Arc<Semaphore>,
+    pub accept_heartbeat: AtomicU64,
+}
+
+/// A configured receiver, ready to serve on listeners the caller bound.
+#[derive(Clone)]
+pub struct Receiver {
+    pub state: Arc<AppState>,
+}
+
+fn load_tls(cfg: &Config, path: &Path) -> Result<ServerConfig, ConfigError> {
+    let files = tls::ServerTlsFiles {
+        cert_file: &cfg.tls.cert_file,
+        key_file: &cfg.tls.key_file,
+        client_ca_file: &cfg.tls.client_ca_file,
+    };
+    tls::server_config(&files).map_err(|e| {
+        let key = match &e {
+            tls::TlsError::Read { path: p, .. }
+            | tls::TlsError::NoCertificate { path: p }
+            | tls::TlsError::BadCa { path: p, .. }
+            | tls::TlsError::Parse { path: p, .. }
+                if *p == cfg.tls.client_ca_file =>
+            {
+                "tls.client_ca_file"
+            }
+            tls::TlsError::NoKey { .. } => "tls.key_file",
+            tls::TlsError::Read { path: p, .. } if *p == cfg.tls.key_file => "tls.key_file",
+            tls::TlsError::BadPair { .. } => "tls.cert_file/tls.key_file",
+            _ => "tls.cert_file",
+        };
+        ConfigError::new(path, key, e.to_string())
+    })
+}
+
+fn load_tokens(cfg: &Config, path: &Path) -> Result<Option<Tokens>, ConfigError> {
+    match &cfg.auth.tokens_file {
+        None => Ok(None),
+        Some(f) => Tokens::load(f).map(Some).map_err(|e| {
+            ConfigError::new(path, "auth.tokens_file", format!("{}: {e}", f.display()))
+        }),
+    }
+}
+
+impl Receiver {
+    /// Checks everything the config names (certificates, tokens, store) and opens the store.
+    pub fn new(cfg: Config, config_path: &Path) -> Result<Receiver, ConfigError> {
+        cfg.validate(config_path)?;
+        let tls_cfg = load_tls(&cfg, config_path)?;
+        let tokens = load_tokens(&cfg, config_path)?;
+        let store = FsStore::open(
+            &cfg.store_dir,
+            &FsOptions {
+                max_uncompressed: cfg.limits.max_uncompressed_bytes,
+                quarantine_keep_days: cfg.quarantine.keep_days,
+                quarantine_max_bytes: cfg.quarantine.max_bytes,
+            },
+        )
+        .map_err(|e| ConfigError::new(config_path, "store_dir", e.to_string()))?;
+        let metrics = Arc::new(Metrics::default());
+        if let Ok(q) = store.clean_quarantine() {
+            metrics.quarantine_bytes.store(q, Ordering::Relaxed);
+        }
+        let gate = Arc::new(Gate::new(cfg.version_gate.clone()));
+        if !gate.enabled() {
+            tracing::warn!("version gate is DISABLED: any well-formed commit is admitted");
+        }
+        let uploads = Arc::new(Semaphore::new(cfg.limits.max_concurrent_uploads));
+        Ok(Receiver {
+            state: Arc::new(AppState {
+                config_path: config_path.to_path_buf(),
+                tls: ArcSwap::from_pointee(tls_cfg),
+                tokens: ArcSwap::from_pointee(tokens),
+                store: Arc::new(store),
+                gate,
+                metrics,
+                uploads,
+                accept_heartbeat: AtomicU64::new(0),
+                cfg,
+            }),
+        })
+    }
+
+    /// Re-reads certificates and tokens (SIGHUP); on error the old ones stay in force.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let s = &self.state;
+        let tls_cfg = load_tls(&s.cfg, &s.config_path)?;
+        let tokens = load_tokens(&s.cfg, &s.config_path)?;
+        s.tls.store(Arc::new(tls_cfg));
+        s.tokens.store(Arc::new(tokens));
+        Ok(())
+    }
+
+    /// Serves until `shutdown` fires, then drains in-flight requests for up to [`DRAIN_DEADLINE`].
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        ops: Option<TcpListener>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let tasks = CancellationToken::new();
+        let refresher = tokio::spawn(state.gate.clone().run_refresher(tasks.clone()));
+        if let Some(ops) = ops {
+            tokio::spawn(serve_ops(state.clone(), ops, tasks.clone()));
+        }
+        tokio::spawn(quarantine_janitor(state.clone(), tasks.clone()));
+        if let Some(every) = notify::watchdog_interval() {
+            tokio::spawn(watchdog(state.clone(), every, tasks.clone()));
+        }
+        let graceful = GracefulShutdown::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    state.accept_heartbeat.fetch_add(1, Ordering::Relaxed);
+                }
+                accepted = listener.accept() => {
+                    state.accept_heartbeat.fetch_add(1, Ordering::Relaxed);
+                    match accepted {
+                        Ok((stream, peer)) => {
+                            let _ = stream.set_nodelay(true);
+                            let st = state.clone();
+                            let watcher = graceful.watcher();
+                            tokio::spawn(async move {
+                                connection(st, stream, peer, watcher).await;
+                            });
+                        }
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!(error = %e, "failed to accept a connection");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            }
+        }
+        drop(listener);
+        tracing::info!("shutting down: draining in-flight requests");
+        if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain deadline passed; aborting the remaining requests");
+        }
+        tasks.cancel();
+        let _ = refresher.await;
+        Ok(())
+    }
+}
+
+async fn connection(
+    state: Arc<AppState>,
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let header_timeout = Duration::from_secs(state.cfg.limits.header_timeout_s);
+    let acceptor = TlsAcceptor::from(state.tls.load_full());
+    let tls = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(peer = %peer, error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(peer = %peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    let identity = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(tls::identity);
+    let h2 = conn.alpn_protocol() == Some(b"h2");
+    let identity: Arc<Option<String>> = Arc::new(identity);
+    let st = state.clone();
+    let svc = service_fn(move |req| {
+        let st = st.clone();
+        let id = identity.clone();
+        async move { Ok::<_, Infallible>(handlers::handle(st, id, req).await) }
+    });
+    let io = TokioIo::new(tls);
+    let result = if h2 {
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .max_concurrent_streams(256);
+        watcher.watch(b.serve_connection(io, svc)).await
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(Some(header_timeout))
+            .keep_alive(true);
+        watcher.watch(b.serve_connection(io, svc)).await
+    };
+    if let Err(e) = result {
+        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Feeds the systemd watchdog only while the accept loop and the gate refresher both move.
+async fn watchdog(state: Arc<AppState>, every: Duration, stop: CancellationToken) {
+    let mut last = (u64::MAX, u64::MAX);
+    loop {
+        let now = (
+            state.accept_heartbeat.load(Ordering::Relaxed),
+            state.gate.heartbeat.load(Ordering::Relaxed),
+        );
+        if now.0 != last.0 && now.1 != last.1 {
+            notify::watchdog();
+        } else {
+            tracing::error!("a work loop stalled; withholding the watchdog heartbeat");
+        }
+        last = now;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+async fn quarantine_janitor(state: Arc<AppState>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+        let store = state.store.clone();
+        if let Ok(Ok(q)) = tokio::task::spawn_blocking(move || store.clean_quarantine()).await {
+            state.metrics.quarantine_bytes.store(q, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn serve_ops(state: Arc<AppState>, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(_) => { tokio::time::sleep(Duration::from_millis(100)).await; continue; }
+            }
+        };
+        let st = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let st = st.clone();
+                async move { Ok::<_, Infallible>(ops_response(&st, req.uri().path()).await) }
+            });
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(Some(Duration::from_secs(10)));
+            let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+async fn ops_response(state: &Arc<AppState>, path: &str) -> hyper::Response<Full<Bytes>> {
+    let text = |status: u16, ct: &str, body: String| {
+        hyper::Response::builder()
+            .status(status)
+            .header("content-type", ct)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_default()
+    };
+    match path {
+        "/healthz" => {
+            let mut problems = Vec::new();
+            if !state.gate.ready() {
+                let why = state
+                    .gate
+                    .view()
+                    .last_error
+                    .unwrap_or_else(|| "not loaded yet".into());
+                problems.push(format!("version gate has no commit list: {why}"));
+            }
+            let store = state.store.clone();
+            match tokio::task::spawn_blocking(move || store.probe_writable()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => problems.push(format!("store is not writable: {e}")),
+                Err(e) => problems.push(format!("store probe failed: {e}")),
+            }
+            let mut body = serde_json::json!({
+                "ok": problems.is_empty(),
+                "problems": problems,
+                "gate": state.gate.view(),
+            });
+            if !state.gate.enabled() {
+                body["warning"] =
+                    "version gate is disabled: any well-formed commit is admitted".into();
+            }
+            text(
+                if problems.is_empty() { 200 } else { 503 },
+                "application/json",
+                body.to_string() + "\n",
+            )
+        }
+        "/metrics" => {
+            let mut out = String::new();
+            state.metrics.render(&mut out);
+            state.gate.render_metrics(&mut out);
+            text(200, "text/plain; version=0.0.4", out)
+        }
+        _ => text(404, "text/plain", "not found\n".into()),
+    }
+}
