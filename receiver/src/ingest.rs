@@ -57,6 +57,7 @@ struct Probe {
     source_err: RefCell<Option<io::Error>>,
     sink_err: RefCell<Option<io::Error>>,
     too_large: Cell<bool>,
+    bytes_in: Cell<u64>,
 }
 
 fn take_err(slot: &RefCell<Option<io::Error>>) -> Option<io::Error> {
@@ -87,6 +88,7 @@ impl<R: Read, W: Write> Read for Tee<R, W> {
             return Err(io::Error::new(kind, "sink write failed"));
         }
         self.count += n as u64;
+        self.probe.bytes_in.set(self.count);
         Ok(n)
     }
 }
@@ -133,6 +135,9 @@ pub fn validate<R: Read, W: Write>(
         }
         if probe.too_large.get() {
             return Rejection::TooLarge(expect.max_uncompressed);
+        }
+        if probe.bytes_in.get() == 0 {
+            return invalid("body is empty");
         }
         invalid(format!("{what}: {e}"))
     };
@@ -470,7 +475,8 @@ mod tests {
 
         let body = zst(&raw);
         assert!(rejected(&body[..body.len() - 3], &expect()).contains("tar+zstd"));
-        assert!(rejected(b"", &expect()).contains("empty"));
+        let m = rejected(b"", &expect());
+        assert!(m.contains("empty"), "{m}");
     }
 
     #[test]

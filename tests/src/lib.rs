@@ -1,1 +1,8 @@
-//! Test support.
+//! Support for the end-to-end tests: a throwaway PKI (rcgen), real git repositories, episodes,
+//! an mTLS HTTP client, and receivers run in-process or as child processes.
+
+pub mod client;
+pub mod episode;
+pub mod git;
+pub mod harness;
+pub mod pki;

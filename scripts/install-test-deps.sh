@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs besides the Rust toolchain: git (real repositories), curl
+# (Expect: 100-continue checks), util-linux (unshare, mount for the full-disk test), and the
+# rustfmt/clippy components. Safe to run repeatedly; does nothing when all are present.
+set -euo pipefail
+
+missing=()
+command -v git >/dev/null || missing+=(git)
+command -v curl >/dev/null || missing+=(curl)
+command -v unshare >/dev/null || missing+=(util-linux)
+command -v openssl >/dev/null || missing+=(openssl)
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  sudo_cmd=()
+  [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}"
+fi
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  rustup component add rustfmt clippy
+fi

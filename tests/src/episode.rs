@@ -1,0 +1,69 @@
+//! Episodes as the producer writes them, packed by the shipper's real packer.
+
+use std::path::{Path, PathBuf};
+
+use cis490_shipper::pack::{self, Compression, Packed};
+
+/// Writes `root/<id>/meta.json` stamped with `commit` plus the given files.
+pub fn write(root: &Path, id: &str, commit: &str, files: &[(&str, &[u8])]) -> PathBuf {
+    let d = root.join(id);
+    std::fs::create_dir_all(&d).unwrap();
+    let meta =
+        format!("{{\"episode_id\": \"{id}\", \"code_version\": {{\"commit\": \"{commit}\"}}}}\n");
+    std::fs::write(d.join("meta.json"), meta).unwrap();
+    for (name, data) in files {
+        let p = d.join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(p, data).unwrap();
+    }
+    d
+}
+
+/// Packs `dir` as episode `id`; returns the tarball bytes and what the packer measured.
+pub fn pack(dir: &Path, id: &str) -> (Packed, Vec<u8>) {
+    let (p, bytes) = pack::pack(
+        dir,
+        id,
+        Vec::new(),
+        Compression {
+            level: 3,
+            threads: 1,
+        },
+    )
+    .unwrap();
+    (p, bytes)
+}
+
+/// A packed episode ready to PUT.
+pub struct Body {
+    pub id: String,
+    pub commit: String,
+    pub sha: String,
+    pub bytes: Vec<u8>,
+}
+
+/// Writes and packs an episode with `size` bytes of pseudo-random data.
+pub fn body(root: &Path, id: &str, commit: &str, size: usize) -> Body {
+    let mut data = Vec::with_capacity(size);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ size as u64 ^ id.len() as u64;
+    for b in id.bytes() {
+        x = x.wrapping_mul(31).wrapping_add(u64::from(b));
+    }
+    while data.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(size);
+    let dir = write(root, id, commit, &[("data.bin", &data)]);
+    let (p, bytes) = pack(&dir, id);
+    Body {
+        id: id.to_string(),
+        commit: commit.to_string(),
+        sha: p.tar_sha256,
+        bytes,
+    }
+}

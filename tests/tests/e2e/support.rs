@@ -1,0 +1,41 @@
+//! Helpers shared by the test modules.
+
+use std::path::Path;
+
+use cis490_tests::harness::{metric, InProcess, World};
+
+/// Files under `dir`, recursively, as paths relative to it (sorted).
+pub fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(base: &Path, d: &Path, out: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(d) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                out.push(p.strip_prefix(base).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+pub fn index_rows(store: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(store.join("index.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+pub async fn metric_value(r: &InProcess, series: &str) -> f64 {
+    let (_, text) = r.ops_get("/metrics").await;
+    metric(&text, series).unwrap_or(0.0)
+}
+
+pub async fn start(world: &World, extra: &str) -> InProcess {
+    InProcess::start(&world.config(extra)).await
+}
