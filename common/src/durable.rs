@@ -54,6 +54,20 @@ impl DurableFile {
         })
     }
 
+    /// Creates the temp file at an exact path (e.g. `outbox/<id>.tar.zst.partial`), replacing a
+    /// stale one left by a crash.
+    pub fn create_at(temp: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(temp)?;
+        Ok(DurableFile {
+            file: Some(file),
+            temp: temp.to_path_buf(),
+        })
+    }
+
     pub fn temp_path(&self) -> &Path {
         &self.temp
     }

@@ -1,3 +1,8 @@
 //! `cis490-shipper`: packs finished episodes as canonical tar+zstd and ships them over mTLS.
 
+pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod pack;
+pub mod queue;
+pub mod transport;

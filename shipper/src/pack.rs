@@ -225,6 +225,22 @@ impl<R: Read> Read for ExactReader<R> {
     }
 }
 
+/// SHA-256 of the tar stream inside a `.tar.zst` (for tarballs packed before a restart).
+pub fn hash_tarball(path: &Path) -> io::Result<String> {
+    let f = File::open(path)?;
+    let mut dec = zstd::stream::read::Decoder::new(f)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = dec.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

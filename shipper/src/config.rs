@@ -1,0 +1,281 @@
+//! `lab-host.toml` (SPEC §6): every key with its default, unknown keys rejected by name, and a
+//! validation pass that loads the certificates and prepares `data_dir` before anything runs.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_PATH: &str = "/etc/cis490/lab-host.toml";
+pub const ENV_PATH: &str = "CIS490_SHIPPER_CONFIG";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub host_id: String,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    pub receiver: ReceiverConfig,
+    #[serde(default)]
+    pub shipping: Shipping,
+    #[serde(default)]
+    pub retention: Retention,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/cis490")
+}
+
+/// One URL or a list tried in order.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Urls {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Urls {
+    pub fn list(&self) -> Vec<String> {
+        match self {
+            Urls::One(u) => vec![u.clone()],
+            Urls::Many(v) => v.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverConfig {
+    pub url: Urls,
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub token_file: Option<PathBuf>,
+    #[serde(default = "d10")]
+    pub connect_timeout_s: u64,
+    #[serde(default = "d60")]
+    pub idle_timeout_s: u64,
+}
+
+fn d10() -> u64 {
+    10
+}
+fn d60() -> u64 {
+    60
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Shipping {
+    pub scan_interval_s: u64,
+    pub settle_s: u64,
+    pub concurrency: usize,
+    pub zstd_level: i32,
+    pub zstd_threads: u32,
+    pub max_backoff_s: u64,
+    pub bandwidth_limit_mbps: f64,
+}
+
+impl Default for Shipping {
+    fn default() -> Self {
+        Shipping {
+            scan_interval_s: 5,
+            settle_s: 5,
+            concurrency: 2,
+            zstd_level: 3,
+            zstd_threads: 0,
+            max_backoff_s: 300,
+            bandwidth_limit_mbps: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    pub shipped_keep_days: u64,
+    pub quarantine_keep_days: u64,
+    pub cleanup_interval_s: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            shipped_keep_days: 14,
+            quarantine_keep_days: 30,
+            cleanup_interval_s: 3600,
+        }
+    }
+}
+
+/// A configuration problem, rendered as one line naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {message}")]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(file: &Path, key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+pub fn resolve_path(flag: Option<PathBuf>, env: Option<std::ffi::OsString>) -> PathBuf {
+    flag.or_else(|| env.filter(|v| !v.is_empty()).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, "(file)", format!("cannot read: {e}")))?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let message = e.message().replace('\n', " ");
+            let key = match e.span() {
+                Some(span) => {
+                    let n = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    let line = text.lines().nth(n - 1).unwrap_or("").trim();
+                    format!(
+                        "line {n} `{}`",
+                        line.split('=').next().unwrap_or(line).trim()
+                    )
+                }
+                None => "(document)".into(),
+            };
+            ConfigError::new(path, key, message)
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let err = |k: &str, m: String| Err(ConfigError::new(path, k, m));
+        if let Err(e) = cis490_common::validate_id(&self.host_id) {
+            return err("host_id", format!("{:?}: {e}", self.host_id));
+        }
+        let urls = self.receiver.url.list();
+        if urls.is_empty() {
+            return err("receiver.url", "needs at least one URL".into());
+        }
+        for u in &urls {
+            if let Err(e) = crate::transport::Endpoint::parse(u) {
+                return err("receiver.url", e);
+            }
+        }
+        let s = &self.shipping;
+        if s.scan_interval_s == 0 {
+            return err("shipping.scan_interval_s", "must be greater than 0".into());
+        }
+        if s.concurrency == 0 {
+            return err("shipping.concurrency", "must be greater than 0".into());
+        }
+        if !(1..=22).contains(&s.zstd_level) {
+            return err(
+                "shipping.zstd_level",
+                format!("{} is outside 1..=22", s.zstd_level),
+            );
+        }
+        if s.max_backoff_s == 0 {
+            return err("shipping.max_backoff_s", "must be greater than 0".into());
+        }
+        if !(s.bandwidth_limit_mbps >= 0.0 && s.bandwidth_limit_mbps.is_finite()) {
+            return err(
+                "shipping.bandwidth_limit_mbps",
+                "must be 0 (no limit) or a positive number".into(),
+            );
+        }
+        if self.receiver.connect_timeout_s == 0 {
+            return err(
+                "receiver.connect_timeout_s",
+                "must be greater than 0".into(),
+            );
+        }
+        if self.receiver.idle_timeout_s == 0 {
+            return err("receiver.idle_timeout_s", "must be greater than 0".into());
+        }
+        if self.retention.cleanup_interval_s == 0 {
+            return err(
+                "retention.cleanup_interval_s",
+                "must be greater than 0".into(),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn token(&self, path: &Path) -> Result<Option<String>, ConfigError> {
+        match &self.receiver.token_file {
+            None => Ok(None),
+            Some(f) => std::fs::read_to_string(f)
+                .map(|t| Some(t.trim().to_string()))
+                .map_err(|e| {
+                    ConfigError::new(
+                        path,
+                        "receiver.token_file",
+                        format!("cannot read {}: {e}", f.display()),
+                    )
+                }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+host_id = "labhost-01"
+[receiver]
+url = "https://receiver.lab:8443"
+ca_file = "/ca.pem"
+cert_file = "/c.pem"
+key_file = "/k.pem"
+"#;
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let c = Config::parse(Path::new("l.toml"), MIN).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/cis490"));
+        assert_eq!(c.receiver.connect_timeout_s, 10);
+        assert_eq!(c.receiver.idle_timeout_s, 60);
+        assert_eq!(c.shipping.scan_interval_s, 5);
+        assert_eq!(c.shipping.settle_s, 5);
+        assert_eq!(c.shipping.concurrency, 2);
+        assert_eq!(c.shipping.zstd_level, 3);
+        assert_eq!(c.shipping.zstd_threads, 0);
+        assert_eq!(c.shipping.max_backoff_s, 300);
+        assert_eq!(c.shipping.bandwidth_limit_mbps, 0.0);
+        assert_eq!(c.retention.shipped_keep_days, 14);
+        assert_eq!(c.retention.quarantine_keep_days, 30);
+        assert_eq!(c.retention.cleanup_interval_s, 3600);
+        assert_eq!(c.receiver.url.list(), vec!["https://receiver.lab:8443"]);
+    }
+
+    #[test]
+    fn url_lists_and_errors() {
+        let t = MIN.replace(
+            "url = \"https://receiver.lab:8443\"",
+            "url = [\"https://a:8443\", \"https://b:8443\"]",
+        );
+        let c = Config::parse(Path::new("l.toml"), &t).unwrap();
+        assert_eq!(c.receiver.url.list().len(), 2);
+        let t = MIN.replace("https://receiver.lab:8443", "ftp://x");
+        let e = Config::parse(Path::new("l.toml"), &t).unwrap_err();
+        assert!(e.to_string().starts_with("l.toml: receiver.url: "), "{e}");
+        let t = format!("{MIN}\n[shipping]\nconcurrancy = 3\n");
+        let e = Config::parse(Path::new("l.toml"), &t).unwrap_err();
+        assert!(e.to_string().contains("concurrancy"), "{e}");
+        let t = MIN.replace("labhost-01", "../x");
+        let e = Config::parse(Path::new("l.toml"), &t).unwrap_err();
+        assert!(e.to_string().contains("host_id"), "{e}");
+    }
+}

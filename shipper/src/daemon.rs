@@ -1,0 +1,531 @@
+//! The work loop: scan, sweep, clean up, dispatch ready episodes to `concurrency` workers, apply
+//! each outcome as a queue transition, back off what failed, and feed the systemd watchdog only
+//! while the loop and every upload make progress.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use cis490_common::notify;
+
+use crate::config::Config;
+use crate::pack::{Compression, PackError};
+use crate::queue::{self, Candidate, Layout, Stamp};
+use crate::transport::{Outcome, Shipment, Transport};
+
+/// Exponential backoff with full jitter, capped, never shorter than the server's Retry-After.
+pub fn backoff_delay(
+    attempt: u32,
+    cap: Duration,
+    retry_after: Option<Duration>,
+    unit: f64,
+) -> Duration {
+    let base = Duration::from_secs(1);
+    let ceiling = base
+        .checked_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
+        .unwrap_or(cap)
+        .min(cap);
+    let jittered = ceiling.mul_f64(unit.clamp(0.0, 1.0));
+    match retry_after {
+        Some(ra) => jittered.max(ra.min(cap.max(ra))),
+        None => jittered,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    attempts: u32,
+    until: Instant,
+}
+
+/// How one attempt ended, for `once`'s exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Shipped,
+    Quarantined,
+    Kept,
+}
+
+pub struct Shipper {
+    pub cfg: Config,
+    pub layout: Layout,
+    pub transport: Arc<Transport>,
+    retries: Mutex<HashMap<String, Retry>>,
+    inflight: Mutex<HashSet<String>>,
+    /// Last time the scan loop went round.
+    loop_tick: Mutex<Instant>,
+    /// Uploads in flight and when their byte counter last moved.
+    uploads: Mutex<HashMap<String, (u64, Instant)>>,
+    last_cleanup: Mutex<Option<Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Invariant: every critical section below is a plain map update that cannot panic midway.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shipper {
+    pub fn new(cfg: Config, transport: Transport) -> Shipper {
+        let layout = Layout::new(&cfg.data_dir);
+        Shipper {
+            cfg,
+            layout,
+            transport: Arc::new(transport),
+            retries: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashSet::new()),
+            loop_tick: Mutex::new(Instant::now()),
+            uploads: Mutex::new(HashMap::new()),
+            last_cleanup: Mutex::new(None),
+        }
+    }
+
+    fn settle(&self) -> Duration {
+        Duration::from_secs(self.cfg.shipping.settle_s)
+    }
+
+    fn compression(&self) -> Compression {
+        Compression {
+            level: self.cfg.shipping.zstd_level,
+            threads: self.cfg.shipping.zstd_threads,
+        }
+    }
+
+    /// Sweep, recovery and (when due) retention: the start of every scan.
+    fn housekeeping(&self) {
+        match self.layout.sweep() {
+            Ok(removed) => {
+                for name in removed {
+                    let episode = name.split(".tar.zst").next().unwrap_or(&name).to_string();
+                    tracing::info!(event = "outbox_swept", episode = %episode, file = %name, "removed a stale outbox file");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "outbox sweep failed"),
+        }
+        let due = {
+            let mut last = lock(&self.last_cleanup);
+            let interval = Duration::from_secs(self.cfg.retention.cleanup_interval_s);
+            let due = last.is_none_or(|t| t.elapsed() >= interval);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if due {
+            let now = SystemTime::now();
+            let r = &self.cfg.retention;
+            for (dir, keep) in [
+                (self.layout.shipped_dir(), r.shipped_keep_days),
+                (self.layout.quarantine_dir(), r.quarantine_keep_days),
+            ] {
+                match self.layout.cleanup(&dir, keep, now) {
+                    Ok(removed) => {
+                        for name in removed {
+                            tracing::info!(event = "cleanup", episode = %name, dir = %dir.display(), keep_days = keep, "removed an expired entry");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, dir = %dir.display(), "cleanup failed"),
+                }
+            }
+        }
+    }
+
+    /// Ready episodes not in flight and not backing off, oldest first, at most `limit`.
+    fn ready(&self, limit: usize, skip: &HashSet<String>) -> Vec<Candidate> {
+        let list = match self.layout.list() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "failed to list episodes");
+                return Vec::new();
+            }
+        };
+        let now_sys = SystemTime::now();
+        let now = Instant::now();
+        let inflight = lock(&self.inflight).clone();
+        let retries = lock(&self.retries).clone();
+        let mut out = Vec::new();
+        for c in list {
+            if out.len() >= limit {
+                break;
+            }
+            if inflight.contains(&c.id) || skip.contains(&c.id) {
+                continue;
+            }
+            if retries.get(&c.id).is_some_and(|r| r.until > now) {
+                continue;
+            }
+            if self.layout.is_ready(&c, self.settle(), now_sys) {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    fn note_retry(&self, id: &str, delay: Duration) {
+        let mut r = lock(&self.retries);
+        let e = r.entry(id.to_string()).or_insert(Retry {
+            attempts: 0,
+            until: Instant::now(),
+        });
+        e.attempts += 1;
+        e.until = Instant::now() + delay;
+    }
+
+    fn attempts(&self, id: &str) -> u32 {
+        lock(&self.retries).get(id).map_or(0, |r| r.attempts)
+    }
+
+    /// One episode, start to finish: stamp, pack (or reuse the tarball), ship, transition.
+    pub async fn process(self: &Arc<Self>, c: Candidate) -> Verdict {
+        let id = c.id.clone();
+        let commit = match queue::read_stamp(&c.dir) {
+            Stamp::Commit(commit) => commit.to_string(),
+            Stamp::Missing => return Verdict::Kept,
+            Stamp::Bad(why) => {
+                tracing::error!(event = "ship_rejected", episode = %id, reason = "unstamped", detail = %why, "meta.json has no usable code_version.commit");
+                return self.quarantine(&id, "unstamped", None, None, None);
+            }
+        };
+        let (sha, len) = match self.layout.existing_tarball(&id) {
+            Some(x) => x,
+            None => {
+                let me = self.clone();
+                let cc = c.clone();
+                let packed =
+                    tokio::task::spawn_blocking(move || me.layout.pack(&cc, me.compression()))
+                        .await;
+                match packed {
+                    Ok(Ok((p, len))) => (p.tar_sha256, len),
+                    Ok(Err(PackError::Unsupported { path, kind })) => {
+                        tracing::error!(event = "ship_rejected", episode = %id, reason = "unsupported_entry", path = %path.display(), kind, "episode holds an entry that cannot be shipped");
+                        return self.quarantine(&id, "unsupported_entry", None, None, Some(commit));
+                    }
+                    Ok(Err(PackError::NonUtf8 { path })) => {
+                        tracing::error!(event = "ship_rejected", episode = %id, reason = "unsupported_entry", path = %path.display(), "episode holds a file name that is not UTF-8");
+                        return self.quarantine(&id, "unsupported_entry", None, None, Some(commit));
+                    }
+                    Ok(Err(e)) => {
+                        let delay = self.transient_delay(&id, None);
+                        tracing::warn!(event = "ship_transient", episode = %id, error = %e, retry_in_s = delay.as_secs(), "failed to pack; will retry");
+                        return Verdict::Kept;
+                    }
+                    Err(e) => {
+                        let delay = self.transient_delay(&id, None);
+                        tracing::error!(event = "ship_transient", episode = %id, error = %e, retry_in_s = delay.as_secs(), "packing task failed; will retry");
+                        return Verdict::Kept;
+                    }
+                }
+            }
+        };
+        let shipment = Shipment {
+            host_id: self.cfg.host_id.clone(),
+            episode_id: id.clone(),
+            commit: commit.clone(),
+            tar_sha256: sha,
+            tarball: self.layout.tarball(&id),
+            len,
+        };
+        lock(&self.uploads).insert(
+            id.clone(),
+            (self.transport.sent.load(Ordering::Relaxed), Instant::now()),
+        );
+        let outcome = self.transport.ship(&shipment).await;
+        lock(&self.uploads).remove(&id);
+        self.apply(&id, &commit, &shipment, outcome)
+    }
+
+    fn transient_delay(&self, id: &str, retry_after: Option<Duration>) -> Duration {
+        let cap = Duration::from_secs(self.cfg.shipping.max_backoff_s);
+        let d = backoff_delay(self.attempts(id), cap, retry_after, rand::random::<f64>());
+        self.note_retry(id, d);
+        d
+    }
+
+    fn quarantine(
+        &self,
+        id: &str,
+        reason: &str,
+        status: Option<u16>,
+        body: Option<serde_json::Value>,
+        commit: Option<String>,
+    ) -> Verdict {
+        let r = queue::reason(id, reason, status, body, commit);
+        match self.layout.quarantine(id, &r) {
+            Ok(dest) => {
+                lock(&self.retries).remove(id);
+                tracing::warn!(event = "quarantined", episode = %id, reason, status = ?status, dir = %dest.display(), "episode quarantined");
+                Verdict::Quarantined
+            }
+            Err(e) => {
+                tracing::error!(episode = %id, error = %e, "failed to quarantine; will try again");
+                self.note_retry(id, Duration::from_secs(5));
+                Verdict::Kept
+            }
+        }
+    }
+
+    fn apply(&self, id: &str, commit: &str, s: &Shipment, outcome: Outcome) -> Verdict {
+        match outcome {
+            Outcome::Stored { status, .. } => match self.layout.retire(id) {
+                Ok(dest) => {
+                    lock(&self.retries).remove(id);
+                    tracing::info!(event = "shipped", episode = %id, status, bytes = s.len, tar_sha256 = %s.tar_sha256, dir = %dest.display(), "episode shipped");
+                    Verdict::Shipped
+                }
+                Err(e) => {
+                    tracing::error!(episode = %id, error = %e, "stored at the receiver but failed to retire; will re-ship (the receiver answers already_stored)");
+                    self.note_retry(id, Duration::from_secs(5));
+                    Verdict::Kept
+                }
+            },
+            Outcome::Fatal {
+                reason,
+                status,
+                body,
+            } => {
+                let message = body
+                    .as_ref()
+                    .and_then(|b| b.get("message"))
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("")
+                    .to_string();
+                if status == 412 {
+                    let remediation = body
+                        .as_ref()
+                        .and_then(|b| b.get("remediation"))
+                        .and_then(|m| m.as_str())
+                        .unwrap_or("")
+                        .to_string();
+                    tracing::error!(
+                        event = "ship_rejected",
+                        episode = %id,
+                        status,
+                        reason,
+                        commit,
+                        remediation = %remediation,
+                        "this lab host's code is out of date; run on this host:\n{remediation}"
+                    );
+                } else {
+                    tracing::error!(event = "ship_rejected", episode = %id, status, reason, message = %message, "receiver refused the episode");
+                }
+                self.quarantine(id, reason, Some(status), body, Some(commit.to_string()))
+            }
+            Outcome::Auth { status, body } => {
+                let cap = Duration::from_secs(self.cfg.shipping.max_backoff_s);
+                self.note_retry(id, cap);
+                let message = body
+                    .as_ref()
+                    .and_then(|b| b.get("message"))
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("")
+                    .to_string();
+                tracing::error!(event = "ship_rejected", episode = %id, status, reason = if status == 401 { "unauthorized" } else { "forbidden" }, message = %message, retry_in_s = cap.as_secs(), "receiver refused this host's credentials; check the certificate and token");
+                Verdict::Kept
+            }
+            Outcome::Transient {
+                detail,
+                retry_after,
+            } => {
+                let delay = self.transient_delay(id, retry_after);
+                tracing::warn!(event = "ship_transient", episode = %id, detail = %detail, retry_in_s = delay.as_secs_f64(), "transient failure; will retry");
+                Verdict::Kept
+            }
+        }
+    }
+
+    fn spawn(
+        self: &Arc<Self>,
+        set: &mut JoinSet<(String, Verdict)>,
+        c: Candidate,
+    ) -> tokio::task::Id {
+        lock(&self.inflight).insert(c.id.clone());
+        let me = self.clone();
+        set.spawn(async move {
+            let id = c.id.clone();
+            let v = me.process(c).await;
+            (id, v)
+        })
+        .id()
+    }
+
+    fn finished(
+        &self,
+        r: Result<(String, Verdict), tokio::task::JoinError>,
+        ids: &HashMap<tokio::task::Id, String>,
+    ) -> Option<(String, Verdict)> {
+        match r {
+            Ok((id, v)) => {
+                lock(&self.inflight).remove(&id);
+                Some((id, v))
+            }
+            Err(e) => {
+                // A panic inside one episode's work: log it, release the id, keep going.
+                if let Some(id) = ids.get(&e.id()) {
+                    lock(&self.inflight).remove(id);
+                    lock(&self.uploads).remove(id);
+                    self.note_retry(id, Duration::from_secs(30));
+                    tracing::error!(episode = %id, error = %e, "episode worker failed");
+                }
+                None
+            }
+        }
+    }
+
+    /// `once`: every ready episode gets one attempt. Returns true when nothing is left to retry.
+    pub async fn run_once(self: &Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<bool> {
+        self.layout.prepare()?;
+        self.housekeeping();
+        let mut attempted = HashSet::new();
+        let mut kept = 0usize;
+        let mut set = JoinSet::new();
+        let mut ids = HashMap::new();
+        let conc = self.cfg.shipping.concurrency;
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let free = conc.saturating_sub(set.len());
+            if free > 0 {
+                let batch = self.ready(free, &attempted);
+                if batch.is_empty() && set.is_empty() {
+                    break;
+                }
+                for c in batch {
+                    attempted.insert(c.id.clone());
+                    let id = c.id.clone();
+                    ids.insert(self.spawn(&mut set, c), id);
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = set.join_next_with_id() => match r {
+                    Some(r) => {
+                        let r = r.map(|(_, x)| x);
+                        if let Some((_, Verdict::Kept)) = self.finished(r, &ids) { kept += 1; }
+                    }
+                    None => continue,
+                },
+            }
+        }
+        set.abort_all();
+        while set.join_next().await.is_some() {}
+        Ok(kept == 0 && !shutdown.is_cancelled())
+    }
+
+    /// The daemon: runs until `shutdown`; `ready` fires once the queue is built.
+    pub async fn run(
+        self: &Arc<Self>,
+        shutdown: CancellationToken,
+        on_ready: impl FnOnce(),
+    ) -> anyhow::Result<()> {
+        self.layout.prepare()?;
+        self.housekeeping();
+        let initial = self.layout.list()?.len();
+        tracing::info!(queued = initial, data_dir = %self.cfg.data_dir.display(), "shipper started");
+        on_ready();
+        let watchdog = notify::watchdog_interval().map(|every| {
+            let me = self.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move { me.watchdog(every, stop).await })
+        });
+        let mut set = JoinSet::new();
+        let mut ids = HashMap::new();
+        let conc = self.cfg.shipping.concurrency;
+        let scan_every = Duration::from_secs(self.cfg.shipping.scan_interval_s);
+        let mut next_scan = Instant::now();
+        loop {
+            *lock(&self.loop_tick) = Instant::now();
+            if Instant::now() >= next_scan {
+                self.housekeeping();
+                next_scan = Instant::now() + scan_every;
+                let free = conc.saturating_sub(set.len());
+                for c in self.ready(free, &HashSet::new()) {
+                    let id = c.id.clone();
+                    ids.insert(self.spawn(&mut set, c), id);
+                }
+            }
+            // Wake at least every second so the watchdog sees the loop alive.
+            let wait = next_scan
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(1));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(r) = set.join_next_with_id(), if !set.is_empty() => {
+                    let r = r.map(|(_, x)| x);
+                    self.finished(r, &ids);
+                    // A slot freed: look for more work right away.
+                    next_scan = Instant::now();
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        tracing::info!(
+            in_flight = set.len(),
+            "stopping: abandoning in-flight uploads (they are re-shipped on the next start)"
+        );
+        set.abort_all();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while set.join_next().await.is_some() {}
+        })
+        .await;
+        if let Some(w) = watchdog {
+            w.abort();
+        }
+        Ok(())
+    }
+
+    /// `WATCHDOG=1` while the loop turns and every upload's bytes move (or it just started).
+    async fn watchdog(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+        let window = every * 2;
+        loop {
+            let loop_ok = lock(&self.loop_tick).elapsed() < window;
+            let sent = self.transport.sent.load(Ordering::Relaxed);
+            let uploads_ok = {
+                let mut u = lock(&self.uploads);
+                let now = Instant::now();
+                for v in u.values_mut() {
+                    if v.0 != sent {
+                        *v = (sent, now);
+                    }
+                }
+                u.values().all(|(_, t)| t.elapsed() < window)
+            };
+            if loop_ok && uploads_ok {
+                notify::watchdog();
+            } else {
+                tracing::error!(
+                    loop_ok,
+                    uploads_ok,
+                    "work stalled; withholding the watchdog heartbeat"
+                );
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_honours_retry_after() {
+        let cap = Duration::from_secs(300);
+        assert_eq!(backoff_delay(0, cap, None, 1.0), Duration::from_secs(1));
+        assert_eq!(backoff_delay(3, cap, None, 1.0), Duration::from_secs(8));
+        assert_eq!(backoff_delay(30, cap, None, 1.0), cap);
+        assert_eq!(backoff_delay(5, cap, None, 0.0), Duration::ZERO);
+        assert_eq!(backoff_delay(5, cap, None, 0.5), Duration::from_secs(16));
+        assert_eq!(
+            backoff_delay(0, cap, Some(Duration::from_secs(42)), 0.1),
+            Duration::from_secs(42)
+        );
+    }
+}

@@ -1,0 +1,652 @@
+//! The episode lifecycle on disk: `episodes/ → outbox/ → shipped/ | quarantine/`. Every state
+//! change is one named function below; its doc says which crash it survives and how the next
+//! start finishes or undoes it. `docs/transport.md` draws the same machine.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use cis490_common::durable::{self, DurableFile, Existing};
+use cis490_common::{timefmt, validate_id, Commit};
+
+use crate::pack::{self, Compression, PackError, Packed};
+
+pub const REASON_FILE: &str = "quarantine_reason.json";
+const PENDING_SUFFIX: &str = ".reason.pending";
+
+/// The reasons SPEC §2 allows in `quarantine_reason.json`.
+pub const REASONS: [&str; 7] = [
+    "commit_not_in_window",
+    "malformed_request",
+    "conflict",
+    "too_large",
+    "invalid_content",
+    "unstamped",
+    "unsupported_entry",
+];
+
+/// `quarantine/<id>/quarantine_reason.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuarantineReason {
+    pub episode_id: String,
+    pub reason: String,
+    pub http_status: Option<u16>,
+    pub receiver_response: Option<Value>,
+    pub commit: Option<String>,
+    pub quarantined_at: String,
+}
+
+/// The shipper's directories under `data_dir`.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub root: PathBuf,
+}
+
+/// An episode directory found in `episodes/`.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub id: String,
+    pub dir: PathBuf,
+    pub mtime: SystemTime,
+}
+
+/// What reading `meta.json` told us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stamp {
+    Missing,
+    Commit(Commit),
+    Bad(String),
+}
+
+fn io_ctx(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+impl Layout {
+    pub fn new(root: &Path) -> Layout {
+        Layout {
+            root: root.to_path_buf(),
+        }
+    }
+    pub fn episodes_dir(&self) -> PathBuf {
+        self.root.join("episodes")
+    }
+    pub fn outbox_dir(&self) -> PathBuf {
+        self.root.join("outbox")
+    }
+    pub fn shipped_dir(&self) -> PathBuf {
+        self.root.join("shipped")
+    }
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.root.join("quarantine")
+    }
+    pub fn tarball(&self, id: &str) -> PathBuf {
+        self.outbox_dir().join(format!("{id}.tar.zst"))
+    }
+    fn partial(&self, id: &str) -> PathBuf {
+        self.outbox_dir().join(format!("{id}.tar.zst.partial"))
+    }
+
+    /// Creates the four directories (idempotent) and proves `data_dir` is writable.
+    pub fn prepare(&self) -> io::Result<()> {
+        for d in [
+            self.episodes_dir(),
+            self.outbox_dir(),
+            self.shipped_dir(),
+            self.quarantine_dir(),
+        ] {
+            durable::create_dir_durable(&d).map_err(|e| io_ctx(&d, e))?;
+        }
+        let probe = DurableFile::create_in(&self.outbox_dir(), ".probe")
+            .map_err(|e| io_ctx(&self.outbox_dir(), e))?;
+        drop(probe);
+        Ok(())
+    }
+
+    /// Episode directories with valid ids, oldest (by directory mtime) first.
+    pub fn list(&self) -> io::Result<Vec<Candidate>> {
+        let dir = self.episodes_dir();
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(|e| io_ctx(&dir, e))? {
+            let e = e?;
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
+            if validate_id(&name).is_err() {
+                continue;
+            }
+            let md = match fs::symlink_metadata(e.path()) {
+                Ok(m) => m,
+                Err(_) => continue,
+            };
+            if !md.is_dir() {
+                continue;
+            }
+            out.push(Candidate {
+                id: name,
+                dir: e.path(),
+                mtime: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            });
+        }
+        out.sort_by(|a, b| a.mtime.cmp(&b.mtime).then_with(|| a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Ready = `meta.json` present and nothing in the tree modified in the last `settle`.
+    pub fn is_ready(&self, c: &Candidate, settle: Duration, now: SystemTime) -> bool {
+        if !c.dir.join("meta.json").exists() {
+            return false;
+        }
+        newest_mtime(&c.dir)
+            .map(|t| now.duration_since(t).unwrap_or_default() >= settle)
+            .unwrap_or(false)
+    }
+
+    /// Sweep (SPEC §2): removes `*.partial` files and tarballs whose episode is gone, and finishes
+    /// quarantines a crash interrupted. Bounded by the number of entries in outbox/.
+    pub fn sweep(&self) -> io::Result<Vec<String>> {
+        self.recover_pending()?;
+        let mut removed = Vec::new();
+        let outbox = self.outbox_dir();
+        for e in fs::read_dir(&outbox).map_err(|e| io_ctx(&outbox, e))? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let orphan = if name.ends_with(".partial") || name.ends_with(durable::TEMP_SUFFIX) {
+                true
+            } else if let Some(id) = name.strip_suffix(".tar.zst") {
+                !self.episodes_dir().join(id).is_dir()
+            } else {
+                false
+            };
+            if orphan {
+                match fs::remove_file(e.path()) {
+                    Ok(()) => removed.push(name),
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(io_ctx(&e.path(), err)),
+                }
+            }
+        }
+        if !removed.is_empty() {
+            durable::fsync_dir(&outbox)?;
+        }
+        Ok(removed)
+    }
+
+    /// Transition *pack*: `episodes/<id>` → `outbox/<id>.tar.zst`, built as `.partial`, fsynced,
+    /// renamed. A crash leaves at most a `.partial`, which the sweep removes.
+    pub fn pack(
+        &self,
+        c: &Candidate,
+        compression: Compression,
+    ) -> Result<(Packed, u64), PackError> {
+        let partial = self.partial(&c.id);
+        let out = DurableFile::create_at(&partial).map_err(|source| PackError::Io {
+            path: partial.clone(),
+            source,
+        })?;
+        let (packed, out) = pack::pack(&c.dir, &c.id, out, compression)?;
+        let dest = self.tarball(&c.id);
+        out.commit(&dest, Existing::Replace)
+            .map_err(|source| PackError::Io {
+                path: dest.clone(),
+                source,
+            })?;
+        let len = fs::metadata(&dest)
+            .map_err(|source| PackError::Io {
+                path: dest.clone(),
+                source,
+            })?
+            .len();
+        Ok((packed, len))
+    }
+
+    /// The SHA-256 and length of a tarball packed before a restart (decompressed and hashed
+    /// again, since only the tarball itself is kept on disk).
+    pub fn existing_tarball(&self, id: &str) -> Option<(String, u64)> {
+        let path = self.tarball(id);
+        let len = fs::metadata(&path).ok()?.len();
+        match pack::hash_tarball(&path) {
+            Ok(sha) => Some((sha, len)),
+            Err(e) => {
+                tracing::warn!(episode = id, error = %e, "unreadable outbox tarball; packing again");
+                let _ = fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    fn free_name(&self, parent: &Path, id: &str) -> String {
+        let taken = |n: &str| {
+            parent.join(n).exists() || parent.join(format!(".{n}{PENDING_SUFFIX}")).exists()
+        };
+        if !taken(id) {
+            return id.to_string();
+        }
+        (1..)
+            .map(|k| format!("{id}.{k}"))
+            .find(|n| !taken(n))
+            .unwrap_or_else(|| id.to_string())
+    }
+
+    fn drop_tarball(&self, id: &str) -> io::Result<()> {
+        match fs::remove_file(self.tarball(id)) {
+            Ok(()) => durable::fsync_dir(&self.outbox_dir()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Transition *retire*: after a 200/201. The tarball goes first, then the directory moves
+    /// to `shipped/`. A crash in between leaves the episode in episodes/ without a tarball: it is
+    /// packed and sent again and the receiver answers 200 already_stored, so nothing duplicates.
+    pub fn retire(&self, id: &str) -> io::Result<PathBuf> {
+        self.drop_tarball(id)?;
+        let target = self.free_name(&self.shipped_dir(), id);
+        let dest = self.shipped_dir().join(&target);
+        durable::rename_durable(&self.episodes_dir().join(id), &dest)?;
+        touch(&dest)?;
+        Ok(dest)
+    }
+
+    /// Transition *quarantine*: the reason is written as `quarantine/.<name>.reason.pending`, the
+    /// directory is renamed into quarantine/, then the reason moves inside. A crash before the
+    /// directory rename leaves a stale pending file (removed; the episode is tried again); after
+    /// it, the sweep moves the pending reason into place.
+    pub fn quarantine(&self, id: &str, reason: &QuarantineReason) -> io::Result<PathBuf> {
+        self.drop_tarball(id)?;
+        let qdir = self.quarantine_dir();
+        let target = self.free_name(&qdir, id);
+        let pending = qdir.join(format!(".{target}{PENDING_SUFFIX}"));
+        let json = serde_json::to_vec_pretty(reason).map_err(io::Error::other)?;
+        durable::write_atomic(&pending, &json)?;
+        let dest = qdir.join(&target);
+        if let Err(e) = durable::rename_durable(&self.episodes_dir().join(id), &dest) {
+            let _ = fs::remove_file(&pending);
+            return Err(e);
+        }
+        durable::rename_durable(&pending, &dest.join(REASON_FILE))?;
+        touch(&dest)?;
+        Ok(dest)
+    }
+
+    /// Finishes or discards quarantines a crash interrupted.
+    pub fn recover_pending(&self) -> io::Result<()> {
+        let qdir = self.quarantine_dir();
+        for e in fs::read_dir(&qdir).map_err(|e| io_ctx(&qdir, e))? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(target) = name
+                .strip_prefix('.')
+                .and_then(|n| n.strip_suffix(PENDING_SUFFIX))
+            else {
+                continue;
+            };
+            let dest = qdir.join(target);
+            if dest.is_dir() && !dest.join(REASON_FILE).exists() {
+                durable::rename_durable(&e.path(), &dest.join(REASON_FILE))?;
+                touch(&dest)?;
+                tracing::warn!(
+                    event = "quarantined",
+                    episode = target,
+                    "finished a quarantine interrupted by a crash"
+                );
+            } else {
+                fs::remove_file(e.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `requeue`: moves `quarantine/<name>` back to `episodes/<episode_id>` without its reason.
+    pub fn requeue(&self, name: &str) -> Result<PathBuf, String> {
+        validate_id(name).map_err(|e| format!("{name}: {e}"))?;
+        let src = self.quarantine_dir().join(name);
+        if !src.is_dir() {
+            return Err(format!(
+                "{name}: not in {}",
+                self.quarantine_dir().display()
+            ));
+        }
+        let reason: Option<QuarantineReason> = fs::read(src.join(REASON_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let id = reason
+            .map(|r| r.episode_id)
+            .unwrap_or_else(|| name.to_string());
+        let dest = self.episodes_dir().join(&id);
+        if dest.exists() {
+            return Err(format!(
+                "{name}: {} already exists; move it away first",
+                dest.display()
+            ));
+        }
+        match fs::remove_file(src.join(REASON_FILE)) {
+            Ok(()) => durable::fsync_dir(&src).map_err(|e| e.to_string())?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{name}: {e}")),
+        }
+        durable::rename_durable(&src, &dest).map_err(|e| format!("{name}: {e}"))?;
+        Ok(dest)
+    }
+
+    /// Retention: removes entries of `shipped/` or `quarantine/` moved there over `keep_days` ago.
+    pub fn cleanup(
+        &self,
+        which: &Path,
+        keep_days: u64,
+        now: SystemTime,
+    ) -> io::Result<Vec<String>> {
+        let mut removed = Vec::new();
+        if keep_days == 0 {
+            return Ok(removed);
+        }
+        let keep = Duration::from_secs(keep_days * 86_400);
+        for e in fs::read_dir(which)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let md = fs::symlink_metadata(e.path())?;
+            let age = now
+                .duration_since(md.modified().unwrap_or(now))
+                .unwrap_or_default();
+            if md.is_dir() && age > keep {
+                fs::remove_dir_all(e.path())?;
+                removed.push(name);
+            }
+        }
+        if !removed.is_empty() {
+            durable::fsync_dir(which)?;
+        }
+        Ok(removed)
+    }
+}
+
+/// Sets a moved directory's mtime to now: retention counts from the move (SPEC §2).
+fn touch(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.set_modified(SystemTime::now())
+}
+
+/// The newest mtime of anything in the tree (entries are not followed).
+pub fn newest_mtime(dir: &Path) -> io::Result<SystemTime> {
+    let mut newest = fs::symlink_metadata(dir)?.modified()?;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            let md = fs::symlink_metadata(e.path())?;
+            if let Ok(t) = md.modified() {
+                newest = newest.max(t);
+            }
+            if md.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(newest)
+}
+
+/// Reads `meta.json`'s commit the way the receiver will.
+pub fn read_stamp(dir: &Path) -> Stamp {
+    let path = dir.join("meta.json");
+    let f = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Stamp::Missing,
+        Err(e) => return Stamp::Bad(format!("meta.json is unreadable: {e}")),
+    };
+    let mut buf = Vec::new();
+    if let Err(e) = f
+        .take(cis490_common::meta::MAX_META_BYTES + 1)
+        .read_to_end(&mut buf)
+    {
+        return Stamp::Bad(format!("meta.json is unreadable: {e}"));
+    }
+    match cis490_common::meta::commit_from_meta(&buf) {
+        Ok(c) => Stamp::Commit(c),
+        Err(e) => Stamp::Bad(e.to_string()),
+    }
+}
+
+pub fn reason(
+    id: &str,
+    reason: &str,
+    http_status: Option<u16>,
+    receiver_response: Option<Value>,
+    commit: Option<String>,
+) -> QuarantineReason {
+    QuarantineReason {
+        episode_id: id.to_string(),
+        reason: reason.to_string(),
+        http_status,
+        receiver_response,
+        commit,
+        quarantined_at: timefmt::now_rfc3339(),
+    }
+}
+
+/// Counts and oldest age of one directory's entries.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DirStatus {
+    pub count: u64,
+    pub oldest_age_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QuarantineStatus {
+    pub count: u64,
+    pub oldest_age_s: Option<u64>,
+    pub by_reason: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    pub episodes: DirStatus,
+    pub outbox: DirStatus,
+    pub shipped: DirStatus,
+    pub quarantine: QuarantineStatus,
+}
+
+fn dir_status(dir: &Path, want_dirs: bool, now: SystemTime) -> DirStatus {
+    let mut s = DirStatus::default();
+    let Ok(rd) = fs::read_dir(dir) else { return s };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let Ok(md) = fs::symlink_metadata(e.path()) else {
+            continue;
+        };
+        if want_dirs != md.is_dir() || (!want_dirs && !name.ends_with(".tar.zst")) {
+            continue;
+        }
+        s.count += 1;
+        let age = md
+            .modified()
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .map_or(0, |d| d.as_secs());
+        s.oldest_age_s = Some(s.oldest_age_s.map_or(age, |o| o.max(age)));
+    }
+    s
+}
+
+impl Layout {
+    pub fn status(&self, now: SystemTime) -> Status {
+        let q = dir_status(&self.quarantine_dir(), true, now);
+        let mut by_reason = BTreeMap::new();
+        if let Ok(rd) = fs::read_dir(self.quarantine_dir()) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with('.') || !e.path().is_dir() {
+                    continue;
+                }
+                let r = fs::read(e.path().join(REASON_FILE))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<QuarantineReason>(&b).ok())
+                    .map_or_else(|| "unknown".to_string(), |r| r.reason);
+                *by_reason.entry(r).or_insert(0) += 1;
+            }
+        }
+        Status {
+            episodes: dir_status(&self.episodes_dir(), true, now),
+            outbox: dir_status(&self.outbox_dir(), false, now),
+            shipped: dir_status(&self.shipped_dir(), true, now),
+            quarantine: QuarantineStatus {
+                count: q.count,
+                oldest_age_s: q.oldest_age_s,
+                by_reason,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const C: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    fn layout() -> (tempfile::TempDir, Layout) {
+        let t = tempfile::tempdir().unwrap();
+        let l = Layout::new(t.path());
+        l.prepare().unwrap();
+        (t, l)
+    }
+
+    fn episode(l: &Layout, id: &str) -> Candidate {
+        let d = l.episodes_dir().join(id);
+        fs::create_dir_all(&d).unwrap();
+        fs::write(
+            d.join("meta.json"),
+            format!(r#"{{"code_version":{{"commit":"{C}"}}}}"#),
+        )
+        .unwrap();
+        fs::write(d.join("data"), b"abc").unwrap();
+        Candidate {
+            id: id.into(),
+            dir: d,
+            mtime: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn retire_moves_and_drops_the_tarball_and_suffixes_collisions() {
+        let (_t, l) = layout();
+        let c = episode(&l, "ep1");
+        l.pack(&c, Compression::default()).unwrap();
+        assert!(l.tarball("ep1").exists());
+        fs::create_dir_all(l.shipped_dir().join("ep1")).unwrap();
+        let dest = l.retire("ep1").unwrap();
+        assert_eq!(dest, l.shipped_dir().join("ep1.1"));
+        assert!(!l.tarball("ep1").exists());
+        assert!(!l.episodes_dir().join("ep1").exists());
+        assert!(dest.join("data").exists());
+    }
+
+    #[test]
+    fn quarantine_writes_the_reason_inside() {
+        let (_t, l) = layout();
+        episode(&l, "ep1");
+        let r = reason(
+            "ep1",
+            "conflict",
+            Some(409),
+            Some(serde_json::json!({"error":"conflict"})),
+            Some(C.into()),
+        );
+        let dest = l.quarantine("ep1", &r).unwrap();
+        let back: QuarantineReason =
+            serde_json::from_slice(&fs::read(dest.join(REASON_FILE)).unwrap()).unwrap();
+        assert_eq!(back, r);
+        let s = l.status(SystemTime::now());
+        assert_eq!(s.quarantine.count, 1);
+        assert_eq!(s.quarantine.by_reason["conflict"], 1);
+        assert_eq!(s.episodes.count, 0);
+    }
+
+    #[test]
+    fn interrupted_quarantines_are_finished_or_discarded() {
+        let (_t, l) = layout();
+        // Crash after the directory rename, before the reason moved in.
+        episode(&l, "ep1");
+        fs::rename(l.episodes_dir().join("ep1"), l.quarantine_dir().join("ep1")).unwrap();
+        fs::write(l.quarantine_dir().join(".ep1.reason.pending"), b"{\"x\":1}").unwrap();
+        // Crash before the directory rename: the episode is still queued.
+        episode(&l, "ep2");
+        fs::write(l.quarantine_dir().join(".ep2.reason.pending"), b"{}").unwrap();
+        l.sweep().unwrap();
+        assert!(l.quarantine_dir().join("ep1").join(REASON_FILE).exists());
+        assert!(!l.quarantine_dir().join(".ep1.reason.pending").exists());
+        assert!(!l.quarantine_dir().join(".ep2.reason.pending").exists());
+        assert!(l.episodes_dir().join("ep2").exists());
+    }
+
+    #[test]
+    fn sweep_removes_partials_and_orphans_only() {
+        let (_t, l) = layout();
+        episode(&l, "live");
+        fs::write(l.tarball("live"), b"x").unwrap();
+        fs::write(l.tarball("gone"), b"x").unwrap();
+        fs::write(l.outbox_dir().join("live.tar.zst.partial"), b"x").unwrap();
+        let mut removed = l.sweep().unwrap();
+        removed.sort();
+        assert_eq!(removed, vec!["gone.tar.zst", "live.tar.zst.partial"]);
+        assert!(l.tarball("live").exists());
+    }
+
+    #[test]
+    fn readiness_needs_meta_and_quiet() {
+        let (_t, l) = layout();
+        let c = episode(&l, "ep1");
+        let now = SystemTime::now();
+        assert!(!l.is_ready(&c, Duration::from_secs(60), now));
+        assert!(l.is_ready(&c, Duration::from_secs(60), now + Duration::from_secs(61)));
+        fs::remove_file(c.dir.join("meta.json")).unwrap();
+        assert!(!l.is_ready(&c, Duration::ZERO, now + Duration::from_secs(61)));
+    }
+
+    #[test]
+    fn requeue_restores_the_episode_without_its_reason() {
+        let (_t, l) = layout();
+        episode(&l, "ep1");
+        l.quarantine("ep1", &reason("ep1", "conflict", Some(409), None, None))
+            .unwrap();
+        episode(&l, "ep1");
+        l.quarantine("ep1", &reason("ep1", "conflict", Some(409), None, None))
+            .unwrap();
+        assert!(l.quarantine_dir().join("ep1.1").exists());
+        let back = l.requeue("ep1.1").unwrap();
+        assert_eq!(back, l.episodes_dir().join("ep1"));
+        assert!(!back.join(REASON_FILE).exists());
+        assert!(l.requeue("ep1").unwrap_err().contains("already exists"));
+        assert!(l.requeue("nope").is_err());
+    }
+
+    #[test]
+    fn cleanup_honours_keep_days_and_zero() {
+        let (_t, l) = layout();
+        episode(&l, "ep1");
+        l.retire("ep1").unwrap();
+        let later = SystemTime::now() + Duration::from_secs(15 * 86_400);
+        assert!(l.cleanup(&l.shipped_dir(), 0, later).unwrap().is_empty());
+        assert!(l.cleanup(&l.shipped_dir(), 30, later).unwrap().is_empty());
+        assert_eq!(l.cleanup(&l.shipped_dir(), 14, later).unwrap(), vec!["ep1"]);
+    }
+
+    #[test]
+    fn stamps() {
+        let (_t, l) = layout();
+        let c = episode(&l, "ep1");
+        assert_eq!(read_stamp(&c.dir), Stamp::Commit(Commit::parse(C).unwrap()));
+        fs::write(c.dir.join("meta.json"), b"{}").unwrap();
+        assert!(matches!(read_stamp(&c.dir), Stamp::Bad(_)));
+        fs::remove_file(c.dir.join("meta.json")).unwrap();
+        assert_eq!(read_stamp(&c.dir), Stamp::Missing);
+    }
+}

@@ -1,0 +1,660 @@
+//! Talking to the receiver: mutual TLS with hyper over kept-alive HTTP/1.1 connections, the
+//! preflight `check`, the streamed PUT, and the mapping of every answer to what the queue does.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http_body::Frame;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use serde_json::Value;
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio_rustls::TlsConnector;
+
+use cis490_common::headers;
+
+/// Tarballs above this size get a preflight `check` before their bytes are sent (SPEC §3).
+pub const CHECK_THRESHOLD: u64 = 1 << 20;
+/// After falling back to a later URL, the first is tried again after this long.
+pub const FALLBACK_RESET: Duration = Duration::from_secs(300);
+
+/// A receiver base URL: `https://host[:port][/prefix]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub prefix: String,
+}
+
+impl Endpoint {
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        let rest = url.strip_prefix("https://").ok_or_else(|| {
+            format!("{url:?} must start with https:// (the receiver needs mutual TLS)")
+        })?;
+        let (authority, prefix) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/').to_string()),
+            None => (rest, String::new()),
+        };
+        let (host, port) = if let Some(h) = authority.strip_prefix('[') {
+            let (h, p) = h
+                .split_once(']')
+                .ok_or_else(|| format!("{url:?}: bad IPv6 address"))?;
+            (h.to_string(), p.strip_prefix(':').unwrap_or("443"))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p),
+                None => (authority.to_string(), "443"),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{url:?} has no host"));
+        }
+        let port = port
+            .parse()
+            .map_err(|_| format!("{url:?} has a bad port"))?;
+        Ok(Endpoint { host, port, prefix })
+    }
+
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// What the queue does with an episode after an attempt.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// 200/201: the receiver holds it durably.
+    Stored { status: u16, body: Value },
+    /// Never retried: quarantine with `reason`.
+    Fatal {
+        reason: &'static str,
+        status: u16,
+        body: Option<Value>,
+    },
+    /// 401/403: keep, long backoff, loud.
+    Auth { status: u16, body: Option<Value> },
+    /// Anything that may pass later.
+    Transient {
+        detail: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+/// Maps an HTTP status (with its JSON body) to an outcome, as SPEC §3's table says.
+pub fn classify(status: u16, body: Option<Value>, retry_after: Option<Duration>) -> Outcome {
+    match status {
+        200 | 201 => Outcome::Stored {
+            status,
+            body: body.unwrap_or(Value::Null),
+        },
+        400 | 411 => Outcome::Fatal {
+            reason: "malformed_request",
+            status,
+            body,
+        },
+        409 => Outcome::Fatal {
+            reason: "conflict",
+            status,
+            body,
+        },
+        412 => Outcome::Fatal {
+            reason: "commit_not_in_window",
+            status,
+            body,
+        },
+        413 => Outcome::Fatal {
+            reason: "too_large",
+            status,
+            body,
+        },
+        422 => Outcome::Fatal {
+            reason: "invalid_content",
+            status,
+            body,
+        },
+        401 | 403 => Outcome::Auth { status, body },
+        _ => Outcome::Transient {
+            detail: format!(
+                "receiver answered {status}{}",
+                body.as_ref()
+                    .and_then(|b| b.get("error"))
+                    .and_then(Value::as_str)
+                    .map(|e| format!(" {e}"))
+                    .unwrap_or_default()
+            ),
+            retry_after,
+        },
+    }
+}
+
+/// Parses `Retry-After` given in seconds (the form the receiver sends).
+pub fn parse_retry_after(v: Option<&str>) -> Option<Duration> {
+    v.and_then(|s| s.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s.min(24 * 3600)))
+}
+
+/// An episode ready to send.
+#[derive(Debug, Clone)]
+pub struct Shipment {
+    pub host_id: String,
+    pub episode_id: String,
+    pub commit: String,
+    pub tar_sha256: String,
+    pub tarball: std::path::PathBuf,
+    pub len: u64,
+}
+
+type Sender = SendRequest<UploadBody>;
+
+pub struct Transport {
+    endpoints: Vec<Endpoint>,
+    tls: Arc<rustls::ClientConfig>,
+    token: Option<String>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    bytes_per_sec: Option<f64>,
+    current: AtomicUsize,
+    fell_back_at: Mutex<Option<Instant>>,
+    pool: Mutex<Vec<(usize, Sender)>>,
+    /// Bytes sent, all uploads; the watchdog and idle timers watch it move.
+    pub sent: Arc<AtomicU64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("failed to connect to {0}: {1}")]
+    Connect(String, String),
+    #[error("TLS handshake with {0} failed: {1}")]
+    Tls(String, String),
+    #[error("request to {0} failed: {1}")]
+    Http(String, String),
+    #[error("no progress for {0}s")]
+    Idle(u64),
+}
+
+pub struct Settings {
+    pub urls: Vec<String>,
+    pub tls: rustls::ClientConfig,
+    pub token: Option<String>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub bandwidth_limit_mbps: f64,
+}
+
+impl Transport {
+    pub fn new(s: Settings) -> Result<Transport, String> {
+        let endpoints = s
+            .urls
+            .iter()
+            .map(|u| Endpoint::parse(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Transport {
+            endpoints,
+            tls: Arc::new(s.tls),
+            token: s.token,
+            connect_timeout: s.connect_timeout,
+            idle_timeout: s.idle_timeout,
+            bytes_per_sec: (s.bandwidth_limit_mbps > 0.0)
+                .then_some(s.bandwidth_limit_mbps * 1_000_000.0 / 8.0),
+            current: AtomicUsize::new(0),
+            fell_back_at: Mutex::new(None),
+            pool: Mutex::new(Vec::new()),
+            sent: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    fn endpoint_index(&self) -> usize {
+        let mut fb = self.fell_back_at.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = *fb {
+            if t.elapsed() >= FALLBACK_RESET {
+                *fb = None;
+                self.current.store(0, Ordering::Relaxed);
+            }
+        }
+        self.current.load(Ordering::Relaxed) % self.endpoints.len()
+    }
+
+    /// After a transient failure on endpoint `i`, the next attempt goes to the next URL.
+    fn advance(&self, i: usize) {
+        if self.endpoints.len() > 1 {
+            let next = (i + 1) % self.endpoints.len();
+            if self
+                .current
+                .compare_exchange(i, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                tracing::warn!(
+                    from = %self.endpoints[i].authority(),
+                    to = %self.endpoints[next].authority(),
+                    "switching to the next receiver URL"
+                );
+                *self.fell_back_at.lock().unwrap_or_else(|p| p.into_inner()) =
+                    (next != 0).then(Instant::now);
+            }
+        }
+    }
+
+    async fn connect(&self, i: usize) -> Result<Sender, NetError> {
+        let ep = &self.endpoints[i];
+        let auth = ep.authority();
+        let tcp = tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect((ep.host.as_str(), ep.port)),
+        )
+        .await
+        .map_err(|_| NetError::Connect(auth.clone(), "timed out".into()))?
+        .map_err(|e| NetError::Connect(auth.clone(), e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(ep.host.clone())
+            .map_err(|e| NetError::Tls(auth.clone(), e.to_string()))?;
+        let tls = tokio::time::timeout(
+            self.connect_timeout,
+            TlsConnector::from(self.tls.clone()).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| NetError::Tls(auth.clone(), "timed out".into()))?
+        .map_err(|e| NetError::Tls(auth.clone(), e.to_string()))?;
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| NetError::Http(auth.clone(), e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(send)
+    }
+
+    async fn sender(&self, i: usize) -> Result<Sender, NetError> {
+        loop {
+            let pooled = {
+                let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+                pool.iter()
+                    .position(|(j, _)| *j == i)
+                    .map(|k| pool.swap_remove(k).1)
+            };
+            match pooled {
+                Some(mut s) => {
+                    if s.ready().await.is_ok() {
+                        return Ok(s);
+                    }
+                }
+                None => return self.connect(i).await,
+            }
+        }
+    }
+
+    fn give_back(&self, i: usize, s: Sender) {
+        if !s.is_closed() {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < 16 {
+                pool.push((i, s));
+            }
+        }
+    }
+
+    fn request(
+        &self,
+        ep: &Endpoint,
+        method: &str,
+        path: &str,
+        extra: &[(&str, String)],
+        body: UploadBody,
+    ) -> Result<http::Request<UploadBody>, NetError> {
+        let mut b = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", ep.prefix))
+            .header("host", ep.authority())
+            .header(
+                "user-agent",
+                concat!("cis490-shipper/", env!("CARGO_PKG_VERSION")),
+            );
+        if let Some(t) = &self.token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        for (k, v) in extra {
+            b = b.header(*k, v);
+        }
+        b.body(body)
+            .map_err(|e| NetError::Http(ep.authority(), e.to_string()))
+    }
+
+    /// Sends one request and reads the whole (small, JSON) answer, abandoning it when nothing
+    /// moves for `idle_timeout`.
+    async fn exchange(
+        &self,
+        i: usize,
+        method: &str,
+        path: &str,
+        extra: &[(&str, String)],
+        body: UploadBody,
+    ) -> Result<(u16, http::HeaderMap, Option<Value>), NetError> {
+        let ep = self.endpoints[i].clone();
+        let req = self.request(&ep, method, path, extra, body)?;
+        let work = async {
+            let mut s = self.sender(i).await?;
+            let resp = s
+                .send_request(req)
+                .await
+                .map_err(|e| NetError::Http(ep.authority(), e.to_string()))?;
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| NetError::Http(ep.authority(), e.to_string()))?
+                .to_bytes();
+            self.give_back(i, s);
+            let json = serde_json::from_slice(&bytes).ok();
+            Ok((status, headers, json))
+        };
+        let idle = async {
+            let mut last = self.sent.load(Ordering::Relaxed);
+            let mut since = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let now = self.sent.load(Ordering::Relaxed);
+                if now != last {
+                    last = now;
+                    since = Instant::now();
+                } else if since.elapsed() >= self.idle_timeout {
+                    return NetError::Idle(self.idle_timeout.as_secs());
+                }
+            }
+        };
+        tokio::select! {
+            r = work => r,
+            e = idle => Err(e),
+        }
+    }
+
+    fn net_outcome(&self, i: usize, e: NetError) -> Outcome {
+        self.advance(i);
+        Outcome::Transient {
+            detail: e.to_string(),
+            retry_after: None,
+        }
+    }
+
+    /// Ships one episode: preflight for big tarballs, then the streamed PUT.
+    pub async fn ship(&self, s: &Shipment) -> Outcome {
+        let i = self.endpoint_index();
+        let path = format!("/v1/episodes/{}/{}", s.host_id, s.episode_id);
+        let mut hdrs = vec![
+            (headers::CODE_COMMIT, s.commit.clone()),
+            (headers::TAR_SHA256, s.tar_sha256.clone()),
+            ("content-type", headers::CONTENT_TYPE_ZSTD.to_string()),
+        ];
+        if s.len > CHECK_THRESHOLD {
+            let mut h = hdrs.clone();
+            h.push((headers::UPLOAD_LENGTH, s.len.to_string()));
+            match self
+                .exchange(i, "POST", &format!("{path}/check"), &h, UploadBody::empty())
+                .await
+            {
+                Ok((204, _, _)) => {}
+                Ok((status, headers, body)) => {
+                    let ra =
+                        parse_retry_after(headers.get("retry-after").and_then(|v| v.to_str().ok()));
+                    let o = classify(status, body, ra);
+                    if matches!(o, Outcome::Transient { .. }) && status >= 500 {
+                        self.advance(i);
+                    }
+                    return o;
+                }
+                Err(e) => return self.net_outcome(i, e),
+            }
+        }
+        let file = match tokio::fs::File::open(&s.tarball).await {
+            Ok(f) => f,
+            Err(e) => {
+                return Outcome::Transient {
+                    detail: format!("failed to open {}: {e}", s.tarball.display()),
+                    retry_after: None,
+                };
+            }
+        };
+        hdrs.push(("content-length", s.len.to_string()));
+        let body = UploadBody::file(file, s.len, self.sent.clone(), self.bytes_per_sec);
+        match self.exchange(i, "PUT", &path, &hdrs, body).await {
+            Ok((status, headers, body)) => {
+                let ra =
+                    parse_retry_after(headers.get("retry-after").and_then(|v| v.to_str().ok()));
+                let o = classify(status, body, ra);
+                if matches!(o, Outcome::Transient { .. }) && status >= 500 {
+                    self.advance(i);
+                }
+                o
+            }
+            Err(e) => self.net_outcome(i, e),
+        }
+    }
+
+    /// `POST /v1/ping`, optionally asking about `commit`.
+    pub async fn ping(&self, commit: Option<&str>) -> Result<(u16, Option<Value>), NetError> {
+        let i = self.endpoint_index();
+        let mut h = Vec::new();
+        if let Some(c) = commit {
+            h.push((headers::CODE_COMMIT, c.to_string()));
+        }
+        let (status, _, body) = self
+            .exchange(i, "POST", "/v1/ping", &h, UploadBody::empty())
+            .await?;
+        Ok((status, body))
+    }
+
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+}
+
+/// A request body: nothing, a small buffer, or a file streamed in chunks with progress counting
+/// and an optional rate limit.
+pub struct UploadBody {
+    inner: BodyKind,
+}
+
+enum BodyKind {
+    Empty(Empty<Bytes>),
+    Full(Full<Bytes>),
+    File(Box<FileState>),
+}
+
+struct FileState {
+    file: tokio::fs::File,
+    remaining: u64,
+    sent: Arc<AtomicU64>,
+    rate: Option<f64>,
+    started: Instant,
+    done: u64,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+const CHUNK: usize = 256 * 1024;
+
+impl UploadBody {
+    pub fn empty() -> Self {
+        UploadBody {
+            inner: BodyKind::Empty(Empty::new()),
+        }
+    }
+
+    pub fn bytes(b: Bytes) -> Self {
+        UploadBody {
+            inner: BodyKind::Full(Full::new(b)),
+        }
+    }
+
+    pub fn file(file: tokio::fs::File, len: u64, sent: Arc<AtomicU64>, rate: Option<f64>) -> Self {
+        UploadBody {
+            inner: BodyKind::File(Box::new(FileState {
+                file,
+                remaining: len,
+                sent,
+                rate,
+                started: Instant::now(),
+                done: 0,
+                sleep: None,
+            })),
+        }
+    }
+}
+
+impl http_body::Body for UploadBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match &mut self.get_mut().inner {
+            BodyKind::Empty(e) => Pin::new(e).poll_frame(cx).map_err(|never| match never {}),
+            BodyKind::Full(f) => Pin::new(f).poll_frame(cx).map_err(|never| match never {}),
+            BodyKind::File(st) => st.poll_chunk(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            BodyKind::Empty(_) => true,
+            BodyKind::Full(f) => f.is_end_stream(),
+            BodyKind::File(st) => st.remaining == 0,
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match &self.inner {
+            BodyKind::Empty(_) => http_body::SizeHint::with_exact(0),
+            BodyKind::Full(f) => f.size_hint(),
+            BodyKind::File(st) => http_body::SizeHint::with_exact(st.remaining),
+        }
+    }
+}
+
+impl FileState {
+    fn poll_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        if let Some(rate) = self.rate {
+            let due = Duration::from_secs_f64(self.done as f64 / rate);
+            let elapsed = self.started.elapsed();
+            if due > elapsed {
+                let sleep = self
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(due - elapsed)));
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+            self.sleep = None;
+        }
+        let want = (self.remaining as usize).min(CHUNK);
+        let mut buf = BytesMut::zeroed(want);
+        let mut rb = ReadBuf::new(&mut buf);
+        match Pin::new(&mut self.file).poll_read(cx, &mut rb) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "tarball shrank while it was being sent",
+                    ))));
+                }
+                buf.truncate(n);
+                self.remaining -= n as u64;
+                self.done += n as u64;
+                self.sent.fetch_add(n as u64, Ordering::Relaxed);
+                Poll::Ready(Some(Ok(Frame::data(buf.freeze()))))
+            }
+        }
+    }
+}
+
+use std::future::Future as _;
+
+/// Builds the client TLS config from the lab host's files.
+pub fn client_tls(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<rustls::ClientConfig, cis490_common::tls::TlsError> {
+    cis490_common::tls::client_config(
+        &cis490_common::tls::ClientTlsFiles {
+            ca_file: ca,
+            cert_file: cert,
+            key_file: key,
+        },
+        false,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(
+            Endpoint::parse("https://r.lab:8443").unwrap(),
+            Endpoint {
+                host: "r.lab".into(),
+                port: 8443,
+                prefix: String::new()
+            }
+        );
+        assert_eq!(
+            Endpoint::parse("https://r.lab/base/").unwrap().prefix,
+            "/base"
+        );
+        assert_eq!(Endpoint::parse("https://r.lab").unwrap().port, 443);
+        assert_eq!(Endpoint::parse("https://[::1]:9").unwrap().host, "::1");
+        assert!(Endpoint::parse("http://r.lab").is_err());
+        assert!(Endpoint::parse("https://:80").is_err());
+        assert!(Endpoint::parse("https://r:x").is_err());
+    }
+
+    #[test]
+    fn statuses_map_to_the_spec_table() {
+        let reason = |s| match classify(s, None, None) {
+            Outcome::Fatal { reason, .. } => reason,
+            Outcome::Stored { .. } => "stored",
+            Outcome::Auth { .. } => "auth",
+            Outcome::Transient { .. } => "transient",
+        };
+        assert_eq!(reason(201), "stored");
+        assert_eq!(reason(200), "stored");
+        assert_eq!(reason(400), "malformed_request");
+        assert_eq!(reason(411), "malformed_request");
+        assert_eq!(reason(409), "conflict");
+        assert_eq!(reason(412), "commit_not_in_window");
+        assert_eq!(reason(413), "too_large");
+        assert_eq!(reason(422), "invalid_content");
+        assert_eq!(reason(401), "auth");
+        assert_eq!(reason(403), "auth");
+        for s in [429, 500, 502, 503, 504, 507, 404, 408] {
+            assert_eq!(reason(s), "transient", "{s}");
+        }
+        assert_eq!(parse_retry_after(Some(" 7 ")), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after(Some("Wed, 21 Oct 2015 07:28:00 GMT")),
+            None
+        );
+    }
+}
