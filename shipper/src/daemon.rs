@@ -97,7 +97,8 @@ impl Shipper {
 
     /// Sweep, recovery and (when due) retention: the start of every scan.
     fn housekeeping(&self) {
-        match self.layout.sweep() {
+        let busy = lock(&self.inflight).clone();
+        match self.layout.sweep(&busy) {
             Ok(removed) => {
                 for name in removed {
                     let episode = name.split(".tar.zst").next().unwrap_or(&name).to_string();

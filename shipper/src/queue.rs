@@ -149,13 +149,18 @@ impl Layout {
 
     /// Sweep (SPEC §2): removes `*.partial` files and tarballs whose episode is gone, and finishes
     /// quarantines a crash interrupted. Bounded by the number of entries in outbox/.
-    pub fn sweep(&self) -> io::Result<Vec<String>> {
+    /// Episodes in `busy` are being packed or sent by this process right now: theirs are left.
+    pub fn sweep(&self, busy: &std::collections::HashSet<String>) -> io::Result<Vec<String>> {
         self.recover_pending()?;
         let mut removed = Vec::new();
         let outbox = self.outbox_dir();
         for e in fs::read_dir(&outbox).map_err(|e| io_ctx(&outbox, e))? {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
+            let owner = name.split(".tar.zst").next().unwrap_or("");
+            if busy.contains(owner) {
+                continue;
+            }
             let orphan = if name.ends_with(".partial") || name.ends_with(durable::TEMP_SUFFIX) {
                 true
             } else if let Some(id) = name.strip_suffix(".tar.zst") {
@@ -580,7 +585,7 @@ mod tests {
         // Crash before the directory rename: the episode is still queued.
         episode(&l, "ep2");
         fs::write(l.quarantine_dir().join(".ep2.reason.pending"), b"{}").unwrap();
-        l.sweep().unwrap();
+        l.sweep(&Default::default()).unwrap();
         assert!(l.quarantine_dir().join("ep1").join(REASON_FILE).exists());
         assert!(!l.quarantine_dir().join(".ep1.reason.pending").exists());
         assert!(!l.quarantine_dir().join(".ep2.reason.pending").exists());
@@ -594,7 +599,7 @@ mod tests {
         fs::write(l.tarball("live"), b"x").unwrap();
         fs::write(l.tarball("gone"), b"x").unwrap();
         fs::write(l.outbox_dir().join("live.tar.zst.partial"), b"x").unwrap();
-        let mut removed = l.sweep().unwrap();
+        let mut removed = l.sweep(&Default::default()).unwrap();
         removed.sort();
         assert_eq!(removed, vec!["gone.tar.zst", "live.tar.zst.partial"]);
         assert!(l.tarball("live").exists());

@@ -386,9 +386,22 @@ impl Transport {
         }
     }
 
-    /// Ships one episode: preflight for big tarballs, then the streamed PUT.
+    /// Ships one episode; on a transient failure the next URL is tried at once, so one attempt
+    /// covers every configured receiver.
     pub async fn ship(&self, s: &Shipment) -> Outcome {
-        let i = self.endpoint_index();
+        let n = self.endpoints.len();
+        let mut outcome = self.ship_to(self.endpoint_index(), s).await;
+        for _ in 1..n {
+            if !matches!(outcome, Outcome::Transient { .. }) {
+                break;
+            }
+            outcome = self.ship_to(self.endpoint_index(), s).await;
+        }
+        outcome
+    }
+
+    /// Preflight for big tarballs, then the streamed PUT, against endpoint `i`.
+    async fn ship_to(&self, i: usize, s: &Shipment) -> Outcome {
         let path = format!("/v1/episodes/{}/{}", s.host_id, s.episode_id);
         let mut hdrs = vec![
             (headers::CODE_COMMIT, s.commit.clone()),
@@ -407,7 +420,7 @@ impl Transport {
                     let ra =
                         parse_retry_after(headers.get("retry-after").and_then(|v| v.to_str().ok()));
                     let o = classify(status, body, ra);
-                    if matches!(o, Outcome::Transient { .. }) && status >= 500 {
+                    if matches!(o, Outcome::Transient { .. }) {
                         self.advance(i);
                     }
                     return o;
@@ -431,7 +444,7 @@ impl Transport {
                 let ra =
                     parse_retry_after(headers.get("retry-after").and_then(|v| v.to_str().ok()));
                 let o = classify(status, body, ra);
-                if matches!(o, Outcome::Transient { .. }) && status >= 500 {
+                if matches!(o, Outcome::Transient { .. }) {
                     self.advance(i);
                 }
                 o

@@ -278,3 +278,133 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+pub fn shipper_bin() -> PathBuf {
+    bin("e2e-shipper")
+}
+
+impl World {
+    /// A lab-host config for `host` shipping to `url`, data under `<tmp>/<host>`.
+    pub fn shipper_config(&self, host: &str, url: &str, extra: &str) -> PathBuf {
+        self.shipper_config_with(host, &self.pki.client(host), url, extra)
+    }
+
+    pub fn shipper_config_with(
+        &self,
+        host: &str,
+        cert: &CertFiles,
+        url: &str,
+        extra: &str,
+    ) -> PathBuf {
+        let data = self.data_dir(host);
+        let text = format!(
+            r#"host_id = "{host}"
+data_dir = "{data}"
+
+[receiver]
+url = {url}
+ca_file = "{ca}"
+cert_file = "{cert}"
+key_file = "{key}"
+connect_timeout_s = 2
+idle_timeout_s = 10
+{extra_receiver}
+[shipping]
+{shipping}
+"#,
+            data = data.display(),
+            url = if url.starts_with('[') { url.to_string() } else { format!("\"{url}\"") },
+            ca = self.pki.ca_file.display(),
+            cert = cert.cert.display(),
+            key = cert.key.display(),
+            extra_receiver = extra.split("[shipping]").next().unwrap_or(""),
+            shipping = merge_keys(
+                "scan_interval_s = 1\nsettle_s = 0\nconcurrency = 2\nzstd_threads = 1\nmax_backoff_s = 2\n",
+                extra.split("[shipping]").nth(1).unwrap_or(""),
+            ),
+        );
+        let p = self.tmp.path().join(format!("{host}.toml"));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    pub fn data_dir(&self, host: &str) -> PathBuf {
+        self.tmp.path().join("lab").join(host)
+    }
+}
+
+/// `key = value` lines of `base`, overridden and extended by those of `over`.
+fn merge_keys(base: &str, over: &str) -> String {
+    let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
+    let over_keys: Vec<String> = over.lines().filter(|l| l.contains('=')).map(key).collect();
+    let mut out: Vec<&str> = base
+        .lines()
+        .filter(|l| !over_keys.contains(&key(l)))
+        .collect();
+    out.extend(over.lines());
+    out.join("\n")
+}
+
+/// Runs a shipper command to completion; returns (exit code, stdout, stderr).
+pub fn shipper(config: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(shipper_bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("CIS490_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .expect("shipper runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A TLS server with the receiver's certificate that does whatever `behave` says with each
+/// connection: a stand-in for a stalled or scripted peer.
+pub async fn fake_receiver<F, Fut>(world: &World, behave: F) -> SocketAddr
+where
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let cfg = cis490_common::tls::server_config(&cis490_common::tls::ServerTlsFiles {
+        cert_file: &world.server.cert,
+        key_file: &world.server.key,
+        client_ca_file: &world.pki.ca_file,
+    })
+    .unwrap();
+    let mut cfg = cfg;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let behave = Arc::new(behave);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let behave = behave.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    behave(tls).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Reads an HTTP/1.1 request head from `s` (up to the blank line).
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b).await {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}

@@ -4,4 +4,6 @@ mod receiver_api;
 mod receiver_limits;
 mod receiver_process;
 mod receiver_tls;
+mod shipper;
+mod shipper_process;
 mod support;

@@ -1,0 +1,379 @@
+//! The shipper daemon as a real process: notify protocol, watchdog on a stalled peer, SIGTERM,
+//! Retry-After, and a SIGKILL crash loop over a backlog.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cis490_tests::episode;
+use cis490_tests::harness::{fake_receiver, read_head, shipper_bin, World};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{index_rows, start};
+
+const HOST: &str = "labhost-01";
+
+fn spawn_daemon(cfg: &Path, envs: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(shipper_bin());
+    cmd.arg("--config")
+        .arg(cfg)
+        .arg("run")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env("CIS490_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(cfg.with_extension("log"))
+                .unwrap(),
+        ));
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("shipper starts")
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn recv_all(sock: &UnixDatagram, limit: Duration) -> Vec<(Instant, String)> {
+    let deadline = Instant::now() + limit;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            out.push((
+                Instant::now(),
+                String::from_utf8_lossy(&buf[..n]).into_owned(),
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchdog_stops_while_an_upload_is_stalled_and_sigterm_stops_cleanly() {
+    let w = World::new(1);
+    // A peer that takes the request head and then never reads another byte.
+    let addr = fake_receiver(&w, |mut tls| async move {
+        let _ = read_head(&mut tls).await;
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(tls);
+    })
+    .await;
+    let cfg = w.shipper_config(
+        HOST,
+        &format!("https://localhost:{}", addr.port()),
+        "[shipping]\nzstd_level = 1\n",
+    );
+    let sock_path = w.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let mut child = spawn_daemon(
+        &cfg,
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    let early = tokio::task::block_in_place(|| recv_all(&sock, Duration::from_secs(3)));
+    assert!(
+        early.iter().any(|(_, m)| m.contains("READY=1")),
+        "{early:?}"
+    );
+    let pings = early
+        .iter()
+        .filter(|(_, m)| m.contains("WATCHDOG=1"))
+        .count();
+    assert!(pings >= 3, "WATCHDOG=1 while idle: {early:?}");
+
+    // Now a big incompressible episode: its upload fills the socket buffers and stalls.
+    let noise = episode::body(&w.path().join("n"), "n", &w.commits[0], 24 << 20);
+    episode::write(
+        &w.data_dir(HOST).join("episodes"),
+        "ep-big",
+        &w.commits[0],
+        &[("noise", &noise.bytes)],
+    );
+    let during = tokio::task::block_in_place(|| recv_all(&sock, Duration::from_secs(6)));
+    let last_ping = during
+        .iter()
+        .filter(|(_, m)| m.contains("WATCHDOG=1"))
+        .map(|(t, _)| *t)
+        .max();
+    let quiet_for = last_ping.map_or(Duration::from_secs(6), |t| t.elapsed());
+    assert!(
+        quiet_for >= Duration::from_secs(2),
+        "watchdog kept being fed during a stalled upload ({} pings, last {:?} ago)",
+        during
+            .iter()
+            .filter(|(_, m)| m.contains("WATCHDOG=1"))
+            .count(),
+        quiet_for
+    );
+
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let t = Instant::now();
+    let end = tokio::task::block_in_place(|| recv_all(&sock, Duration::from_millis(500)));
+    assert!(end.iter().any(|(_, m)| m.contains("STOPPING=1")), "{end:?}");
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(10));
+    // Consistent: still queued, its tarball complete in the outbox.
+    assert!(w.data_dir(HOST).join("episodes/ep-big/meta.json").exists());
+    let outbox: Vec<_> = std::fs::read_dir(w.data_dir(HOST).join("outbox"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(outbox, vec![std::ffi::OsString::from("ep-big.tar.zst")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured() {
+    let w = World::new(1);
+    let hits = Arc::new(Mutex2::default());
+    let h = hits.clone();
+    let addr = fake_receiver(&w, move |mut tls| {
+        let h = h.clone();
+        async move {
+            loop {
+                let head = read_head(&mut tls).await;
+                if head.is_empty() {
+                    return;
+                }
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                    .unwrap_or(0);
+                let mut body = vec![0u8; len];
+                let _ = tls.read_exact(&mut body).await;
+                let n = h.hit();
+                let resp = if n == 1 {
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 3\r\ncontent-length: 56\r\n\r\n{\"error\":\"overloaded\",\"message\":\"busy, come back later\"}"
+                        .to_string()
+                } else {
+                    let body = r#"{"status":"stored"}"#;
+                    format!("HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+                };
+                if tls.write_all(resp.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let cfg = w.shipper_config(
+        HOST,
+        &format!("https://localhost:{}", addr.port()),
+        "[shipping]\nmax_backoff_s = 60\n",
+    );
+    episode::write(
+        &w.data_dir(HOST).join("episodes"),
+        "ep1",
+        &w.commits[0],
+        &[("x", b"x")],
+    );
+    let mut child = spawn_daemon(&cfg, &[]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !w.data_dir(HOST).join("shipped/ep1").exists() {
+        assert!(Instant::now() < deadline, "never shipped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let times = hits.times();
+    assert_eq!(times.len(), 2);
+    let gap = times[1] - times[0];
+    assert!(
+        gap >= Duration::from_millis(2900),
+        "retried after {gap:?}, Retry-After said 3 s"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[derive(Default)]
+struct Mutex2(std::sync::Mutex<Vec<Instant>>);
+impl Mutex2 {
+    fn hit(&self) -> usize {
+        let mut v = self.0.lock().unwrap();
+        v.push(Instant::now());
+        v.len()
+    }
+    fn times(&self) -> Vec<Instant> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// A small deterministic generator so a failing crash schedule can be replayed from its seed.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_crash_loop_ships_every_episode_exactly_once() {
+    let kills_wanted: usize = std::env::var("CIS490_SHIPPER_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(25);
+    let seed: u64 = std::env::var("CIS490_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("crash loop seed={seed} (replay with CIS490_CRASH_SEED={seed})");
+    let mut rng = Lcg(seed);
+    let w = World::new(2);
+    let r = start(&w, "").await;
+    let cfg = w.shipper_config(
+        HOST,
+        &format!("https://localhost:{}", r.addr.port()),
+        "[shipping]\nscan_interval_s = 1\nconcurrency = 3\n",
+    );
+    let eps = w.data_dir(HOST).join("episodes");
+    let n_eps = 30;
+    for i in 0..n_eps {
+        let size = match rng.below(4) {
+            0 => 100,
+            1 => 20_000,
+            2 => 400_000,
+            _ => 1_500_000 + rng.below(1_000_000) as usize,
+        };
+        let b = episode::body(
+            &w.path().join("gen"),
+            &format!("ep-{i:03}"),
+            &w.commits[1],
+            size,
+        );
+        let _ = b;
+        std::fs::rename(
+            w.path().join("gen").join(format!("ep-{i:03}")),
+            eps.join(format!("ep-{i:03}")),
+        )
+        .ok();
+        if !eps.join(format!("ep-{i:03}")).exists() {
+            std::fs::create_dir_all(&eps).unwrap();
+            std::fs::rename(
+                w.path().join("gen").join(format!("ep-{i:03}")),
+                eps.join(format!("ep-{i:03}")),
+            )
+            .unwrap();
+        }
+    }
+    let kills = AtomicUsize::new(0);
+    let started = Instant::now();
+    while kills.load(Ordering::Relaxed) < kills_wanted {
+        let mut child = spawn_daemon(&cfg, &[]);
+        let wait = Duration::from_millis(30 + rng.below(400));
+        tokio::time::sleep(wait).await;
+        child.kill().unwrap();
+        let _ = child.wait();
+        kills.fetch_add(1, Ordering::Relaxed);
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "crash loop ran too long"
+        );
+    }
+    // Let a final daemon drain the backlog.
+    let sock_path = w.path().join("final.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let mut child = spawn_daemon(&cfg, &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())]);
+    let seen = tokio::task::block_in_place(|| recv_all(&sock, Duration::from_secs(2)));
+    assert!(seen.iter().any(|(_, m)| m.contains("READY=1")), "{seen:?}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = std::fs::read_dir(&eps).unwrap().count();
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{left} episodes never drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let code = wait_exit(&mut child, Duration::from_secs(10));
+    if code != Some(0) {
+        let log = std::fs::read_to_string(cfg.with_extension("log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        panic!(
+            "daemon did not stop cleanly ({code:?}); log tail:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+
+    let shipped = w.data_dir(HOST).join("shipped");
+    let mut names: Vec<String> = std::fs::read_dir(&shipped)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let expected: Vec<String> = (0..n_eps).map(|i| format!("ep-{i:03}")).collect();
+    let lost = expected.iter().filter(|e| !names.contains(e)).count();
+    let duplicated = names.len() - (names.len().min(expected.len()))
+        + names.iter().filter(|n| !expected.contains(n)).count();
+    assert!(
+        std::fs::read_dir(w.data_dir(HOST).join("quarantine"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "nothing quarantined"
+    );
+    let rows = index_rows(&w.store_dir());
+    let mut corrupted = 0;
+    for name in &expected {
+        let row: Vec<_> = rows
+            .iter()
+            .filter(|r| r["episode_id"] == name.as_str())
+            .collect();
+        assert_eq!(row.len(), 1, "{name} stored once");
+        let (p, _) = episode::pack(&shipped.join(name), name);
+        if row[0]["tar_sha256"] != p.tar_sha256 {
+            corrupted += 1;
+        }
+        let stored = std::fs::read(w.store_dir().join(row[0]["path"].as_str().unwrap())).unwrap();
+        let tar = zstd::decode_all(&stored[..]).unwrap();
+        use sha2::Digest;
+        if hex::encode(sha2::Sha256::digest(&tar)) != p.tar_sha256 {
+            corrupted += 1;
+        }
+    }
+    let outbox_left = std::fs::read_dir(w.data_dir(HOST).join("outbox"))
+        .unwrap()
+        .count();
+    println!(
+        "crash loop: kills={} episodes={n_eps} lost={lost} duplicated={duplicated} corrupted={corrupted} outbox_left={outbox_left} seed={seed}",
+        kills.load(Ordering::Relaxed)
+    );
+    assert_eq!((lost, duplicated, corrupted, outbox_left), (0, 0, 0, 0));
+    assert_eq!(rows.len(), n_eps);
+    r.stop().await;
+}
