@@ -258,7 +258,7 @@ impl Shipper {
         match self.layout.quarantine(id, &r) {
             Ok(dest) => {
                 lock(&self.retries).remove(id);
-                tracing::warn!(event = "quarantined", episode = %id, reason, status = ?status, dir = %dest.display(), "episode quarantined");
+                tracing::warn!(event = "quarantined", episode = %id, reason, status = status.map_or_else(|| "none".to_string(), |s| s.to_string()), dir = %dest.display(), "episode quarantined");
                 Verdict::Quarantined
             }
             Err(e) => {

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# The whole job on a built-in default, on one machine: builds both daemons, makes a throwaway CA
+# and certificates, a git repository with history, starts a receiver on loopback, writes sample
+# episodes (current, stale, unstamped, with a symlink), ships them with the shipper, and shows
+# where each one ended up. Usage: scripts/demo.sh [--keep]   (DEMO_DIR=... to choose the dir)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+keep=0
+[[ ${1:-} == --keep ]] && keep=1
+
+scripts/install-test-deps.sh >/dev/null
+echo "==> building cis490-receiver and cis490-shipper"
+cargo build --locked -q -p cis490-receiver -p cis490-shipper
+bin="$root/target/debug"
+
+demo=${DEMO_DIR:-$(mktemp -d /tmp/cis490-demo.XXXXXX)}
+mkdir -p "$demo"
+cleanup() {
+  [[ -n ${rpid:-} ]] && kill "$rpid" 2>/dev/null && wait "$rpid" 2>/dev/null
+  if ((keep == 0)) && [[ -z ${DEMO_DIR:-} ]]; then rm -rf "$demo"; else echo "(kept $demo)"; fi
+}
+trap cleanup EXIT
+echo "==> working in $demo"
+
+echo "==> making a throwaway CA, a receiver certificate and a lab-host certificate"
+pki="$demo/pki"
+mkdir -p "$pki"
+ossl() { openssl "$@" 2>/dev/null; }
+ossl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+  -subj "/CN=cis490 demo CA" -keyout "$pki/ca.key" -out "$pki/ca.pem" \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+issue() { # name san eku
+  ossl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$1" \
+    -keyout "$pki/$1.key" -out "$pki/$1.csr"
+  printf 'subjectAltName=%s\nextendedKeyUsage=%s\nbasicConstraints=CA:FALSE\n' "$2" "$3" >"$pki/$1.ext"
+  ossl x509 -req -in "$pki/$1.csr" -CA "$pki/ca.pem" -CAkey "$pki/ca.key" -CAcreateserial \
+    -days 2 -extfile "$pki/$1.ext" -out "$pki/$1.pem"
+}
+issue receiver "DNS:localhost,IP:127.0.0.1" serverAuth
+issue labhost-01 "DNS:labhost-01" clientAuth
+
+echo "==> making the project's git repository (3 commits on main)"
+repo="$demo/repo"
+git init -q -b main "$repo"
+for i in 1 2 3; do
+  git -C "$repo" -c user.name=demo -c user.email=demo@cis490.invalid \
+    commit -q --allow-empty -m "change $i"
+done
+old=$(git -C "$repo" rev-parse HEAD~2)
+head=$(git -C "$repo" rev-parse HEAD)
+
+cat >"$demo/receiver.toml" <<TOML
+listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
+store_dir = "$demo/store"
+[tls]
+cert_file = "$pki/receiver.pem"
+key_file = "$pki/receiver.key"
+client_ca_file = "$pki/ca.pem"
+[version_gate]
+repo_path = "$repo"
+window = 2
+TOML
+
+echo "==> starting the receiver (window: the last 2 commits of main)"
+"$bin/cis490-receiver" --config "$demo/receiver.toml" serve 2>"$demo/receiver.log" &
+rpid=$!
+for _ in $(seq 1 100); do
+  grep -q "receiver listening" "$demo/receiver.log" && break
+  sleep 0.1
+done
+line=$(grep -m1 "receiver listening" "$demo/receiver.log")
+listen=$(sed -E 's/.* listen=([0-9.:]+).*/\1/' <<<"$line")
+ops=$(sed -E 's/.*metrics_listen=([0-9.:]+).*/\1/' <<<"$line")
+echo "    receiver on https://$listen, operations on http://$ops"
+
+data="$demo/lab-host"
+mkdir -p "$data/episodes"
+cat >"$demo/lab-host.toml" <<TOML
+host_id = "labhost-01"
+data_dir = "$data"
+[receiver]
+url = "https://localhost:${listen##*:}"
+ca_file = "$pki/ca.pem"
+cert_file = "$pki/labhost-01.pem"
+key_file = "$pki/labhost-01.key"
+[shipping]
+settle_s = 0
+TOML
+
+echo "==> writing sample episodes"
+mkep() { # id commit
+  mkdir -p "$data/episodes/$1/camera"
+  printf '{"episode_id": "%s", "code_version": {"commit": "%s"}}\n' "$1" "$2" >"$data/episodes/$1/meta.json"
+  head -c 200000 /dev/urandom >"$data/episodes/$1/camera/frames.bin"
+  seq 1 5000 >"$data/episodes/$1/joints.csv"
+}
+mkep demo-current-1 "$head"
+mkep demo-current-2 "$head"
+mkep demo-stale "$old"
+mkep demo-symlink "$head"
+ln -s /etc/hostname "$data/episodes/demo-symlink/link"
+mkdir -p "$data/episodes/demo-unstamped" && echo '{"episode_id": "demo-unstamped"}' >"$data/episodes/demo-unstamped/meta.json"
+ls "$data/episodes" | sed 's/^/    /'
+
+echo "==> cis490-shipper ping (is HEAD admitted?)"
+"$bin/cis490-shipper" --config "$demo/lab-host.toml" ping --commit "$head" | sed 's/^/    /' || true
+
+echo "==> cis490-shipper once (ship everything that is ready)"
+set +e
+"$bin/cis490-shipper" --config "$demo/lab-host.toml" once 2>"$demo/shipper.log"
+code=$?
+set -e
+grep -E 'event="?(shipped|quarantined)' "$demo/shipper.log" | sed -E 's/^[^ ]+ +//; s/^/    /' || true
+echo "    exit code: $code"
+
+echo "==> where each episode ended up"
+"$bin/cis490-shipper" --config "$demo/lab-host.toml" status | sed 's/^/    /'
+for f in "$data"/quarantine/*/quarantine_reason.json; do
+  [[ -e $f ]] || continue
+  printf '    %-16s %s\n' "$(basename "$(dirname "$f")")" \
+    "$(grep -o '"reason": *"[^"]*"' "$f" | sed 's/"reason": *//')"
+done
+
+echo "==> the receiver's index ($demo/store/index.jsonl)"
+"$bin/cis490-receiver" --config "$demo/receiver.toml" export-index | sed 's/^/    /'
+echo "==> receiver health and a few metrics"
+curl -s "http://$ops/healthz" | sed 's/^/    /'
+curl -s "http://$ops/metrics" | grep -E '^cis490_(receiver_uploads_total|gate_commits|gate_source)' | sed 's/^/    /'
+
+shipped=$(ls "$data/shipped" | wc -l)
+if [[ $shipped -eq 2 && $(ls "$data/quarantine" | wc -l) -eq 3 ]]; then
+  echo "DEMO OK: 2 current episodes stored, stale/unstamped/symlink episodes quarantined with reasons"
+else
+  echo "DEMO FAILED: see $demo/receiver.log and $demo/shipper.log" >&2
+  keep=1
+  exit 1
+fi
