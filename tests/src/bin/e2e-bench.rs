@@ -1,0 +1,317 @@
+//! Benchmarks of the real binaries on loopback mTLS (run by `scripts/bench.sh`, release build).
+//! Prints one line per figure; docs/BENCHMARKS.md records them with the command.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+
+use cis490_tests::episode;
+use cis490_tests::harness::{Process, World, bin};
+
+const HOST: &str = "labhost-01";
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0)))
+        .unwrap_or(0)
+}
+
+/// Semi-compressible data: runs of a repeating pattern broken by pseudo-random bytes.
+fn data(size: usize, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size);
+    let mut x = seed | 1;
+    while out.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if x % 3 == 0 {
+            out.extend_from_slice(&[(x >> 8) as u8; 64]);
+        } else {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    out.truncate(size);
+    out
+}
+
+struct Conn {
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+async fn connect(w: &World, addr: std::net::SocketAddr) -> Conn {
+    let me = w.pki.client(HOST);
+    let cfg = cis490_common::tls::client_config(
+        &cis490_common::tls::ClientTlsFiles { ca_file: &w.pki.ca_file, cert_file: &me.cert, key_file: &me.key },
+        false,
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    Conn { send }
+}
+
+async fn put(c: &mut Conn, b: &episode::Body) -> u16 {
+    c.send.ready().await.unwrap();
+    let req = http::Request::builder()
+        .method("PUT")
+        .uri(format!("/v1/episodes/{HOST}/{}", b.id))
+        .header("host", "localhost")
+        .header("x-cis490-code-commit", &b.commit)
+        .header("x-cis490-tar-sha256", &b.sha)
+        .header("content-type", "application/zstd")
+        .body(Full::new(Bytes::from(b.bytes.clone())))
+        .unwrap();
+    let resp = c.send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    status
+}
+
+fn body_from(dir: &Path, id: &str, commit: &str) -> episode::Body {
+    let (p, bytes) = cis490_shipper::pack::pack(dir, id, Vec::new(), cis490_shipper::pack::Compression { level: 3, threads: 0 }).unwrap();
+    episode::Body { id: id.into(), commit: commit.into(), sha: p.tar_sha256, bytes }
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn receiver_benches(scale: usize) {
+    // 1. One large upload.
+    let w = World::new(3);
+    let p = Process::start(&w.config("[limits]\nmax_concurrent_uploads = 64\n"), &[]);
+    let gb = 1usize << 30;
+    let size = gb / scale;
+    let dir = w.path().join("big/ep-big");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("meta.json"), format!(r#"{{"code_version":{{"commit":"{}"}}}}"#, w.commits[2])).unwrap();
+    for i in 0..8 {
+        std::fs::write(dir.join(format!("part{i}.bin")), data(size / 8, i as u64 + 7)).unwrap();
+    }
+    let b = body_from(&dir, "ep-big", &w.commits[2]);
+    let mut c = connect(&w, p.addr).await;
+    let t = Instant::now();
+    let status = put(&mut c, &b).await;
+    let el = t.elapsed();
+    assert_eq!(status, 201);
+    println!(
+        "receiver.single_upload tar_bytes={} body_bytes={} seconds={:.2} body_MBps={:.0} tar_MBps={:.0} receiver_peak_rss_MiB={:.1}",
+        size,
+        b.bytes.len(),
+        el.as_secs_f64(),
+        b.bytes.len() as f64 / 1e6 / el.as_secs_f64(),
+        size as f64 / 1e6 / el.as_secs_f64(),
+        rss_kib(p.child.id(), "VmHWM:") as f64 / 1024.0
+    );
+    drop(b);
+    drop(p);
+
+    // 2. Many small uploads over 16 kept-alive connections.
+    let w = World::new(3);
+    let p = Process::start(&w.config(""), &[]);
+    let n = 5000 / scale.min(10);
+    let commit = w.commits[2].clone();
+    let bodies: Vec<episode::Body> = (0..n)
+        .map(|i| {
+            let d = w.path().join("small").join(format!("ep-{i:05}"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("meta.json"), format!(r#"{{"code_version":{{"commit":"{commit}"}}}}"#)).unwrap();
+            std::fs::write(d.join("data.bin"), data(16 * 1024, i as u64 + 1)).unwrap();
+            let (pk, bytes) = cis490_shipper::pack::pack(&d, &format!("ep-{i:05}"), Vec::new(), Default::default()).unwrap();
+            episode::Body { id: format!("ep-{i:05}"), commit: commit.clone(), sha: pk.tar_sha256, bytes }
+        })
+        .collect();
+    let bodies = Arc::new(bodies);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (bodies, next) = (bodies.clone(), next.clone());
+        let mut c = connect(&w, p.addr).await;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= bodies.len() {
+                    return lat;
+                }
+                let t = Instant::now();
+                assert_eq!(put(&mut c, &bodies[i]).await, 201);
+                lat.push(t.elapsed());
+            }
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let el = t.elapsed();
+    println!(
+        "receiver.small_uploads episodes={n} connections=16 seconds={:.2} episodes_per_s={:.0} p50_ms={:.2} p99_ms={:.2} receiver_peak_rss_MiB={:.1}",
+        el.as_secs_f64(),
+        n as f64 / el.as_secs_f64(),
+        pct(&mut lat, 0.5).as_secs_f64() * 1e3,
+        pct(&mut lat, 0.99).as_secs_f64() * 1e3,
+        rss_kib(p.child.id(), "VmHWM:") as f64 / 1024.0
+    );
+    drop(p);
+
+    // 3. 64 concurrent uploads: the receiver's peak memory.
+    let w = World::new(3);
+    let p = Process::start(&w.config("[limits]\nmax_concurrent_uploads = 64\n"), &[]);
+    let commit = w.commits[2].clone();
+    let bodies: Vec<episode::Body> = (0..64)
+        .map(|i| {
+            let d = w.path().join("mid").join(format!("ep-{i:02}"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("meta.json"), format!(r#"{{"code_version":{{"commit":"{commit}"}}}}"#)).unwrap();
+            std::fs::write(d.join("data.bin"), data((16 << 20) / scale, i as u64 + 99)).unwrap();
+            body_from(&d, &format!("ep-{i:02}"), &commit)
+        })
+        .collect();
+    let before = rss_kib(p.child.id(), "VmRSS:");
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for b in bodies {
+        let mut c = connect(&w, p.addr).await;
+        tasks.push(tokio::spawn(async move { put(&mut c, &b).await }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 201);
+    }
+    println!(
+        "receiver.concurrent_64 each_tar_MiB={} seconds={:.2} rss_before_MiB={:.1} receiver_peak_rss_MiB={:.1}",
+        16 / scale.max(1),
+        t.elapsed().as_secs_f64(),
+        before as f64 / 1024.0,
+        rss_kib(p.child.id(), "VmHWM:") as f64 / 1024.0
+    );
+}
+
+/// Runs `e2e-shipper --config cfg once`, sampling its peak RSS; returns (seconds, peak MiB, exit).
+fn shipper_once(cfg: &Path) -> (f64, f64, i32) {
+    let t = Instant::now();
+    let mut child = Command::new(bin("e2e-shipper"))
+        .arg("--config")
+        .arg(cfg)
+        .arg("once")
+        .env("CIS490_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut peak = 0;
+    let code = loop {
+        peak = peak.max(rss_kib(child.id(), "VmHWM:"));
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code().unwrap_or(-1);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (t.elapsed().as_secs_f64(), peak as f64 / 1024.0, code)
+}
+
+async fn shipper_benches(scale: usize) {
+    // 1 GB of mixed episodes (1 MB to 64 MB).
+    let w = World::new(3);
+    let p = Process::start(&w.config(""), &[]);
+    let url = format!("https://localhost:{}", p.addr.port());
+    let cfg = w.shipper_config(HOST, &url, "[shipping]\nconcurrency = 2\nzstd_threads = 2\n");
+    let eps = w.data_dir(HOST).join("episodes");
+    let mut total = 0usize;
+    let mut i = 0u64;
+    let sizes = [1usize << 20, 4 << 20, 16 << 20, 64 << 20];
+    while total < (1usize << 30) / scale {
+        let size = sizes[(i % 4) as usize] / scale.min(4);
+        let d = episode::write(&eps, &format!("mix-{i:03}"), &w.commits[2], &[]);
+        std::fs::write(d.join("data.bin"), data(size, i + 5)).unwrap();
+        total += size;
+        i += 1;
+    }
+    let (secs, peak, code) = tokio::task::block_in_place(|| shipper_once(&cfg));
+    assert_eq!(code, 0);
+    println!(
+        "shipper.mixed episodes={i} tar_bytes={total} seconds={secs:.2} MBps={:.0} shipper_peak_rss_MiB={peak:.1}",
+        total as f64 / 1e6 / secs
+    );
+
+    // 5,000 × 16 KB.
+    let w = World::new(3);
+    let p2 = Process::start(&w.config(""), &[]);
+    let cfg = w.shipper_config(HOST, &format!("https://localhost:{}", p2.addr.port()), "[shipping]\nconcurrency = 2\nzstd_threads = 2\n");
+    let eps = w.data_dir(HOST).join("episodes");
+    let n = 5000 / scale.min(10);
+    for i in 0..n {
+        let d = episode::write(&eps, &format!("small-{i:05}"), &w.commits[2], &[]);
+        std::fs::write(d.join("data.bin"), data(16 * 1024, i as u64 + 3)).unwrap();
+    }
+    let (secs, peak, code) = tokio::task::block_in_place(|| shipper_once(&cfg));
+    assert_eq!(code, 0);
+    println!(
+        "shipper.small episodes={n} seconds={secs:.2} episodes_per_s={:.0} shipper_peak_rss_MiB={peak:.1}",
+        n as f64 / secs
+    );
+    drop(p);
+
+    // Time to the first upload with a large backlog.
+    let w = World::new(3);
+    let p3 = Process::start(&w.config(""), &[]);
+    let cfg = w.shipper_config(HOST, &format!("https://localhost:{}", p3.addr.port()), "");
+    let eps = w.data_dir(HOST).join("episodes");
+    let n = 100_000 / scale;
+    let meta = format!(r#"{{"code_version":{{"commit":"{}"}}}}"#, w.commits[2]);
+    for i in 0..n {
+        let d = eps.join(format!("b-{i:06}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("meta.json"), &meta).unwrap();
+    }
+    let shipped = w.data_dir(HOST).join("shipped");
+    let t = Instant::now();
+    let mut child = Command::new(bin("e2e-shipper"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("run")
+        .env("CIS490_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = loop {
+        if std::fs::read_dir(&shipped).map(|mut r| r.next().is_some()).unwrap_or(false) {
+            break t.elapsed();
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "no upload within 120 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    println!("shipper.backlog episodes={n} first_upload_s={:.3}", first.as_secs_f64());
+}
+
+#[tokio::main]
+async fn main() {
+    // CIS490_BENCH_SCALE=N divides the sizes for a quick smoke run.
+    let scale: usize = std::env::var("CIS490_BENCH_SCALE").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
+    let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    if which == "all" || which == "receiver" {
+        receiver_benches(scale).await;
+    }
+    if which == "all" || which == "shipper" {
+        shipper_benches(scale).await;
+    }
+}
