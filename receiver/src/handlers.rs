@@ -434,7 +434,8 @@ async fn put(
         .fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight(state.clone());
 
-    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(8);
+    // Two chunks in flight: enough to overlap network and validation, little memory per upload.
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(2);
     let store = state.store.clone();
     let expect = Expect {
         episode_id: ep.to_string(),

@@ -228,12 +228,15 @@ async fn connection(
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(30)))
-            .max_concurrent_streams(256);
+            .max_concurrent_streams(256)
+            .initial_stream_window_size(256 * 1024)
+            .initial_connection_window_size(1024 * 1024);
         watcher.watch(b.serve_connection(io, svc)).await
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
             .header_read_timeout(Some(header_timeout))
+            .max_buf_size(64 * 1024)
             .keep_alive(true);
         watcher.watch(b.serve_connection(io, svc)).await
     };

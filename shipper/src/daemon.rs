@@ -62,6 +62,9 @@ pub struct Shipper {
     /// Uploads in flight and when their byte counter last moved.
     uploads: Mutex<HashMap<String, (u64, Instant)>>,
     last_cleanup: Mutex<Option<Instant>>,
+    /// The last listing of episodes/, consumed front to back between listings so that a large
+    /// backlog is listed once per scan interval, not once per upload.
+    pending: Mutex<(std::collections::VecDeque<Candidate>, Option<Instant>)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -81,6 +84,7 @@ impl Shipper {
             loop_tick: Mutex::new(Instant::now()),
             uploads: Mutex::new(HashMap::new()),
             last_cleanup: Mutex::new(None),
+            pending: Mutex::new((std::collections::VecDeque::new(), None)),
         }
     }
 
@@ -137,29 +141,35 @@ impl Shipper {
 
     /// Ready episodes not in flight and not backing off, oldest first, at most `limit`.
     fn ready(&self, limit: usize, skip: &HashSet<String>) -> Vec<Candidate> {
-        let list = match self.layout.list() {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "failed to list episodes");
-                return Vec::new();
+        let scan_every = Duration::from_secs(self.cfg.shipping.scan_interval_s);
+        let mut pending = lock(&self.pending);
+        let stale = pending.1.is_none_or(|t| t.elapsed() >= scan_every);
+        if pending.0.is_empty() || stale {
+            match self.layout.list() {
+                Ok(l) => *pending = (l.into(), Some(Instant::now())),
+                Err(e) => {
+                    tracing::error!(error = %e, "failed to list episodes");
+                    return Vec::new();
+                }
             }
-        };
+        }
         let now_sys = SystemTime::now();
         let now = Instant::now();
         let inflight = lock(&self.inflight).clone();
         let retries = lock(&self.retries).clone();
         let mut out = Vec::new();
-        for c in list {
-            if out.len() >= limit {
+        // Episodes skipped here come back with the next listing.
+        while out.len() < limit {
+            let Some(c) = pending.0.pop_front() else {
                 break;
-            }
+            };
             if inflight.contains(&c.id) || skip.contains(&c.id) {
                 continue;
             }
             if retries.get(&c.id).is_some_and(|r| r.until > now) {
                 continue;
             }
-            if self.layout.is_ready(&c, self.settle(), now_sys) {
+            if c.dir.is_dir() && self.layout.is_ready(&c, self.settle(), now_sys) {
                 out.push(c);
             }
         }

@@ -56,6 +56,9 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// Bytes of input per multithreaded zstd job.
+const MT_JOB_SIZE: u32 = 1 << 20;
+
 /// Compression settings (`zstd_level`, `zstd_threads`; 0 threads = all cores).
 #[derive(Debug, Clone, Copy)]
 pub struct Compression {
@@ -86,6 +89,9 @@ pub fn pack<W: Write>(
     };
     if threads > 1 {
         enc.multithread(threads).map_err(io_at(dir))?;
+        // Small jobs keep each worker's buffers near a MiB instead of 4 windows (bench: RSS).
+        enc.set_parameter(zstd::zstd_safe::CParameter::JobSize(MT_JOB_SIZE))
+            .map_err(io_at(dir))?;
     }
     let hashing = HashingWriter {
         inner: enc,

@@ -163,7 +163,7 @@ pub struct Transport {
     token: Option<String>,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    bytes_per_sec: Option<f64>,
+    limiter: Option<Arc<RateLimiter>>,
     current: AtomicUsize,
     fell_back_at: Mutex<Option<Instant>>,
     pool: Mutex<Vec<(usize, Sender)>>,
@@ -205,8 +205,8 @@ impl Transport {
             token: s.token,
             connect_timeout: s.connect_timeout,
             idle_timeout: s.idle_timeout,
-            bytes_per_sec: (s.bandwidth_limit_mbps > 0.0)
-                .then_some(s.bandwidth_limit_mbps * 1_000_000.0 / 8.0),
+            limiter: (s.bandwidth_limit_mbps > 0.0)
+                .then(|| Arc::new(RateLimiter::new(s.bandwidth_limit_mbps * 1_000_000.0 / 8.0))),
             current: AtomicUsize::new(0),
             fell_back_at: Mutex::new(None),
             pool: Mutex::new(Vec::new()),
@@ -438,7 +438,7 @@ impl Transport {
             }
         };
         hdrs.push(("content-length", s.len.to_string()));
-        let body = UploadBody::file(file, s.len, self.sent.clone(), self.bytes_per_sec);
+        let body = UploadBody::file(file, s.len, self.sent.clone(), self.limiter.clone());
         match self.exchange(i, "PUT", &path, &hdrs, body).await {
             Ok((status, headers, body)) => {
                 let ra =
@@ -487,10 +487,40 @@ struct FileState {
     file: tokio::fs::File,
     remaining: u64,
     sent: Arc<AtomicU64>,
-    rate: Option<f64>,
-    started: Instant,
-    done: u64,
+    limiter: Option<Arc<RateLimiter>>,
+    /// A chunk read but held back until the limiter's wait is over.
+    held: Option<Bytes>,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// A token bucket shared by every upload of the process, so `bandwidth_limit_mbps` caps the
+/// host's total; at most one second of unused rate is saved up as a burst.
+pub struct RateLimiter {
+    rate: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    pub fn new(bytes_per_sec: f64) -> Self {
+        RateLimiter {
+            rate: bytes_per_sec,
+            state: Mutex::new((bytes_per_sec, Instant::now())),
+        }
+    }
+
+    /// Takes `n` bytes' worth of tokens; returns how long to wait before sending them.
+    pub fn reserve(&self, n: u64, now: Instant) -> Duration {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let elapsed = now.saturating_duration_since(st.1).as_secs_f64();
+        st.0 = (st.0 + elapsed * self.rate).min(self.rate);
+        st.1 = now;
+        st.0 -= n as f64;
+        if st.0 >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-st.0 / self.rate)
+        }
+    }
 }
 
 const CHUNK: usize = 256 * 1024;
@@ -508,15 +538,19 @@ impl UploadBody {
         }
     }
 
-    pub fn file(file: tokio::fs::File, len: u64, sent: Arc<AtomicU64>, rate: Option<f64>) -> Self {
+    pub fn file(
+        file: tokio::fs::File,
+        len: u64,
+        sent: Arc<AtomicU64>,
+        limiter: Option<Arc<RateLimiter>>,
+    ) -> Self {
         UploadBody {
             inner: BodyKind::File(Box::new(FileState {
                 file,
                 remaining: len,
                 sent,
-                rate,
-                started: Instant::now(),
-                done: 0,
+                limiter,
+                held: None,
                 sleep: None,
             })),
         }
@@ -560,21 +594,18 @@ impl FileState {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        if self.remaining == 0 {
-            return Poll::Ready(None);
-        }
-        if let Some(rate) = self.rate {
-            let due = Duration::from_secs_f64(self.done as f64 / rate);
-            let elapsed = self.started.elapsed();
-            if due > elapsed {
-                let sleep = self
-                    .sleep
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(due - elapsed)));
-                if sleep.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
+        if let Some(sleep) = self.sleep.as_mut() {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
             }
             self.sleep = None;
+        }
+        if let Some(chunk) = self.held.take() {
+            self.sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        if self.remaining == 0 {
+            return Poll::Ready(None);
         }
         let want = (self.remaining as usize).min(CHUNK);
         let mut buf = BytesMut::zeroed(want);
@@ -592,9 +623,18 @@ impl FileState {
                 }
                 buf.truncate(n);
                 self.remaining -= n as u64;
-                self.done += n as u64;
-                self.sent.fetch_add(n as u64, Ordering::Relaxed);
-                Poll::Ready(Some(Ok(Frame::data(buf.freeze()))))
+                let chunk = buf.freeze();
+                let wait = self
+                    .limiter
+                    .as_ref()
+                    .map_or(Duration::ZERO, |l| l.reserve(n as u64, Instant::now()));
+                if wait.is_zero() {
+                    self.sent.fetch_add(n as u64, Ordering::Relaxed);
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+                self.held = Some(chunk);
+                self.sleep = Some(Box::pin(tokio::time::sleep(wait)));
+                self.poll_chunk(cx)
             }
         }
     }
@@ -641,6 +681,23 @@ mod tests {
         assert!(Endpoint::parse("http://r.lab").is_err());
         assert!(Endpoint::parse("https://:80").is_err());
         assert!(Endpoint::parse("https://r:x").is_err());
+    }
+
+    #[test]
+    fn the_limiter_paces_to_its_rate_with_a_one_second_burst() {
+        let l = RateLimiter::new(1000.0);
+        let t0 = Instant::now();
+        assert_eq!(l.reserve(1000, t0), Duration::ZERO, "one second of burst");
+        assert_eq!(l.reserve(500, t0), Duration::from_millis(500));
+        // Half a second later the debt is paid; 250 more bytes cost 250 ms.
+        assert_eq!(
+            l.reserve(250, t0 + Duration::from_millis(500)),
+            Duration::from_millis(250)
+        );
+        // Idle for an hour: still only one second of burst.
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!(l.reserve(1000, later), Duration::ZERO);
+        assert_eq!(l.reserve(1000, later), Duration::from_secs(1));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 
 use cis490_tests::episode;
-use cis490_tests::harness::{Process, World, bin};
+use cis490_tests::harness::{bin, Process, World};
 
 const HOST: &str = "labhost-01";
 
@@ -20,7 +20,10 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0)))
+        .find_map(|l| {
+            l.strip_prefix(field)
+                .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+        })
         .unwrap_or(0)
 }
 
@@ -49,7 +52,11 @@ struct Conn {
 async fn connect(w: &World, addr: std::net::SocketAddr) -> Conn {
     let me = w.pki.client(HOST);
     let cfg = cis490_common::tls::client_config(
-        &cis490_common::tls::ClientTlsFiles { ca_file: &w.pki.ca_file, cert_file: &me.cert, key_file: &me.key },
+        &cis490_common::tls::ClientTlsFiles {
+            ca_file: &w.pki.ca_file,
+            cert_file: &me.cert,
+            key_file: &me.key,
+        },
         false,
     )
     .unwrap();
@@ -59,7 +66,9 @@ async fn connect(w: &World, addr: std::net::SocketAddr) -> Conn {
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .unwrap();
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     Conn { send }
 }
@@ -82,8 +91,22 @@ async fn put(c: &mut Conn, b: &episode::Body) -> u16 {
 }
 
 fn body_from(dir: &Path, id: &str, commit: &str) -> episode::Body {
-    let (p, bytes) = cis490_shipper::pack::pack(dir, id, Vec::new(), cis490_shipper::pack::Compression { level: 3, threads: 0 }).unwrap();
-    episode::Body { id: id.into(), commit: commit.into(), sha: p.tar_sha256, bytes }
+    let (p, bytes) = cis490_shipper::pack::pack(
+        dir,
+        id,
+        Vec::new(),
+        cis490_shipper::pack::Compression {
+            level: 3,
+            threads: 0,
+        },
+    )
+    .unwrap();
+    episode::Body {
+        id: id.into(),
+        commit: commit.into(),
+        sha: p.tar_sha256,
+        bytes,
+    }
 }
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
@@ -99,9 +122,17 @@ async fn receiver_benches(scale: usize) {
     let size = gb / scale;
     let dir = w.path().join("big/ep-big");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("meta.json"), format!(r#"{{"code_version":{{"commit":"{}"}}}}"#, w.commits[2])).unwrap();
+    std::fs::write(
+        dir.join("meta.json"),
+        format!(r#"{{"code_version":{{"commit":"{}"}}}}"#, w.commits[2]),
+    )
+    .unwrap();
     for i in 0..8 {
-        std::fs::write(dir.join(format!("part{i}.bin")), data(size / 8, i as u64 + 7)).unwrap();
+        std::fs::write(
+            dir.join(format!("part{i}.bin")),
+            data(size / 8, i as u64 + 7),
+        )
+        .unwrap();
     }
     let b = body_from(&dir, "ep-big", &w.commits[2]);
     let mut c = connect(&w, p.addr).await;
@@ -130,10 +161,25 @@ async fn receiver_benches(scale: usize) {
         .map(|i| {
             let d = w.path().join("small").join(format!("ep-{i:05}"));
             std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("meta.json"), format!(r#"{{"code_version":{{"commit":"{commit}"}}}}"#)).unwrap();
+            std::fs::write(
+                d.join("meta.json"),
+                format!(r#"{{"code_version":{{"commit":"{commit}"}}}}"#),
+            )
+            .unwrap();
             std::fs::write(d.join("data.bin"), data(16 * 1024, i as u64 + 1)).unwrap();
-            let (pk, bytes) = cis490_shipper::pack::pack(&d, &format!("ep-{i:05}"), Vec::new(), Default::default()).unwrap();
-            episode::Body { id: format!("ep-{i:05}"), commit: commit.clone(), sha: pk.tar_sha256, bytes }
+            let (pk, bytes) = cis490_shipper::pack::pack(
+                &d,
+                &format!("ep-{i:05}"),
+                Vec::new(),
+                Default::default(),
+            )
+            .unwrap();
+            episode::Body {
+                id: format!("ep-{i:05}"),
+                commit: commit.clone(),
+                sha: pk.tar_sha256,
+                bytes,
+            }
         })
         .collect();
     let bodies = Arc::new(bodies);
@@ -179,7 +225,11 @@ async fn receiver_benches(scale: usize) {
         .map(|i| {
             let d = w.path().join("mid").join(format!("ep-{i:02}"));
             std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("meta.json"), format!(r#"{{"code_version":{{"commit":"{commit}"}}}}"#)).unwrap();
+            std::fs::write(
+                d.join("meta.json"),
+                format!(r#"{{"code_version":{{"commit":"{commit}"}}}}"#),
+            )
+            .unwrap();
             std::fs::write(d.join("data.bin"), data((16 << 20) / scale, i as u64 + 99)).unwrap();
             body_from(&d, &format!("ep-{i:02}"), &commit)
         })
@@ -227,33 +277,43 @@ fn shipper_once(cfg: &Path) -> (f64, f64, i32) {
 }
 
 async fn shipper_benches(scale: usize) {
-    // 1 GB of mixed episodes (1 MB to 64 MB).
-    let w = World::new(3);
-    let p = Process::start(&w.config(""), &[]);
-    let url = format!("https://localhost:{}", p.addr.port());
-    let cfg = w.shipper_config(HOST, &url, "[shipping]\nconcurrency = 2\nzstd_threads = 2\n");
-    let eps = w.data_dir(HOST).join("episodes");
-    let mut total = 0usize;
-    let mut i = 0u64;
-    let sizes = [1usize << 20, 4 << 20, 16 << 20, 64 << 20];
-    while total < (1usize << 30) / scale {
-        let size = sizes[(i % 4) as usize] / scale.min(4);
-        let d = episode::write(&eps, &format!("mix-{i:03}"), &w.commits[2], &[]);
-        std::fs::write(d.join("data.bin"), data(size, i + 5)).unwrap();
-        total += size;
-        i += 1;
+    // 1 GB of mixed episodes (1 MB to 64 MB), two uploads at once, 1 or 2 zstd threads each.
+    for zstd_threads in [1, 2] {
+        let w = World::new(3);
+        let p = Process::start(&w.config(""), &[]);
+        let url = format!("https://localhost:{}", p.addr.port());
+        let cfg = w.shipper_config(
+            HOST,
+            &url,
+            &format!("[shipping]\nconcurrency = 2\nzstd_threads = {zstd_threads}\n"),
+        );
+        let eps = w.data_dir(HOST).join("episodes");
+        let mut total = 0usize;
+        let mut i = 0u64;
+        let sizes = [1usize << 20, 4 << 20, 16 << 20, 64 << 20];
+        while total < (1usize << 30) / scale {
+            let size = sizes[(i % 4) as usize] / scale.min(4);
+            let d = episode::write(&eps, &format!("mix-{i:03}"), &w.commits[2], &[]);
+            std::fs::write(d.join("data.bin"), data(size, i + 5)).unwrap();
+            total += size;
+            i += 1;
+        }
+        let (secs, peak, code) = tokio::task::block_in_place(|| shipper_once(&cfg));
+        assert_eq!(code, 0);
+        println!(
+            "shipper.mixed concurrency=2 zstd_threads={zstd_threads} episodes={i} tar_bytes={total} seconds={secs:.2} MBps={:.0} shipper_peak_rss_MiB={peak:.1}",
+            total as f64 / 1e6 / secs
+        );
     }
-    let (secs, peak, code) = tokio::task::block_in_place(|| shipper_once(&cfg));
-    assert_eq!(code, 0);
-    println!(
-        "shipper.mixed episodes={i} tar_bytes={total} seconds={secs:.2} MBps={:.0} shipper_peak_rss_MiB={peak:.1}",
-        total as f64 / 1e6 / secs
-    );
 
     // 5,000 × 16 KB.
     let w = World::new(3);
     let p2 = Process::start(&w.config(""), &[]);
-    let cfg = w.shipper_config(HOST, &format!("https://localhost:{}", p2.addr.port()), "[shipping]\nconcurrency = 2\nzstd_threads = 2\n");
+    let cfg = w.shipper_config(
+        HOST,
+        &format!("https://localhost:{}", p2.addr.port()),
+        "[shipping]\nconcurrency = 2\nzstd_threads = 2\n",
+    );
     let eps = w.data_dir(HOST).join("episodes");
     let n = 5000 / scale.min(10);
     for i in 0..n {
@@ -266,7 +326,7 @@ async fn shipper_benches(scale: usize) {
         "shipper.small episodes={n} seconds={secs:.2} episodes_per_s={:.0} shipper_peak_rss_MiB={peak:.1}",
         n as f64 / secs
     );
-    drop(p);
+    drop(p2);
 
     // Time to the first upload with a large backlog.
     let w = World::new(3);
@@ -292,21 +352,34 @@ async fn shipper_benches(scale: usize) {
         .spawn()
         .unwrap();
     let first = loop {
-        if std::fs::read_dir(&shipped).map(|mut r| r.next().is_some()).unwrap_or(false) {
+        if std::fs::read_dir(&shipped)
+            .map(|mut r| r.next().is_some())
+            .unwrap_or(false)
+        {
             break t.elapsed();
         }
-        assert!(t.elapsed() < Duration::from_secs(120), "no upload within 120 s");
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "no upload within 120 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let _ = child.kill();
     let _ = child.wait();
-    println!("shipper.backlog episodes={n} first_upload_s={:.3}", first.as_secs_f64());
+    println!(
+        "shipper.backlog episodes={n} first_upload_s={:.3}",
+        first.as_secs_f64()
+    );
 }
 
 #[tokio::main]
 async fn main() {
     // CIS490_BENCH_SCALE=N divides the sizes for a quick smoke run.
-    let scale: usize = std::env::var("CIS490_BENCH_SCALE").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
+    let scale: usize = std::env::var("CIS490_BENCH_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     if which == "all" || which == "receiver" {
         receiver_benches(scale).await;
