@@ -107,12 +107,15 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Gate => rt.block_on(gate_once(cfg)),
+        Command::Gate => rt.block_on(gate_once(cfg, &path)),
     }
 }
 
-async fn gate_once(cfg: Config) -> ExitCode {
-    let gate = Gate::new(cfg.version_gate.clone());
+async fn gate_once(cfg: Config, path: &std::path::Path) -> ExitCode {
+    let gate = match Gate::new(cfg.version_gate.clone()) {
+        Ok(g) => g,
+        Err((key, msg)) => return config_fail(&ConfigError::new(path, key, msg)),
+    };
     let refreshed = if gate.enabled() {
         gate.refresh().await
     } else {

@@ -102,7 +102,10 @@ impl Receiver {
         if let Ok(q) = store.clean_quarantine() {
             metrics.quarantine_bytes.store(q, Ordering::Relaxed);
         }
-        let gate = Arc::new(Gate::new(cfg.version_gate.clone()));
+        let gate = Arc::new(
+            Gate::new(cfg.version_gate.clone())
+                .map_err(|(key, msg)| ConfigError::new(config_path, key, msg))?,
+        );
         if !gate.enabled() {
             tracing::warn!("version gate is DISABLED: any well-formed commit is admitted");
         }

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod episode;
+pub mod forgejo;
 pub mod git;
 pub mod harness;
 pub mod pki;

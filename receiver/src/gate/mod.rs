@@ -1,6 +1,7 @@
 //! The commit gate (SPEC §4): an immutable allow-list swapped atomically by a background
 //! refresher, so admission is a lock-free set lookup; a miss triggers one bounded refresh.
 
+pub mod forgejo;
 pub mod git;
 
 use std::collections::HashSet;
@@ -92,8 +93,9 @@ struct Status {
 }
 
 /// A source of commit lists, tried in order at every refresh.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum SourceSpec {
+    Forgejo(Arc<forgejo::ForgejoSource>),
     Git { repo: PathBuf },
 }
 
@@ -116,12 +118,18 @@ pub const MISS_WAIT: Duration = Duration::from_secs(2);
 const MISS_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Gate {
-    pub fn new(cfg: GateConfig) -> Self {
+    /// Builds the gate; a Forgejo token or CA that cannot be read is an error naming its key.
+    pub fn new(cfg: GateConfig) -> Result<Self, (String, String)> {
         let mut sources = Vec::new();
+        if let Some(f) = &cfg.forgejo {
+            sources.push(SourceSpec::Forgejo(Arc::new(forgejo::ForgejoSource::new(
+                f,
+            )?)));
+        }
         if let Some(repo) = git::resolve_repo(cfg.repo_path.as_deref()) {
             sources.push(SourceSpec::Git { repo });
         }
-        Gate {
+        Ok(Gate {
             cfg,
             sources,
             snapshot: ArcSwapOption::empty(),
@@ -130,7 +138,12 @@ impl Gate {
             refresh_lock: tokio::sync::Mutex::new(None),
             last_miss_refresh: std::sync::Mutex::new(None),
             heartbeat: AtomicU64::new(0),
-        }
+        })
+    }
+
+    fn forgejo_budget(&self) -> Duration {
+        (Duration::from_secs(self.cfg.refresh_interval_s) * 2)
+            .clamp(Duration::from_secs(2), forgejo::REQUEST_TIMEOUT)
     }
 
     pub fn enabled(&self) -> bool {
@@ -220,6 +233,11 @@ impl Gate {
         let multi = self.sources.len() > 1;
         for (i, spec) in self.sources.iter().enumerate() {
             let result = match spec.clone() {
+                SourceSpec::Forgejo(f) => f
+                    .list(&self.cfg.branch, self.cfg.window, self.forgejo_budget())
+                    .await
+                    .map(|l| (l, Source::Forgejo))
+                    .map_err(|e| e.to_string()),
                 SourceSpec::Git { repo } => {
                     let (branch, window) = (self.cfg.branch.clone(), self.cfg.window);
                     let repo2 = repo.clone();
@@ -371,6 +389,7 @@ impl Gate {
 
 fn spec_name(s: &SourceSpec) -> String {
     match s {
+        SourceSpec::Forgejo(f) => f.describe(),
         SourceSpec::Git { repo } => format!("git {}", repo.display()),
     }
 }

@@ -1,5 +1,6 @@
 //! End-to-end tests: real mTLS, real git repositories, real processes. One binary, many modules.
 
+mod gate;
 mod receiver_api;
 mod receiver_limits;
 mod receiver_process;
