@@ -20,6 +20,8 @@ pub const EXIT_CONFIG: u8 = 2;
 pub const EXIT_NOT_ADMITTED: u8 = 4;
 /// Where the lab's code is installed; `ping` asks about its HEAD by default.
 pub const INSTALL_ROOT: &str = "/opt/cis490";
+/// What a lab host runs when its code is out of date (the receiver's default remediation).
+pub const DEFAULT_REMEDIATION: &str = "cd /opt/cis490 && sudo -u cis490 git pull origin main\nsudo /opt/cis490/scripts/install-lab-host.sh";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,6 +58,18 @@ pub enum Command {
     QuarantineUnstamped {
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Check config, certificates, receiver, commit, queue and disk; classify recent log lines.
+    Doctor {
+        /// How far back to read the log (e.g. 10min, 2h).
+        #[arg(long, default_value = "10min")]
+        since: String,
+        /// Read this file (journalctl JSON lines or the shipper's own log) instead of the journal.
+        #[arg(long, value_name = "F")]
+        log_file: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Move quarantined episodes back to episodes/.
     Requeue {
@@ -120,6 +134,14 @@ pub fn transport(cfg: &Config, path: &Path) -> Result<Transport, ConfigError> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse_from(normalise_args(std::env::args_os()));
     cis490_common::logging::init();
+    if let Some(Command::Doctor {
+        since,
+        log_file,
+        json,
+    }) = &cli.command
+    {
+        return doctor(&cli, since, log_file.clone(), *json);
+    }
     let (cfg, path) = match load(&cli) {
         Ok(x) => x,
         Err(e) => return config_fail(&e),
@@ -157,6 +179,41 @@ pub fn main() -> ExitCode {
         Command::Status { json } => status(&layout, json),
         Command::QuarantineUnstamped { dry_run } => quarantine_unstamped(&cfg, &layout, dry_run),
         Command::Requeue { ids } => requeue(&layout, &ids),
+        Command::Doctor { .. } => ExitCode::from(EXIT_CONFIG),
+    }
+}
+
+fn doctor(cli: &Cli, since: &str, log_file: Option<PathBuf>, json: bool) -> ExitCode {
+    let since_d = match humantime::parse_duration(since) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("cis490-shipper: --since {since:?}: {e} (examples: 10min, 2h, 30s)");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let cfg = load(cli).map_err(|e| e.to_string());
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cis490-shipper: failed to start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let opts = crate::doctor::Options {
+        since: since_d,
+        since_text: since.to_string(),
+        log_file,
+        json,
+    };
+    let rows = rt.block_on(crate::doctor::run(cfg, &opts));
+    crate::doctor::print(&rows, json);
+    if rows.iter().any(|r| r.level == crate::doctor::Level::Red) {
+        ExitCode::from(EXIT_FAILURE)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

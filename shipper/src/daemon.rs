@@ -317,7 +317,7 @@ impl Shipper {
                         status,
                         reason,
                         commit,
-                        remediation = %remediation,
+                        remediation = ?remediation,
                         "this lab host's code is out of date; run on this host:\n{remediation}"
                     );
                 } else {

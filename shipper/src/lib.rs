@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod pack;
 pub mod queue;
 pub mod transport;

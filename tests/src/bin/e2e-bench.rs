@@ -372,6 +372,112 @@ async fn shipper_benches(scale: usize) {
     );
 }
 
+async fn check_rate(w: &World, addr: std::net::SocketAddr, commit: &str, total: usize) -> f64 {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let next = next.clone();
+        let commit = commit.to_string();
+        let mut c = connect(w, addr).await;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    return;
+                }
+                c.send.ready().await.unwrap();
+                let req = http::Request::builder()
+                    .method("POST")
+                    .uri(format!("/v1/episodes/{HOST}/ep-{i}/check"))
+                    .header("host", "localhost")
+                    .header("x-cis490-code-commit", &commit)
+                    .header("x-cis490-tar-sha256", "0".repeat(64))
+                    .header("x-cis490-upload-length", "1000")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let resp = c.send.send_request(req).await.unwrap();
+                assert_eq!(resp.status().as_u16(), 204);
+                let _ = resp.into_body().collect().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    total as f64 / t.elapsed().as_secs_f64()
+}
+
+async fn gate_benches() {
+    use cis490_receiver::config::{ForgejoConfig, GateConfig};
+    use cis490_receiver::gate::Gate;
+    let w = World::new(150);
+    let cfg = GateConfig {
+        repo_path: Some(w.repo.path.clone()),
+        ..GateConfig::default()
+    };
+    let gate = Gate::new(cfg).unwrap();
+    gate.refresh().await.unwrap();
+    let hit = cis490_common::Commit::parse(&w.commits[120]).unwrap();
+    let miss = cis490_common::Commit::from_bytes([7; 20]);
+    let mut lat = Vec::with_capacity(200_000);
+    for i in 0..200_000 {
+        let c = if i % 2 == 0 { &hit } else { &miss };
+        let t = Instant::now();
+        std::hint::black_box(gate.check_now(std::hint::black_box(c)));
+        lat.push(t.elapsed());
+    }
+    println!(
+        "gate.check_now commits=100 calls=200000 p50_ns={} p99_ns={} max_ns={}",
+        pct(&mut lat, 0.5).as_nanos(),
+        pct(&mut lat, 0.99).as_nanos(),
+        lat.iter().max().unwrap().as_nanos()
+    );
+    let mut lat = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        gate.refresh().await.unwrap();
+        lat.push(t.elapsed());
+    }
+    println!(
+        "gate.refresh source=git commits=100 p50_ms={:.2} p99_ms={:.2}",
+        pct(&mut lat, 0.5).as_secs_f64() * 1e3,
+        pct(&mut lat, 0.99).as_secs_f64() * 1e3
+    );
+    let f = cis490_tests::forgejo::StandIn::start(w.repo.log(200)).await;
+    let cfg = GateConfig {
+        forgejo: Some(ForgejoConfig {
+            base_url: f.base_url(),
+            owner: "lab".into(),
+            repo: "code".into(),
+            token_file: None,
+            ca_file: None,
+        }),
+        repo_path: None,
+        ..GateConfig::default()
+    };
+    let gate = Gate::new(cfg).unwrap();
+    let mut lat = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        gate.refresh().await.unwrap();
+        lat.push(t.elapsed());
+    }
+    assert_eq!(gate.view().source, Some("forgejo"));
+    println!(
+        "gate.refresh source=forgejo-stand-in commits=100 pages=2 p50_ms={:.2} p99_ms={:.2}",
+        pct(&mut lat, 0.5).as_secs_f64() * 1e3,
+        pct(&mut lat, 0.99).as_secs_f64() * 1e3
+    );
+    let p = Process::start(&w.config(""), &[]);
+    let on = check_rate(&w, p.addr, &w.commits[140], 20_000).await;
+    drop(p);
+    let w2 = World::new(3);
+    let p = Process::start(&w2.config("[version_gate]\nenabled = false\n"), &[]);
+    let off = check_rate(&w2, p.addr, &w2.commits[2], 20_000).await;
+    println!("gate.check_endpoint requests=20000 connections=16 gate_on_per_s={on:.0} gate_off_per_s={off:.0}");
+}
+
 #[tokio::main]
 async fn main() {
     // CIS490_BENCH_SCALE=N divides the sizes for a quick smoke run.
@@ -383,6 +489,9 @@ async fn main() {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     if which == "all" || which == "receiver" {
         receiver_benches(scale).await;
+    }
+    if which == "all" || which == "gate" {
+        gate_benches().await;
     }
     if which == "all" || which == "shipper" {
         shipper_benches(scale).await;

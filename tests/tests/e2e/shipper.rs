@@ -368,3 +368,94 @@ fn shipper_config_errors_exit_2_naming_the_key() {
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_classifies_the_log_and_checks_the_host() {
+    let w = World::new(4);
+    let r = start(
+        &w,
+        &format!(
+            "[version_gate]\nrepo_path = \"{}\"\nwindow = 2\n",
+            w.repo.path.display()
+        ),
+    )
+    .await;
+    let cfg = w.shipper_config(HOST, &url(r.addr), "");
+    let eps = episodes_dir(&w);
+    episode::write(&eps, "ep-ok", &w.commits[3], &[("x", b"x")]);
+    let (code, _, clean_log) = run(&cfg, &["once"]).await;
+    assert_eq!(code, 0);
+    let clean = w.path().join("clean.log");
+    std::fs::write(&clean, &clean_log).unwrap();
+    let (code, out, _) = run(&cfg, &["doctor", "--log-file", clean.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("OK    config"), "{out}");
+    assert!(out.contains("1 episode(s) shipped cleanly"), "{out}");
+    assert!(
+        out.contains("reachable; it sees this host as labhost-01"),
+        "{out}"
+    );
+    assert!(
+        !out.contains('\x1b'),
+        "no colour when stdout is not a terminal"
+    );
+
+    episode::write(&eps, "ep-stale-1", &w.commits[0], &[("x", b"x")]);
+    episode::write(&eps, "ep-stale-2", &w.commits[0], &[("y", b"y")]);
+    let (_, _, bad_log) = run(&cfg, &["once"]).await;
+    let bad = w.path().join("bad.log");
+    std::fs::write(&bad, format!("{clean_log}{bad_log}")).unwrap();
+    let (code, out, _) = run(
+        &cfg,
+        &[
+            "doctor",
+            "--since",
+            "1h",
+            "--log-file",
+            bad.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 1, "{out}");
+    let first_journal = out.lines().find(|l| l.contains("journal")).unwrap();
+    assert!(
+        first_journal.starts_with("FAIL")
+            && first_journal.contains("2 ship(s) rejected as out-of-window"),
+        "{out}"
+    );
+    assert!(
+        out.contains("fix: cd /opt/cis490 && sudo -u cis490 git pull origin main"),
+        "{out}"
+    );
+    assert!(out.contains("commit_not_in_window: 2"), "{out}");
+    let (code, out, _) = run(
+        &cfg,
+        &["doctor", "--json", "--log-file", bad.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(code, 1);
+    let j: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["ok"], false);
+    assert!(j["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["level"] == "red" && r["check"] == "journal"));
+
+    // No journalctl to run: a yellow row that says how to get access.
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new(cis490_tests::harness::shipper_bin())
+            .arg("--config")
+            .arg(&cfg)
+            .arg("doctor")
+            .env("PATH", w.path().join("empty-path"))
+            .output()
+            .unwrap()
+    });
+    let code = out.status.code().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.contains("journal not readable"), "{out}");
+    assert!(out.contains("systemd-journal"), "{out}");
+    assert_eq!(code, 0, "a yellow row is not a failure: {out}");
+    r.stop().await;
+}

@@ -1,0 +1,542 @@
+//! `cis490-shipper doctor`: one screen for the person on call. Checks the config, certificates,
+//! receiver, commit admission, queue and disk, then classifies the shipper's recent log lines.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::queue::Layout;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Red,
+    Yellow,
+    Info,
+    Green,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub level: Level,
+    pub check: String,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+fn row(level: Level, check: &str, detail: impl Into<String>, fix: Option<String>) -> Row {
+    Row {
+        level,
+        check: check.to_string(),
+        detail: detail.into(),
+        fix,
+    }
+}
+
+/// Counts found in the log window.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LogCounts {
+    pub lines: usize,
+    pub out_of_window: usize,
+    pub malformed: usize,
+    pub transient: usize,
+    pub shipped: usize,
+    pub other_rejected: usize,
+}
+
+/// One log line: its time if it carries one, and its text.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    pub time: Option<SystemTime>,
+    pub text: String,
+}
+
+/// Parses journalctl's JSON lines or the shipper's own text lines.
+pub fn parse_log(text: &str) -> Vec<LogLine> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(l) {
+                if v.is_object() {
+                    let time = v
+                        .get("__REALTIME_TIMESTAMP")
+                        .and_then(|t| t.as_str())
+                        .and_then(|t| t.parse::<u64>().ok())
+                        .map(|us| UNIX_EPOCH + Duration::from_micros(us));
+                    let msg = match v.get("MESSAGE") {
+                        Some(serde_json::Value::String(s)) => s.clone(),
+                        // journald stores non-UTF-8 messages as byte arrays.
+                        Some(serde_json::Value::Array(a)) => String::from_utf8_lossy(
+                            &a.iter()
+                                .filter_map(|b| b.as_u64().map(|b| b as u8))
+                                .collect::<Vec<_>>(),
+                        )
+                        .into_owned(),
+                        _ => String::new(),
+                    };
+                    return LogLine { time, text: msg };
+                }
+            }
+            let time = l
+                .split_whitespace()
+                .next()
+                .and_then(|w| humantime::parse_rfc3339_weak(w.trim_end_matches('Z')).ok());
+            LogLine {
+                time,
+                text: l.to_string(),
+            }
+        })
+        .collect()
+}
+
+fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!("{name}=");
+    let start = text.find(&key)? + key.len();
+    let rest = &text[start..];
+    let rest = rest.strip_prefix('"').unwrap_or(rest);
+    let end = rest.find(['"', ' ']).unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
+/// Classifies lines newer than `since` (lines without a time always count).
+pub fn classify(lines: &[LogLine], since: SystemTime) -> LogCounts {
+    let mut c = LogCounts::default();
+    for l in lines {
+        if l.time.is_some_and(|t| t < since) {
+            continue;
+        }
+        c.lines += 1;
+        match field(&l.text, "event") {
+            Some("ship_rejected") => match field(&l.text, "status") {
+                Some("412") => c.out_of_window += 1,
+                Some("400") | Some("411") => c.malformed += 1,
+                _ => c.other_rejected += 1,
+            },
+            Some("ship_transient") => c.transient += 1,
+            Some("shipped") => c.shipped += 1,
+            _ => {}
+        }
+    }
+    c
+}
+
+/// The journal rows, 412 first (SPEC §7).
+pub fn log_rows(c: &LogCounts, window: &str, fix_412: &str) -> Vec<Row> {
+    let mut rows = Vec::new();
+    if c.out_of_window > 0 {
+        rows.push(row(
+            Level::Red,
+            "journal",
+            format!("{} ship(s) rejected as out-of-window (412) in the last {window}: this host runs stale code", c.out_of_window),
+            Some(fix_412.to_string()),
+        ));
+    }
+    if c.malformed > 0 {
+        rows.push(row(
+            Level::Red,
+            "journal",
+            format!("{} ship(s) rejected as malformed (400) in the last {window}", c.malformed),
+            Some("update the shipper (sudo /opt/cis490/scripts/install-lab-host.sh) and see quarantine/*/quarantine_reason.json".into()),
+        ));
+    }
+    if c.other_rejected > 0 {
+        rows.push(row(
+            Level::Yellow,
+            "journal",
+            format!(
+                "{} ship(s) refused for other reasons (401/403/409/413/422) in the last {window}",
+                c.other_rejected
+            ),
+            Some("cis490-shipper status; see quarantine/*/quarantine_reason.json".into()),
+        ));
+    }
+    if c.transient > 0 {
+        rows.push(row(
+            Level::Yellow,
+            "journal",
+            format!(
+                "{} transient error(s) in the last {window} (retried with backoff)",
+                c.transient
+            ),
+            None,
+        ));
+    }
+    if c.shipped > 0 && c.out_of_window == 0 && c.malformed == 0 {
+        rows.push(row(
+            Level::Green,
+            "journal",
+            format!(
+                "{} episode(s) shipped cleanly in the last {window}",
+                c.shipped
+            ),
+            None,
+        ));
+    } else if c.shipped > 0 {
+        rows.push(row(
+            Level::Info,
+            "journal",
+            format!("{} episode(s) shipped in the last {window}", c.shipped),
+            None,
+        ));
+    }
+    if rows.is_empty() {
+        rows.push(row(
+            Level::Info,
+            "journal",
+            format!(
+                "no shipping activity in the last {window} ({} log line(s))",
+                c.lines
+            ),
+            None,
+        ));
+    }
+    rows
+}
+
+/// Reads the log: a file, or `journalctl -u cis490-shipper -o json`.
+fn read_log(log_file: Option<&Path>, since: SystemTime) -> Result<String, Row> {
+    if let Some(f) = log_file {
+        return std::fs::read_to_string(f).map_err(|e| {
+            row(
+                Level::Yellow,
+                "journal",
+                format!("cannot read {}: {e}", f.display()),
+                None,
+            )
+        });
+    }
+    let secs = since.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let not_readable = |why: String| {
+        row(
+            Level::Yellow,
+            "journal",
+            format!("journal not readable: {why}"),
+            Some("run doctor with sudo, or join the systemd-journal group: sudo usermod -aG systemd-journal $USER (then log in again)".into()),
+        )
+    };
+    let out = Command::new("journalctl")
+        .args([
+            "-u",
+            "cis490-shipper",
+            "-o",
+            "json",
+            "--no-pager",
+            "--since",
+        ])
+        .arg(format!("@{secs}"))
+        .output()
+        .map_err(|e| not_readable(format!("journalctl: {e}")))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Without access journalctl may still exit 0, showing only the caller's own entries.
+    if !out.status.success()
+        || stderr.contains("insufficient permissions")
+        || stderr.contains("No journal files were opened")
+        || stderr.contains("not seeing messages from other users")
+    {
+        return Err(not_readable(
+            stderr
+                .lines()
+                .next()
+                .unwrap_or("journalctl failed")
+                .to_string(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub struct Options {
+    pub since: Duration,
+    pub since_text: String,
+    pub log_file: Option<PathBuf>,
+    pub json: bool,
+}
+
+/// Runs every check; returns the rows (config problems become rows, not an early exit).
+pub async fn run(cfg: Result<(Config, PathBuf), String>, opts: &Options) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut fix_412 = crate::cli::DEFAULT_REMEDIATION.to_string();
+    match &cfg {
+        Err(e) => rows.push(row(
+            Level::Red,
+            "config",
+            e.clone(),
+            Some("fix the key named above in the config file".into()),
+        )),
+        Ok((cfg, path)) => {
+            rows.push(row(
+                Level::Green,
+                "config",
+                format!("{} is valid (host_id {})", path.display(), cfg.host_id),
+                None,
+            ));
+            rows.extend(cert_rows(cfg));
+            match crate::cli::transport(cfg, path) {
+                Err(e) => rows.push(row(Level::Red, "receiver", e.to_string(), None)),
+                Ok(t) => {
+                    let commit = crate::cli::installed_commit(Path::new(crate::cli::INSTALL_ROOT));
+                    match t.ping(commit.as_deref()).await {
+                        Err(e) => rows.push(row(
+                            Level::Red,
+                            "receiver",
+                            format!("unreachable: {e}"),
+                            Some(format!(
+                                "check the network path to {} and that cis490-receiver runs there",
+                                cfg.receiver.url.list().join(", ")
+                            )),
+                        )),
+                        Ok((200, Some(body))) => {
+                            rows.push(row(
+                                Level::Green,
+                                "receiver",
+                                format!(
+                                    "reachable; it sees this host as {} (gate source {}, {} commits)",
+                                    body["host_id"].as_str().unwrap_or("?"),
+                                    body["gate"]["source"].as_str().unwrap_or("none"),
+                                    body["gate"]["commits"]
+                                ),
+                                None,
+                            ));
+                            if let Some(r) = body["remediation"].as_str() {
+                                fix_412 = r.to_string();
+                            }
+                            rows.push(match (commit, body["commit_accepted"].as_bool()) {
+                                (None, _) => row(Level::Yellow, "commit", format!("{} is not a git checkout; cannot tell which commit this host runs", crate::cli::INSTALL_ROOT), None),
+                                (Some(c), Some(true)) => row(Level::Green, "commit", format!("{c} is admitted"), None),
+                                (Some(c), Some(false)) => row(Level::Red, "commit", format!("{c} is NOT admitted: new episodes will be quarantined"), Some(fix_412.clone())),
+                                (Some(c), None) => row(Level::Yellow, "commit", format!("{c}: the receiver has no commit list yet"), None),
+                            });
+                        }
+                        Ok((status, body)) => rows.push(row(
+                            Level::Red,
+                            "receiver",
+                            format!(
+                                "refused ping with {status}: {}",
+                                body.as_ref()
+                                    .and_then(|b| b["message"].as_str())
+                                    .unwrap_or("")
+                            ),
+                            Some("check the certificate's host name and the token file".into()),
+                        )),
+                    }
+                }
+            }
+            rows.extend(queue_rows(cfg));
+        }
+    }
+    let since = SystemTime::now() - opts.since;
+    match read_log(opts.log_file.as_deref(), since) {
+        Err(r) => rows.push(r),
+        Ok(text) => {
+            let counts = classify(&parse_log(&text), since);
+            rows.extend(log_rows(&counts, &opts.since_text, &fix_412));
+        }
+    }
+    rows
+}
+
+fn cert_rows(cfg: &Config) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let now = SystemTime::now();
+    match cis490_common::tls::summarize(&cfg.receiver.cert_file) {
+        Err(e) => rows.push(row(Level::Red, "certificate", e.to_string(), None)),
+        Ok(s) => {
+            let days = s.remaining(now).map(|d| d.as_secs() / 86_400);
+            let path = cfg.receiver.cert_file.display();
+            rows.push(match days {
+                None => row(
+                    Level::Red,
+                    "certificate",
+                    format!("{path} has expired"),
+                    Some("issue a new client certificate for this host".into()),
+                ),
+                Some(d) if d < 14 => row(
+                    Level::Yellow,
+                    "certificate",
+                    format!("{path} expires in {d} day(s)"),
+                    Some("renew the client certificate soon".into()),
+                ),
+                Some(d) => row(
+                    Level::Green,
+                    "certificate",
+                    format!("{path} valid for {d} more day(s)"),
+                    None,
+                ),
+            });
+            if s.not_before > now {
+                rows.push(row(
+                    Level::Red,
+                    "certificate",
+                    format!("{path} is not valid yet (check the clock)"),
+                    None,
+                ));
+            }
+            if s.identity.as_deref() != Some(cfg.host_id.as_str()) {
+                rows.push(row(
+                    Level::Red,
+                    "certificate",
+                    format!(
+                        "certificate names {:?} but host_id is {:?}: every upload gets 403",
+                        s.identity.unwrap_or_default(),
+                        cfg.host_id
+                    ),
+                    Some("use this host's own certificate, or fix host_id".into()),
+                ));
+            }
+        }
+    }
+    if let Err(e) = cis490_common::tls::load_roots(&cfg.receiver.ca_file) {
+        rows.push(row(Level::Red, "certificate", format!("CA: {e}"), None));
+    }
+    rows
+}
+
+fn queue_rows(cfg: &Config) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let s = Layout::new(&cfg.data_dir).status(SystemTime::now());
+    let oldest = s.episodes.oldest_age_s.unwrap_or(0);
+    let level = if oldest > 6 * 3600 {
+        Level::Yellow
+    } else {
+        Level::Green
+    };
+    rows.push(row(
+        level,
+        "queue",
+        format!(
+            "{} episode(s) waiting (oldest {}), {} in outbox, {} shipped kept",
+            s.episodes.count,
+            s.episodes
+                .oldest_age_s
+                .map_or("-".to_string(), |a| format!("{a}s")),
+            s.outbox.count,
+            s.shipped.count
+        ),
+        None,
+    ));
+    if s.quarantine.count > 0 {
+        let by: Vec<String> = s
+            .quarantine
+            .by_reason
+            .iter()
+            .map(|(r, n)| format!("{r}: {n}"))
+            .collect();
+        rows.push(row(
+            Level::Yellow,
+            "quarantine",
+            format!("{} episode(s) quarantined ({})", s.quarantine.count, by.join(", ")),
+            Some(format!("see {}/quarantine/*/quarantine_reason.json; after fixing the cause: cis490-shipper requeue ID", cfg.data_dir.display())),
+        ));
+    } else {
+        rows.push(row(Level::Green, "quarantine", "empty", None));
+    }
+    match nix::sys::statvfs::statvfs(&cfg.data_dir) {
+        Ok(st) => {
+            let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+            let total = (st.blocks() as u64 * st.fragment_size() as u64).max(1);
+            let pct = free as f64 * 100.0 / total as f64;
+            let level = if free < (1 << 30) || pct < 2.0 {
+                Level::Red
+            } else if pct < 10.0 {
+                Level::Yellow
+            } else {
+                Level::Green
+            };
+            rows.push(row(
+                level,
+                "disk",
+                format!(
+                    "{:.1} GiB free ({pct:.0}%) on {}",
+                    free as f64 / (1u64 << 30) as f64,
+                    cfg.data_dir.display()
+                ),
+                None,
+            ));
+        }
+        Err(e) => rows.push(row(
+            Level::Red,
+            "disk",
+            format!("{}: {e}", cfg.data_dir.display()),
+            None,
+        )),
+    }
+    rows
+}
+
+/// Prints the rows for a person (colour only on a terminal) or as JSON.
+pub fn print(rows: &[Row], json: bool) {
+    if json {
+        let ok = !rows.iter().any(|r| r.level == Level::Red);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"ok": ok, "rows": rows}))
+                .unwrap_or_default()
+        );
+        return;
+    }
+    let tty = std::io::stdout().is_terminal();
+    for r in rows {
+        let (tag, colour) = match r.level {
+            Level::Red => ("FAIL", "\x1b[31m"),
+            Level::Yellow => ("WARN", "\x1b[33m"),
+            Level::Info => ("INFO", "\x1b[36m"),
+            Level::Green => ("OK", "\x1b[32m"),
+        };
+        let tag = if tty {
+            format!("{colour}{tag:<4}\x1b[0m")
+        } else {
+            format!("{tag:<4}")
+        };
+        println!("{tag}  {:<12} {}", r.check, r.detail);
+        if let Some(fix) = &r.fix {
+            for line in fix.lines() {
+                println!("      {:<12} fix: {line}", "");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_and_text_lines_are_classified() {
+        let now = SystemTime::now();
+        let us = now.duration_since(UNIX_EPOCH).unwrap().as_micros();
+        let old = us - 3_600_000_000;
+        let journal = format!(
+            "{{\"__REALTIME_TIMESTAMP\":\"{us}\",\"MESSAGE\":\"ERROR this lab host's code is out of date event=\\\"ship_rejected\\\" episode=e1 status=412 reason=\\\"commit_not_in_window\\\"\"}}\n\
+             {{\"__REALTIME_TIMESTAMP\":\"{old}\",\"MESSAGE\":\"ERROR old event=\\\"ship_rejected\\\" episode=e0 status=412\"}}\n\
+             {{\"__REALTIME_TIMESTAMP\":\"{us}\",\"MESSAGE\":\"WARN transient event=\\\"ship_transient\\\" episode=e2\"}}\n\
+             {{\"__REALTIME_TIMESTAMP\":\"{us}\",\"MESSAGE\":\"ERROR refused event=\\\"ship_rejected\\\" episode=e3 status=400 reason=\\\"malformed_request\\\"\"}}\n"
+        );
+        let c = classify(&parse_log(&journal), now - Duration::from_secs(600));
+        assert_eq!(
+            (c.out_of_window, c.malformed, c.transient, c.shipped),
+            (1, 1, 1, 0)
+        );
+        let rows = log_rows(&c, "10min", "fix it");
+        assert_eq!(rows[0].level, Level::Red);
+        assert!(rows[0]
+            .detail
+            .starts_with("1 ship(s) rejected as out-of-window"));
+        assert_eq!(rows[0].fix.as_deref(), Some("fix it"));
+        assert!(rows[1].detail.contains("malformed"));
+        assert_eq!(rows[2].level, Level::Yellow);
+
+        let text = "2026-11-23T15:39:58.995046Z  INFO episode shipped event=\"shipped\" episode=ep-020 status=201\n";
+        let c = classify(&parse_log(text), UNIX_EPOCH);
+        assert_eq!(c.shipped, 1);
+        let rows = log_rows(&c, "10min", "");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].level, Level::Green);
+        let c = classify(&parse_log(text), now);
+        assert_eq!(c.shipped, 0, "--since drops lines with an older time");
+        assert_eq!(log_rows(&c, "10min", "")[0].level, Level::Info);
+    }
+}
