@@ -436,8 +436,8 @@ fn queue_rows(cfg: &Config) -> Vec<Row> {
     }
     match nix::sys::statvfs::statvfs(&cfg.data_dir) {
         Ok(st) => {
-            let free = st.blocks_available() as u64 * st.fragment_size() as u64;
-            let total = (st.blocks() as u64 * st.fragment_size() as u64).max(1);
+            let free = st.blocks_available() * st.fragment_size();
+            let total = (st.blocks() * st.fragment_size()).max(1);
             let pct = free as f64 * 100.0 / total as f64;
             let level = if free < (1 << 30) || pct < 2.0 {
                 Level::Red
