@@ -84,7 +84,13 @@ pub async fn handle(
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let is_put = method == Method::PUT && matches!(route(&path), Some(Route::Episode(..)));
-    let resp = match dispatch(&state, identity.as_deref(), req).await {
+    let (parts, body) = req.into_parts();
+    let mut body = Some(body);
+    let result = dispatch(&state, identity.as_deref(), &parts, &mut body).await;
+    if let Some(unread) = body {
+        linger(&parts.headers, unread);
+    }
+    let resp = match result {
         Ok(r) => r,
         Err(e) => {
             if is_put || e.status.is_server_error() {
@@ -106,21 +112,52 @@ pub async fn handle(
     resp
 }
 
+/// Bytes of an unread body drained after an early answer, so the client reads the answer
+/// instead of a connection reset (clients that sent `Expect: 100-continue` sent no body).
+const LINGER_BYTES: u64 = 2 << 20;
+
+/// After an answer given without reading the body: read (and drop) a small body in the
+/// background so the connection closes cleanly; a large one is left for the close.
+fn linger(headers: &HeaderMap, body: Incoming) {
+    let expects = headers
+        .get(http::header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    let len = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    if expects || len == 0 || len > LINGER_BYTES {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut body = body;
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(Ok(_)) = body.frame().await {}
+        })
+        .await;
+    });
+}
+
+type Parts = http::request::Parts;
+
 async fn dispatch(
     state: &Arc<AppState>,
     identity: Option<&str>,
-    req: Request<Incoming>,
+    req: &Parts,
+    body: &mut Option<Incoming>,
 ) -> Result<Resp, ApiError> {
-    let path = req.uri().path().to_string();
+    let path = req.uri.path().to_string();
     let Some(r) = route(&path) else {
         return Err(ApiError::not_found(format!("no such endpoint: {path}")));
     };
     let caller = identity.ok_or_else(|| {
         ApiError::forbidden("the client certificate names no host (no DNS SAN and no CN)")
     })?;
-    authorize(state, caller, req.headers())?;
-    match (r, req.method().clone()) {
-        (Route::Ping, Method::POST) => ping(state, caller, req.headers()).await,
+    authorize(state, caller, &req.headers)?;
+    match (r, req.method.clone()) {
+        (Route::Ping, Method::POST) => ping(state, caller, &req.headers).await,
         (Route::Episode(h, e), Method::GET) => {
             let (h, e) = ids(h, e)?;
             same_host(caller, h)?;
@@ -137,10 +174,10 @@ async fn dispatch(
         }
         (Route::Episode(h, e), Method::PUT) => {
             let (h, e) = (h.to_string(), e.to_string());
-            put(state, caller, &h, &e, req).await
+            put(state, caller, &h, &e, &req.headers, body).await
         }
         (Route::Check(h, e), Method::POST) => {
-            let pre = precheck(state, caller, h, e, req.headers(), Kind::Check).await?;
+            let pre = precheck(state, caller, h, e, &req.headers, Kind::Check).await?;
             Ok(match pre {
                 Pre::Go(_) => Response::builder()
                     .status(StatusCode::NO_CONTENT)
@@ -419,9 +456,10 @@ async fn put(
     caller: &str,
     host: &str,
     ep: &str,
-    req: Request<Incoming>,
+    headers: &HeaderMap,
+    body_slot: &mut Option<Incoming>,
 ) -> Result<Resp, ApiError> {
-    let go = match precheck(state, caller, host, ep, req.headers(), Kind::Put).await? {
+    let go = match precheck(state, caller, host, ep, headers, Kind::Put).await? {
         Pre::Already(row) => return Ok(row_response(StatusCode::OK, "already_stored", &row)),
         Pre::Go(go) => go,
     };
@@ -480,7 +518,9 @@ async fn put(
     });
 
     let idle = Duration::from_secs(state.cfg.limits.body_idle_timeout_s);
-    let mut body = req.into_body();
+    let Some(mut body) = body_slot.take() else {
+        return Err(ApiError::internal("request body already taken"));
+    };
     let mut received: u64 = 0;
     loop {
         let frame = match tokio::time::timeout(idle, body.frame()).await {

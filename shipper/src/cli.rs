@@ -312,10 +312,11 @@ async fn ping(cfg: &Config, t: &Transport, commit: Option<String>) -> ExitCode {
     );
     if body["host_id"].as_str() != Some(cfg.host_id.as_str()) {
         println!(
-            "warning:    the certificate names {:?} but host_id is {:?}: uploads will be refused (403)",
+            "result:     MISMATCH: the certificate names {:?} but host_id is {:?}: every upload will be refused (403)",
             body["host_id"].as_str().unwrap_or(""),
             cfg.host_id
         );
+        return ExitCode::from(EXIT_FAILURE);
     }
     match (commit, body["commit_accepted"].as_bool()) {
         (None, _) => {

@@ -5,6 +5,7 @@ mod receiver_api;
 mod receiver_limits;
 mod receiver_process;
 mod receiver_tls;
+mod scripts;
 mod shipper;
 mod shipper_process;
 mod support;

@@ -309,3 +309,30 @@ async fn slow_clients_cannot_hold_a_slot() {
     );
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_reaches_a_client_still_sending_its_body() {
+    // Without Expect: 100-continue the client streams the body while the 412 is sent; the
+    // receiver drains small bodies so the client reads the answer, not a reset.
+    let w = World::new(2);
+    let r = start(&w, "").await;
+    let c = w.client(r.addr, HOST);
+    let stale = episode::body(
+        &w.path().join("src"),
+        "ep-stale",
+        &"a".repeat(40),
+        1_500_000,
+    );
+    for _ in 0..5 {
+        let reply = c.put(HOST, &stale).await;
+        assert_eq!(reply.status, 412);
+        assert_eq!(reply.error(), "commit_not_in_window");
+    }
+    assert_eq!(
+        metric_value(&r, "cis490_receiver_body_bytes_read_total").await,
+        0.0,
+        "drained bytes are not ingested"
+    );
+    assert!(files_under(&w.store_dir().join("tmp")).is_empty());
+    r.stop().await;
+}
