@@ -27,7 +27,7 @@ echo "==> making a throwaway CA, a receiver certificate and a lab-host certifica
 pki="$demo/pki"
 mkdir -p "$pki"
 ossl() { openssl "$@" 2>/dev/null; }
-ossl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+ossl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
   -subj "/CN=cis490 demo CA" -keyout "$pki/ca.key" -out "$pki/ca.pem" \
   -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
 issue() { # name san eku
@@ -35,7 +35,7 @@ issue() { # name san eku
     -keyout "$pki/$1.key" -out "$pki/$1.csr"
   printf 'subjectAltName=%s\nextendedKeyUsage=%s\nbasicConstraints=CA:FALSE\n' "$2" "$3" >"$pki/$1.ext"
   ossl x509 -req -in "$pki/$1.csr" -CA "$pki/ca.pem" -CAkey "$pki/ca.key" -CAcreateserial \
-    -days 2 -extfile "$pki/$1.ext" -out "$pki/$1.pem"
+    -days 30 -extfile "$pki/$1.ext" -out "$pki/$1.pem"
 }
 issue receiver "DNS:localhost,IP:127.0.0.1" serverAuth
 issue labhost-01 "DNS:labhost-01" clientAuth
@@ -98,6 +98,8 @@ mkep() { # id commit
 }
 mkep demo-current-1 "$head"
 mkep demo-current-2 "$head"
+mkep demo-large "$head"
+head -c 8000000 /dev/urandom >"$data/episodes/demo-large/camera/video.bin"
 mkep demo-stale "$old"
 mkep demo-symlink "$head"
 ln -s /etc/hostname "$data/episodes/demo-symlink/link"
@@ -115,6 +117,10 @@ set -e
 grep -E 'event="?(shipped|quarantined)' "$demo/shipper.log" | sed -E 's/^[^ ]+ +//; s/^/    /' || true
 echo "    exit code: $code"
 
+echo "==> the receiver's remediation for the stale episode (412, logged at ERROR by the shipper)"
+sed -n 's/.*"remediation": *"\(.*\)",\{0,1\}$/\1/p' "$data/quarantine/demo-stale/quarantine_reason.json" \
+  | sed 's/\\n/\n/g' | sed 's/^/    /'
+
 echo "==> where each episode ended up"
 "$bin/cis490-shipper" --config "$demo/lab-host.toml" status | sed 's/^/    /'
 for f in "$data"/quarantine/*/quarantine_reason.json; do
@@ -125,13 +131,17 @@ done
 
 echo "==> the receiver's index ($demo/store/index.jsonl)"
 "$bin/cis490-receiver" --config "$demo/receiver.toml" export-index | sed 's/^/    /'
+echo "==> cis490-shipper doctor (on this run's log)"
+"$bin/cis490-shipper" --config "$demo/lab-host.toml" doctor --log-file "$demo/shipper.log" | sed 's/^/    /' || true
+
 echo "==> receiver health and a few metrics"
 curl -s "http://$ops/healthz" | sed 's/^/    /'
 curl -s "http://$ops/metrics" | grep -E '^cis490_(receiver_uploads_total|gate_commits|gate_source)' | sed 's/^/    /'
 
 shipped=$(ls "$data/shipped" | wc -l)
-if [[ $shipped -eq 2 && $(ls "$data/quarantine" | wc -l) -eq 3 ]]; then
-  echo "DEMO OK: 2 current episodes stored, stale/unstamped/symlink episodes quarantined with reasons"
+if [[ $shipped -eq 3 && $(ls "$data/quarantine" | wc -l) -eq 3 ]] \
+  && grep -q "git pull origin main" "$data/quarantine/demo-stale/quarantine_reason.json"; then
+  echo "DEMO OK: 3 current episodes stored (one of 8 MB), stale/unstamped/symlink episodes quarantined with reasons"
 else
   echo "DEMO FAILED: see $demo/receiver.log and $demo/shipper.log" >&2
   keep=1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs besides the Rust toolchain: git (real repositories), curl
 # (Expect: 100-continue checks), util-linux (unshare, mount for the full-disk test), and the
-# rustfmt/clippy components. Safe to run repeatedly; does nothing when all are present.
+# rustfmt/clippy components, and systemd-analyze for linting the units. Safe to run repeatedly; does nothing when all are present.
 set -euo pipefail
 
 missing=()
@@ -9,6 +9,7 @@ command -v git >/dev/null || missing+=(git)
 command -v curl >/dev/null || missing+=(curl)
 command -v unshare >/dev/null || missing+=(util-linux)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   sudo_cmd=()

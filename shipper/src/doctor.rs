@@ -47,6 +47,8 @@ pub struct LogCounts {
     pub transient: usize,
     pub shipped: usize,
     pub other_rejected: usize,
+    /// Set aside by the shipper itself (unstamped, unsupported entries): no HTTP status.
+    pub local_rejected: usize,
 }
 
 /// One log line: its time if it carries one, and its text.
@@ -115,6 +117,7 @@ pub fn classify(lines: &[LogLine], since: SystemTime) -> LogCounts {
             Some("ship_rejected") => match field(&l.text, "status") {
                 Some("412") => c.out_of_window += 1,
                 Some("400") | Some("411") => c.malformed += 1,
+                None => c.local_rejected += 1,
                 _ => c.other_rejected += 1,
             },
             Some("ship_transient") => c.transient += 1,
@@ -153,6 +156,14 @@ pub fn log_rows(c: &LogCounts, window: &str, fix_412: &str) -> Vec<Row> {
                 c.other_rejected
             ),
             Some("cis490-shipper status; see quarantine/*/quarantine_reason.json".into()),
+        ));
+    }
+    if c.local_rejected > 0 {
+        rows.push(row(
+            Level::Yellow,
+            "journal",
+            format!("{} episode(s) set aside on this host in the last {window} (no commit stamp, or symlinks/devices inside)", c.local_rejected),
+            Some("fix the producer; see quarantine/*/quarantine_reason.json".into()),
         ));
     }
     if c.transient > 0 {
@@ -528,6 +539,23 @@ mod tests {
         assert_eq!(rows[0].fix.as_deref(), Some("fix it"));
         assert!(rows[1].detail.contains("malformed"));
         assert_eq!(rows[2].level, Level::Yellow);
+
+        // 400 only, transient only, local only, nothing at all.
+        let only400 = "ERROR x event=\"ship_rejected\" episode=a status=400 reason=\"malformed_request\"\n";
+        let rows = log_rows(&classify(&parse_log(only400), now), "10min", "");
+        assert_eq!((rows.len(), rows[0].level), (1, Level::Red));
+        assert!(rows[0].detail.contains("malformed (400)"));
+        let transient = "WARN x event=\"ship_transient\" episode=a detail=refused\nWARN x event=\"ship_transient\" episode=b\n";
+        let rows = log_rows(&classify(&parse_log(transient), now), "10min", "");
+        assert_eq!((rows.len(), rows[0].level), (1, Level::Yellow));
+        assert!(rows[0].detail.starts_with("2 transient error(s)"));
+        let local = "ERROR x event=\"ship_rejected\" episode=a reason=\"unstamped\"\n";
+        let rows = log_rows(&classify(&parse_log(local), now), "10min", "");
+        assert_eq!(rows[0].level, Level::Yellow);
+        assert!(rows[0].detail.contains("set aside on this host"));
+        let rows = log_rows(&classify(&parse_log(""), now), "10min", "");
+        assert_eq!((rows.len(), rows[0].level), (1, Level::Info));
+        assert!(rows[0].detail.starts_with("no shipping activity"));
 
         let text = "2026-11-23T15:39:58.995046Z  INFO episode shipped event=\"shipped\" episode=ep-020 status=201\n";
         let c = classify(&parse_log(text), UNIX_EPOCH);

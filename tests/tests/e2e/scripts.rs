@@ -134,6 +134,35 @@ fn install_scripts_are_idempotent_and_keep_existing_config() {
     let (code, out) = script(&lab, &["--bogus"]);
     assert_ne!(code, 0);
     assert!(out.contains("unknown argument --bogus"), "{out}");
+
+    // A missing prerequisite is named, and nothing is installed.
+    let path = t.path().join("path-without-git");
+    std::fs::create_dir_all(&path).unwrap();
+    for tool in [
+        "bash", "tar", "install", "cmp", "sha256sum", "find", "sort", "xargs", "comm", "cut", "sed",
+        "realpath", "mkdir", "id", "getent", "stat", "dirname", "cat", "rm", "mv", "cargo",
+    ] {
+        if let Ok(p) = which(tool) {
+            std::os::unix::fs::symlink(p, path.join(tool)).unwrap();
+        }
+    }
+    let fresh = t.path().join("fresh-root");
+    let out = Command::new(path.join("bash"))
+        .arg(&lab)
+        .args(["--root", fresh.to_str().unwrap()])
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text.contains("missing prerequisites: git"), "{text}");
+    assert!(!fresh.exists(), "nothing installed without the prerequisites");
+}
+
+fn which(tool: &str) -> Result<PathBuf, ()> {
+    let out = Command::new("bash").args(["-c", &format!("command -v {tool}")]).output().map_err(|_| ())?;
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if p.starts_with('/') { Ok(PathBuf::from(p)) } else { Err(()) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,6 +223,13 @@ async fn smoke_test_passes_or_names_the_fix() {
         out.contains("FAIL: the certificate belongs to another host"),
         "{out}"
     );
+    let rogue = cis490_tests::pki::Pki::new(&w.path().join("rogue"), "rogue");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(w.pki.ca_file.to_str().unwrap(), rogue.ca_file.to_str().unwrap());
+    let wrong_ca = w.path().join("wrong-ca.toml");
+    std::fs::write(&wrong_ca, text).unwrap();
+    let (code, out) = run(w.commits[2].clone(), wrong_ca).await.unwrap();
+    assert_eq!(code, 1);
+    assert!(out.contains("FAIL: TLS") && out.contains("receiver.ca_file (") && out.contains("rogue-ca.pem"), "{out}");
     r.stop().await;
     let (code, out) = run(w.commits[2].clone(), cfg).await.unwrap();
     assert_eq!(code, 1);
