@@ -541,7 +541,8 @@ mod tests {
         assert_eq!(rows[2].level, Level::Yellow);
 
         // 400 only, transient only, local only, nothing at all.
-        let only400 = "ERROR x event=\"ship_rejected\" episode=a status=400 reason=\"malformed_request\"\n";
+        let only400 =
+            "ERROR x event=\"ship_rejected\" episode=a status=400 reason=\"malformed_request\"\n";
         let rows = log_rows(&classify(&parse_log(only400), now), "10min", "");
         assert_eq!((rows.len(), rows[0].level), (1, Level::Red));
         assert!(rows[0].detail.contains("malformed (400)"));

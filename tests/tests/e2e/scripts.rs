@@ -139,8 +139,27 @@ fn install_scripts_are_idempotent_and_keep_existing_config() {
     let path = t.path().join("path-without-git");
     std::fs::create_dir_all(&path).unwrap();
     for tool in [
-        "bash", "tar", "install", "cmp", "sha256sum", "find", "sort", "xargs", "comm", "cut", "sed",
-        "realpath", "mkdir", "id", "getent", "stat", "dirname", "cat", "rm", "mv", "cargo",
+        "bash",
+        "tar",
+        "install",
+        "cmp",
+        "sha256sum",
+        "find",
+        "sort",
+        "xargs",
+        "comm",
+        "cut",
+        "sed",
+        "realpath",
+        "mkdir",
+        "id",
+        "getent",
+        "stat",
+        "dirname",
+        "cat",
+        "rm",
+        "mv",
+        "cargo",
     ] {
         if let Ok(p) = which(tool) {
             std::os::unix::fs::symlink(p, path.join(tool)).unwrap();
@@ -156,13 +175,23 @@ fn install_scripts_are_idempotent_and_keep_existing_config() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0));
     assert!(text.contains("missing prerequisites: git"), "{text}");
-    assert!(!fresh.exists(), "nothing installed without the prerequisites");
+    assert!(
+        !fresh.exists(),
+        "nothing installed without the prerequisites"
+    );
 }
 
 fn which(tool: &str) -> Result<PathBuf, ()> {
-    let out = Command::new("bash").args(["-c", &format!("command -v {tool}")]).output().map_err(|_| ())?;
+    let out = Command::new("bash")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map_err(|_| ())?;
     let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if p.starts_with('/') { Ok(PathBuf::from(p)) } else { Err(()) }
+    if p.starts_with('/') {
+        Ok(PathBuf::from(p))
+    } else {
+        Err(())
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,12 +253,20 @@ async fn smoke_test_passes_or_names_the_fix() {
         "{out}"
     );
     let rogue = cis490_tests::pki::Pki::new(&w.path().join("rogue"), "rogue");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(w.pki.ca_file.to_str().unwrap(), rogue.ca_file.to_str().unwrap());
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        w.pki.ca_file.to_str().unwrap(),
+        rogue.ca_file.to_str().unwrap(),
+    );
     let wrong_ca = w.path().join("wrong-ca.toml");
     std::fs::write(&wrong_ca, text).unwrap();
     let (code, out) = run(w.commits[2].clone(), wrong_ca).await.unwrap();
     assert_eq!(code, 1);
-    assert!(out.contains("FAIL: TLS") && out.contains("receiver.ca_file (") && out.contains("rogue-ca.pem"), "{out}");
+    assert!(
+        out.contains("FAIL: TLS")
+            && out.contains("receiver.ca_file (")
+            && out.contains("rogue-ca.pem"),
+        "{out}"
+    );
     r.stop().await;
     let (code, out) = run(w.commits[2].clone(), cfg).await.unwrap();
     assert_eq!(code, 1);

@@ -377,3 +377,76 @@ async fn sigkill_crash_loop_ships_every_episode_exactly_once() {
     assert_eq!(rows.len(), n_eps);
     r.stop().await;
 }
+
+/// Sets a directory's mtime `days` into the past (as if it was retired that long ago).
+fn age(dir: &Path, days: u64) {
+    let t = std::time::SystemTime::now() - Duration::from_secs(days * 86_400);
+    std::fs::File::open(dir).unwrap().set_modified(t).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_runs_at_start_then_at_most_once_per_interval() {
+    let w = World::new(1);
+    let cfg = w.shipper_config(
+        HOST,
+        "https://localhost:1",
+        "[retention]\nshipped_keep_days = 14\nquarantine_keep_days = 0\ncleanup_interval_s = 3600\n",
+    );
+    // The harness puts [retention] keys before [shipping]; make sure they landed in the file.
+    assert!(std::fs::read_to_string(&cfg)
+        .unwrap()
+        .contains("cleanup_interval_s = 3600"));
+    let data = w.data_dir(HOST);
+    for d in ["shipped/old-1", "shipped/new-1", "quarantine/old-q"] {
+        std::fs::create_dir_all(data.join(d)).unwrap();
+    }
+    age(&data.join("shipped/old-1"), 15);
+    age(&data.join("shipped/new-1"), 13);
+    age(&data.join("quarantine/old-q"), 400);
+    std::fs::create_dir_all(data.join("episodes")).unwrap();
+    let sock_path = w.path().join("ret.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let mut child = spawn_daemon(&cfg, &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())]);
+    let seen = tokio::task::block_in_place(|| recv_all(&sock, Duration::from_secs(2)));
+    assert!(seen.iter().any(|(_, m)| m.contains("READY=1")));
+    assert!(!data.join("shipped/old-1").exists(), "expired at start");
+    assert!(data.join("shipped/new-1").exists(), "13 days < 14");
+    assert!(
+        data.join("quarantine/old-q").exists(),
+        "quarantine_keep_days = 0 keeps forever"
+    );
+    // Another expired entry appears: not removed before the interval passes (3 scans later).
+    std::fs::create_dir_all(data.join("shipped/old-2")).unwrap();
+    age(&data.join("shipped/old-2"), 20);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        data.join("shipped/old-2").exists(),
+        "cleanup ran again before cleanup_interval_s"
+    );
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), Some(0));
+    let log = std::fs::read_to_string(cfg.with_extension("log")).unwrap();
+    assert!(
+        log.contains("event=\"cleanup\" episode=old-1")
+            || log.contains("event=cleanup episode=old-1"),
+        "{log}"
+    );
+
+    // With a 1 s interval it goes on the next pass.
+    let cfg = w.shipper_config(
+        HOST,
+        "https://localhost:1",
+        "[retention]\nshipped_keep_days = 14\ncleanup_interval_s = 1\n",
+    );
+    let mut child = spawn_daemon(&cfg, &[]);
+    std::fs::create_dir_all(data.join("shipped/old-3")).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    age(&data.join("shipped/old-3"), 20);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while data.join("shipped/old-3").exists() {
+        assert!(Instant::now() < deadline, "not cleaned with a 1 s interval");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
