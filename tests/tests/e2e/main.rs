@@ -1,6 +1,7 @@
 //! End-to-end tests: real mTLS, real git repositories, real processes. One binary, many modules.
 
 mod gate;
+mod hostile;
 mod receiver_api;
 mod receiver_limits;
 mod receiver_process;

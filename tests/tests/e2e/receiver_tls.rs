@@ -116,3 +116,41 @@ async fn identity_comes_from_the_cn_when_there_is_no_dns_san() {
     assert_eq!(c.put("labhost-cn", &b).await.status, 201);
     r.stop().await;
 }
+
+/// `openssl s_client` forced to one protocol version; returns its combined output.
+fn s_client(w: &World, addr: std::net::SocketAddr, version_flag: &str) -> (bool, String) {
+    let me = w.pki.client("labhost-01");
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string(), "-servername", "localhost", version_flag])
+        .args(["-cipher", "DEFAULT:@SECLEVEL=0"])
+        .arg("-CAfile")
+        .arg(&w.pki.ca_file)
+        .arg("-cert")
+        .arg(&me.cert)
+        .arg("-key")
+        .arg(&me.key)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let negotiated = text.contains("Verify return code: 0 (ok)") && !text.contains("alert");
+    (negotiated, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_0_and_1_1_are_refused() {
+    let w = World::new(1);
+    let r = start(&w, "").await;
+    let (ok12, text) = tokio::task::block_in_place(|| s_client(&w, r.addr, "-tls1_2"));
+    assert!(ok12, "TLS 1.2 should work (control):\n{text}");
+    for flag in ["-tls1", "-tls1_1"] {
+        let (ok, text) = tokio::task::block_in_place(|| s_client(&w, r.addr, flag));
+        assert!(!ok, "{flag} negotiated:\n{text}");
+        assert!(
+            // rustls answers an old ClientHello with a handshake_failure (40) or protocol_version alert.
+            text.contains("alert handshake failure") || text.contains("alert protocol version"),
+            "{flag}: {text}"
+        );
+    }
+    r.stop().await;
+}
