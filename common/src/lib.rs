@@ -4,6 +4,7 @@
 pub mod durable;
 pub mod headers;
 pub mod ids;
+pub mod lock;
 pub mod logging;
 pub mod meta;
 pub mod notify;

@@ -35,6 +35,12 @@ pub fn reloading() {
     }
 }
 
+/// Asks systemd for more start (or stop) time: `EXTEND_TIMEOUT_USEC`.
+pub fn extend_timeout(by: Duration) {
+    let usec = u32::try_from(by.as_micros()).unwrap_or(u32::MAX);
+    send(&[NotifyState::ExtendTimeoutUsec(usec)]);
+}
+
 /// How often to send `WATCHDOG=1`: half the interval systemd gave us, if it gave one.
 pub fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled().map(|d| d / 2)

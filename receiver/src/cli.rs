@@ -75,8 +75,14 @@ pub fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => rt.block_on(serve(cfg, path)),
-        Command::CheckConfig => match Receiver::new(cfg, &path) {
+        Command::Serve => {
+            let code = rt.block_on(serve(cfg, path));
+            // Validators still blocked on a disk must not hold up the exit; their temp files
+            // are removed on the next start.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            code
+        }
+        Command::CheckConfig => match Receiver::check(&cfg, &path) {
             Ok(_) => {
                 println!("{}: ok", path.display());
                 ExitCode::SUCCESS

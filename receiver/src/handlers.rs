@@ -336,6 +336,12 @@ async fn precheck(
             return Err(ApiError::invalid_content("the body is empty"));
         }
     }
+    // Already stored with these bytes: 200 before the gate, so a shipper that crashed after
+    // the 201 can still retire the episode once its commit has left the window.
+    let stored = state.store.get(host, ep);
+    if let Some(row) = stored.as_ref().filter(|r| r.tar_sha256 == sha) {
+        return Ok(Pre::Already(row.clone()));
+    }
     match state.gate.check(&commit).await {
         Admission::Admitted => {
             if !state.gate.enabled() {
@@ -366,10 +372,7 @@ async fn precheck(
             .with("head_commit", head_s));
         }
     }
-    if let Some(row) = state.store.get(host, ep) {
-        if row.tar_sha256 == sha {
-            return Ok(Pre::Already(row));
-        }
+    if let Some(row) = stored {
         return Err(ApiError::conflict(format!(
             "{host}/{ep} is already stored with tar SHA-256 {}, not {sha}",
             row.tar_sha256
@@ -424,19 +427,38 @@ async fn ping(state: &AppState, caller: &str, headers: &HeaderMap) -> Result<Res
     Ok(json_response(StatusCode::OK, body, None))
 }
 
+/// What the network side tells the validator.
+enum Chunk {
+    Data(Bytes),
+    /// The whole body arrived. Without it a closed channel means the request was dropped
+    /// (client gone, shutdown), which is not the end of a valid body.
+    End,
+    Failed(io::Error),
+}
+
 /// Feeds the blocking validator from the async body, one chunk at a time.
 struct ChannelReader {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
+    rx: mpsc::Receiver<Chunk>,
     cur: Bytes,
+    ended: bool,
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.cur.is_empty() {
+            if self.ended {
+                return Ok(0);
+            }
             match self.rx.blocking_recv() {
-                Some(Ok(b)) => self.cur = b,
-                Some(Err(e)) => return Err(e),
-                None => return Ok(0),
+                Some(Chunk::Data(b)) => self.cur = b,
+                Some(Chunk::End) => self.ended = true,
+                Some(Chunk::Failed(e)) => return Err(e),
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "the request was dropped before its body ended",
+                    ));
+                }
             }
         }
         let n = buf.len().min(self.cur.len());
@@ -473,7 +495,7 @@ async fn put(
     let _in_flight = InFlight(state.clone());
 
     // Two chunks in flight: enough to overlap network and validation, little memory per upload.
-    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(2);
+    let (tx, rx) = mpsc::channel::<Chunk>(2);
     let store = state.store.clone();
     let expect = Expect {
         episode_id: ep.to_string(),
@@ -487,6 +509,7 @@ async fn put(
         let reader = ChannelReader {
             rx,
             cur: Bytes::new(),
+            ended: false,
         };
         match ingest::validate(reader, &mut upload, &expect) {
             Ok(v) => Ok(Finished::Outcome(upload.commit(&v)?)),
@@ -526,16 +549,21 @@ async fn put(
         let frame = match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => {
                 let _ = tx
-                    .send(Err(io::Error::new(
+                    .send(Chunk::Failed(io::Error::new(
                         io::ErrorKind::TimedOut,
                         format!("no body bytes for {}s", idle.as_secs()),
                     )))
                     .await;
                 break;
             }
-            Ok(None) => break,
+            Ok(None) => {
+                let _ = tx.send(Chunk::End).await;
+                break;
+            }
             Ok(Some(Err(e))) => {
-                let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
+                let _ = tx
+                    .send(Chunk::Failed(io::Error::other(e.to_string())))
+                    .await;
                 break;
             }
             Ok(Some(Ok(f))) => f,
@@ -548,11 +576,13 @@ async fn put(
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
             if received > go.length {
                 let _ = tx
-                    .send(Err(io::Error::other("body is longer than Content-Length")))
+                    .send(Chunk::Failed(io::Error::other(
+                        "body is longer than Content-Length",
+                    )))
                     .await;
                 break;
             }
-            if tx.send(Ok(data)).await.is_err() {
+            if tx.send(Chunk::Data(data)).await.is_err() {
                 // The validator stopped early (a rejection); it holds the verdict.
                 break;
             }

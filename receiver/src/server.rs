@@ -28,6 +28,9 @@ use crate::handlers;
 use crate::metrics::Metrics;
 use crate::store::{EpisodeStore, FsOptions, FsStore};
 
+/// How often the work loops bump their heartbeat counters.
+pub const HEARTBEAT: Duration = Duration::from_millis(250);
+
 /// Time granted to in-flight requests after SIGTERM before they are cut off.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
 
@@ -125,6 +128,18 @@ impl Receiver {
         })
     }
 
+    /// `check-config`: everything [`Receiver::new`] checks, without taking or touching the
+    /// store (a receiver may be serving from it).
+    pub fn check(cfg: &Config, config_path: &Path) -> Result<(), ConfigError> {
+        cfg.validate(config_path)?;
+        load_tls(cfg, config_path)?;
+        load_tokens(cfg, config_path)?;
+        Gate::new(cfg.version_gate.clone())
+            .map_err(|(key, msg)| ConfigError::new(config_path, key, msg))?;
+        FsStore::check(&cfg.store_dir)
+            .map_err(|e| ConfigError::new(config_path, "store_dir", e.to_string()))
+    }
+
     /// Re-reads certificates and tokens (SIGHUP); on error the old ones stay in force.
     pub fn reload(&self) -> Result<(), ConfigError> {
         let s = &self.state;
@@ -153,7 +168,8 @@ impl Receiver {
             tokio::spawn(watchdog(state.clone(), every, tasks.clone()));
         }
         let graceful = GracefulShutdown::new();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // The accept loop's heartbeat; a few per watchdog period even at short test periods.
+        let mut tick = tokio::time::interval(HEARTBEAT);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -248,20 +264,28 @@ async fn connection(
     }
 }
 
-/// Feeds the systemd watchdog only while the accept loop and the gate refresher both move.
+/// Feeds the systemd watchdog only while the accept loop and the gate refresher have both moved
+/// within the watchdog period (`every` is half of it).
 async fn watchdog(state: Arc<AppState>, every: Duration, stop: CancellationToken) {
-    let mut last = (u64::MAX, u64::MAX);
+    let window = every * 2;
+    let now = std::time::Instant::now();
+    let mut accept = (u64::MAX, now);
+    let mut gate = (u64::MAX, now);
     loop {
-        let now = (
-            state.accept_heartbeat.load(Ordering::Relaxed),
-            state.gate.heartbeat.load(Ordering::Relaxed),
-        );
-        if now.0 != last.0 && now.1 != last.1 {
+        let now = std::time::Instant::now();
+        for (seen, value) in [
+            (&mut accept, state.accept_heartbeat.load(Ordering::Relaxed)),
+            (&mut gate, state.gate.heartbeat.load(Ordering::Relaxed)),
+        ] {
+            if seen.0 != value {
+                *seen = (value, now);
+            }
+        }
+        if accept.1.elapsed() < window && gate.1.elapsed() < window {
             notify::watchdog();
         } else {
             tracing::error!("a work loop stalled; withholding the watchdog heartbeat");
         }
-        last = now;
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime};
 
 use cis490_common::durable::{self, DurableFile, Existing};
@@ -84,16 +84,17 @@ fn at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 
 type Key = (String, String);
 
-struct IndexState {
-    file: File,
-    rows: HashMap<Key, IndexRow>,
-}
-
 struct FsInner {
     root: PathBuf,
-    index: Mutex<IndexState>,
+    /// What is stored, for lookups from request handlers (never held across I/O).
+    rows: RwLock<HashMap<Key, IndexRow>>,
+    /// The append handle of `index.jsonl`; holding it serialises commits.
+    writer: Mutex<File>,
     keep_days: u64,
     max_quarantine_bytes: u64,
+    max_uncompressed: u64,
+    /// Held for the store's lifetime: one receiver per store directory.
+    _lock: cis490_common::lock::DirLock,
 }
 
 /// The filesystem store: `episodes/<host>/<id>.tar.zst`, `index.jsonl`, `quarantine/`, `tmp/`.
@@ -109,12 +110,14 @@ pub struct FsOptions {
 }
 
 impl FsStore {
-    /// Opens the store: empties `tmp/`, loads the index, adds rows for stored files it lacks.
+    /// Opens the store for serving: takes its lock (refusing a second receiver), empties
+    /// `tmp/`, loads the index and adds rows for stored files it lacks.
     pub fn open(root: &Path, opts: &FsOptions) -> Result<FsStore, StoreError> {
         for d in ["episodes", "quarantine", "tmp"] {
             let p = root.join(d);
             durable::create_dir_durable(&p).map_err(at(&p))?;
         }
+        let lock = lock_store(root)?;
         let tmp = root.join("tmp");
         for e in fs::read_dir(&tmp).map_err(at(&tmp))? {
             let e = e.map_err(at(&tmp))?;
@@ -132,52 +135,92 @@ impl FsStore {
         let store = FsStore {
             inner: Arc::new(FsInner {
                 root: root.to_path_buf(),
-                index: Mutex::new(IndexState { file, rows }),
+                rows: RwLock::new(rows),
+                writer: Mutex::new(file),
                 keep_days: opts.quarantine_keep_days,
                 max_quarantine_bytes: opts.quarantine_max_bytes,
+                max_uncompressed: opts.max_uncompressed,
+                _lock: lock,
             }),
         };
         store.repair(opts.max_uncompressed)?;
         Ok(store)
     }
 
+    /// What `check-config` does: the directories can be made and written; nothing in them is
+    /// touched (a receiver may be serving from them right now).
+    pub fn check(root: &Path) -> Result<(), StoreError> {
+        for d in ["episodes", "quarantine", "tmp"] {
+            let p = root.join(d);
+            durable::create_dir_durable(&p).map_err(at(&p))?;
+        }
+        let tmp = root.join("tmp");
+        let probe = DurableFile::create_in(&tmp, "check-config").map_err(at(&tmp))?;
+        drop(probe);
+        Ok(())
+    }
+
     pub fn root(&self) -> &Path {
         &self.inner.root
     }
 
-    fn lock(&self) -> MutexGuard<'_, IndexState> {
-        lock_index(&self.inner.index)
+    fn rows_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Key, IndexRow>> {
+        // Invariant: rows are inserted only after their line is durable and no code panics
+        // while holding the lock, so a poisoned lock still guards consistent data.
+        self.inner.rows.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn rows_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Key, IndexRow>> {
+        self.inner.rows.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn writer(&self) -> MutexGuard<'_, File> {
+        self.inner.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends a row durably; on failure the index is cut back so no torn line stays behind.
+    fn append_row(&self, w: &mut File, row: &IndexRow) -> io::Result<()> {
+        let line = serde_json::to_string(row).map_err(io::Error::other)?;
+        let before = w.metadata()?.len();
+        if let Err(e) = durable::append_line(w, &line) {
+            let _ = w.set_len(before);
+            let _ = w.sync_all();
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Adds index rows for stored files that have none (a crash between link and append).
+    /// On a large store this reads every such file, so systemd's start timeout is extended.
     fn repair(&self, max_uncompressed: u64) -> Result<(), StoreError> {
         let stored = list_stored(&self.inner.root)?;
-        let mut st = self.lock();
         let on_disk: std::collections::HashSet<Key> = stored
             .iter()
             .map(|(h, e, _)| (h.clone(), e.clone()))
             .collect();
-        st.rows.retain(|k, row| {
+        self.rows_write().retain(|k, row| {
             let keep = on_disk.contains(k);
             if !keep {
                 tracing::warn!(host = %k.0, episode = %k.1, path = %row.path, "index row names a file that is gone; ignoring it");
             }
             keep
         });
+        let index_path = self.inner.root.join("index.jsonl");
+        let mut w = self.writer();
+        let mut last_extend: Option<std::time::Instant> = None;
         for (host, ep, path) in stored {
-            if st.rows.contains_key(&(host.clone(), ep.clone())) {
+            if self.rows_read().contains_key(&(host.clone(), ep.clone())) {
                 continue;
+            }
+            if last_extend.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10)) {
+                cis490_common::notify::extend_timeout(std::time::Duration::from_secs(30));
+                last_extend = Some(std::time::Instant::now());
             }
             match row_for_file(&self.inner.root, &host, &ep, &path, max_uncompressed, None) {
                 Ok(row) => {
-                    let line = serde_json::to_string(&row).map_err(|e| StoreError::Io {
-                        path: path.clone(),
-                        source: io::Error::other(e),
-                    })?;
-                    let index_path = self.inner.root.join("index.jsonl");
-                    durable::append_line(&mut st.file, &line).map_err(at(&index_path))?;
+                    self.append_row(&mut w, &row).map_err(at(&index_path))?;
                     tracing::warn!(host = %host, episode = %ep, "added the missing index row of a stored episode");
-                    st.rows.insert((host, ep), row);
+                    self.rows_write().insert((host, ep), row);
                 }
                 Err(e) => {
                     tracing::error!(path = %path.display(), error = %e, "stored file cannot be summarised; leaving it out of the index");
@@ -188,10 +231,22 @@ impl FsStore {
     }
 }
 
-fn lock_index(m: &Mutex<IndexState>) -> MutexGuard<'_, IndexState> {
-    // Invariant: rows are inserted only after their line is durable; a panic cannot leave the
-    // map ahead of the file, so a poisoned lock still guards consistent state.
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// Takes the store's lock, or says that another receiver holds it.
+fn lock_store(root: &Path) -> Result<cis490_common::lock::DirLock, StoreError> {
+    match cis490_common::lock::try_exclusive(root) {
+        Ok(Some(l)) => Ok(l),
+        Ok(None) => Err(StoreError::Io {
+            path: root.to_path_buf(),
+            source: io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "the store is in use by another cis490-receiver (serve or reindex); stop it first",
+            ),
+        }),
+        Err(e) => Err(StoreError::Io {
+            path: root.join(".lock"),
+            source: e,
+        }),
+    }
 }
 
 /// Reads `index.jsonl`; a torn last line (crash mid-append) is cut off so appends stay aligned.
@@ -290,6 +345,8 @@ fn rel_path(root: &Path, path: &Path) -> String {
 
 /// Rebuilds `index.jsonl` from the files under `episodes/`, keeping known `ts` values.
 pub fn reindex(root: &Path, max_uncompressed: u64) -> anyhow::Result<(usize, usize)> {
+    // A serving receiver appends to the index it holds open: never replace it under its feet.
+    let _lock = lock_store(root)?;
     let index_path = root.join("index.jsonl");
     let old = load_index(&index_path)?;
     let mut out = String::new();
@@ -343,15 +400,32 @@ impl Upload for FsUpload {
         durable::create_dir_durable(&host_dir)?;
         let dest = host_dir.join(format!("{episode_id}.tar.zst"));
         let key = (host_id.clone(), episode_id.clone());
-        let mut st = store.lock();
-        if let Some(row) = st.rows.get(&key) {
-            return Ok(if row.tar_sha256 == v.tar_sha256 {
-                CommitOutcome::AlreadyStored(row.clone())
-            } else {
-                CommitOutcome::Conflict(row.clone())
-            });
+        let mut w = store.writer();
+        if let Some(row) = store.rows_read().get(&key) {
+            return Ok(judge(row, v));
         }
-        file.commit(&dest, Existing::Keep)?;
+        match file.commit(&dest, Existing::Keep) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // A stored file without an index row (an append that failed, or a file start-up
+                // repair could not read): judge against what is on disk and index it.
+                let existing = row_for_file(
+                    root,
+                    &host_id,
+                    &episode_id,
+                    &dest,
+                    store.inner.max_uncompressed,
+                    None,
+                )
+                .map_err(|r| {
+                    io::Error::other(format!("{} exists but cannot be read: {r}", dest.display()))
+                })?;
+                store.append_row(&mut w, &existing)?;
+                store.rows_write().insert(key, existing.clone());
+                return Ok(judge(&existing, v));
+            }
+            Err(e) => return Err(e),
+        }
         let row = IndexRow {
             ts: timefmt::now_rfc3339(),
             host_id,
@@ -363,9 +437,13 @@ impl Upload for FsUpload {
             files: v.files,
             commit: v.commit.to_string(),
         };
-        let line = serde_json::to_string(&row).map_err(io::Error::other)?;
-        durable::append_line(&mut st.file, &line)?;
-        st.rows.insert(key, row.clone());
+        if let Err(e) = store.append_row(&mut w, &row) {
+            // No row, no file: the client gets an error (507 when the disk is full) and retries.
+            let _ = fs::remove_file(&dest);
+            let _ = durable::fsync_dir(&host_dir);
+            return Err(e);
+        }
+        store.rows_write().insert(key, row.clone());
         Ok(CommitOutcome::Stored(row))
     }
 
@@ -384,14 +462,23 @@ impl Upload for FsUpload {
         file.commit(&qdir.join(format!("{base}.tar.zst")), Existing::Keep)?;
         let json = serde_json::to_vec_pretty(note).map_err(io::Error::other)?;
         durable::write_atomic(&qdir.join(format!("{base}.reason.json")), &json)?;
+        // Enforced here, not by the caller: `max_bytes` holds even if the request is gone.
+        store.clean_quarantine()?;
         Ok(())
+    }
+}
+
+fn judge(row: &IndexRow, v: &Validated) -> CommitOutcome {
+    if row.tar_sha256 == v.tar_sha256 {
+        CommitOutcome::AlreadyStored(row.clone())
+    } else {
+        CommitOutcome::Conflict(row.clone())
     }
 }
 
 impl EpisodeStore for FsStore {
     fn get(&self, host_id: &str, episode_id: &str) -> Option<IndexRow> {
-        self.lock()
-            .rows
+        self.rows_read()
             .get(&(host_id.to_string(), episode_id.to_string()))
             .cloned()
     }
@@ -419,7 +506,7 @@ impl EpisodeStore for FsStore {
     }
 
     fn rows(&self) -> Vec<IndexRow> {
-        let mut v: Vec<_> = self.lock().rows.values().cloned().collect();
+        let mut v: Vec<_> = self.rows_read().values().cloned().collect();
         v.sort_by(|a, b| (&a.host_id, &a.episode_id).cmp(&(&b.host_id, &b.episode_id)));
         v
     }
@@ -483,4 +570,84 @@ pub fn export_index(root: &Path, out: &mut dyn Write) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::{validate, Expect};
+    use cis490_common::Commit;
+
+    const C: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    fn body(extra: &[u8]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let meta = format!(r#"{{"code_version":{{"commit":"{C}"}}}}"#);
+        for (name, data) in [("ep/meta.json", meta.as_bytes()), ("ep/x", extra)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, name, data).unwrap();
+        }
+        zstd::encode_all(&b.into_inner().unwrap()[..], 3).unwrap()
+    }
+
+    fn opts() -> FsOptions {
+        FsOptions {
+            max_uncompressed: 1 << 30,
+            quarantine_keep_days: 30,
+            quarantine_max_bytes: 0,
+        }
+    }
+
+    fn upload(store: &FsStore, bytes: &[u8]) -> io::Result<CommitOutcome> {
+        let mut up = store.begin("h", "ep")?;
+        let v = validate(
+            bytes,
+            &mut up,
+            &Expect {
+                episode_id: "ep".into(),
+                commit: Some(Commit::parse(C).unwrap()),
+                tar_sha256: None,
+                max_uncompressed: 1 << 30,
+            },
+        )
+        .unwrap();
+        up.commit(&v)
+    }
+
+    #[test]
+    fn a_stored_file_without_a_row_is_judged_and_indexed() {
+        let d = tempfile::tempdir().unwrap();
+        let store = FsStore::open(d.path(), &opts()).unwrap();
+        // The file landed but its row did not (say, a full disk at the append).
+        let a = body(b"first");
+        std::fs::create_dir_all(d.path().join("episodes/h")).unwrap();
+        std::fs::write(d.path().join("episodes/h/ep.tar.zst"), &a).unwrap();
+        assert!(store.get("h", "ep").is_none());
+        match upload(&store, &a).unwrap() {
+            CommitOutcome::AlreadyStored(row) => assert_eq!(row.episode_id, "ep"),
+            other => panic!("{other:?}"),
+        }
+        assert!(store.get("h", "ep").is_some(), "the row was added");
+        assert!(matches!(
+            upload(&store, &body(b"second")).unwrap(),
+            CommitOutcome::Conflict(_)
+        ));
+        assert_eq!(
+            std::fs::read(d.path().join("episodes/h/ep.tar.zst")).unwrap(),
+            a
+        );
+        let rows = std::fs::read_to_string(d.path().join("index.jsonl")).unwrap();
+        assert_eq!(rows.lines().count(), 1);
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_directory_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let _first = FsStore::open(d.path(), &opts()).unwrap();
+        let err = FsStore::open(d.path(), &opts()).err().unwrap().to_string();
+        assert!(err.contains("in use by another cis490-receiver"), "{err}");
+        assert!(reindex(d.path(), 1 << 30).is_err());
+    }
 }

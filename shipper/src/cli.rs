@@ -167,7 +167,11 @@ pub fn main() -> ExitCode {
             if let Err(e) = layout.prepare() {
                 return config_fail(&ConfigError::new(&path, "data_dir", e.to_string()));
             }
-            rt.block_on(run(Arc::new(Shipper::new(cfg, t)), once))
+            let code = rt.block_on(run(Arc::new(Shipper::new(cfg, t)), once));
+            // A pack still running on a blocking thread must not hold up the exit: its
+            // .partial file is swept on the next start.
+            rt.shutdown_timeout(Duration::from_secs(1));
+            code
         }
         Command::Ping { commit } => {
             let t = match transport(&cfg, &path) {

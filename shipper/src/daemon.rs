@@ -51,6 +51,9 @@ pub enum Verdict {
     Kept,
 }
 
+/// An upload's own byte counter, its value at the last look, and when it last moved.
+type UploadProgress = (Arc<std::sync::atomic::AtomicU64>, u64, Instant);
+
 pub struct Shipper {
     pub cfg: Config,
     pub layout: Layout,
@@ -59,8 +62,13 @@ pub struct Shipper {
     inflight: Mutex<HashSet<String>>,
     /// Last time the scan loop went round.
     loop_tick: Mutex<Instant>,
-    /// Uploads in flight and when their byte counter last moved.
-    uploads: Mutex<HashMap<String, (u64, Instant)>>,
+    /// Uploads in flight: their own byte counter, its last value, and when it last moved.
+    uploads: Mutex<HashMap<String, UploadProgress>>,
+    /// Tar SHA-256 and length of tarballs packed by this process, so a retry does not hash
+    /// the tarball again.
+    packed: Mutex<HashMap<String, (String, u64)>>,
+    /// Names in episodes/ that are not episode ids, already warned about.
+    warned: Mutex<HashSet<String>>,
     last_cleanup: Mutex<Option<Instant>>,
     /// The last listing of episodes/, consumed front to back between listings so that a large
     /// backlog is listed once per scan interval, not once per upload.
@@ -83,6 +91,8 @@ impl Shipper {
             inflight: Mutex::new(HashSet::new()),
             loop_tick: Mutex::new(Instant::now()),
             uploads: Mutex::new(HashMap::new()),
+            packed: Mutex::new(HashMap::new()),
+            warned: Mutex::new(HashSet::new()),
             last_cleanup: Mutex::new(None),
             pending: Mutex::new((std::collections::VecDeque::new(), None)),
         }
@@ -145,8 +155,16 @@ impl Shipper {
         let mut pending = lock(&self.pending);
         let stale = pending.1.is_none_or(|t| t.elapsed() >= scan_every);
         if pending.0.is_empty() || stale {
-            match self.layout.list() {
-                Ok(l) => *pending = (l.into(), Some(Instant::now())),
+            match self.layout.list_all() {
+                Ok((l, invalid)) => {
+                    let mut warned = lock(&self.warned);
+                    for name in invalid {
+                        if warned.insert(name.clone()) {
+                            tracing::warn!(entry = %name, "episodes/ holds an entry whose name is not a valid episode id (letters, digits, '.', '_', '-'; at most 128); it is never shipped");
+                        }
+                    }
+                    *pending = (l.into(), Some(Instant::now()));
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "failed to list episodes");
                     return Vec::new();
@@ -201,7 +219,19 @@ impl Shipper {
                 return self.quarantine(&id, "unstamped", None, None, None);
             }
         };
-        let (sha, len) = match self.layout.existing_tarball(&id) {
+        let cached = lock(&self.packed).get(&id).cloned();
+        let existing = match cached {
+            Some(x) if self.layout.tarball(&id).exists() => Some(x),
+            _ => {
+                let me = self.clone();
+                let id2 = id.clone();
+                tokio::task::spawn_blocking(move || me.layout.existing_tarball(&id2))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        };
+        let (sha, len) = match existing {
             Some(x) => x,
             None => {
                 let me = self.clone();
@@ -210,7 +240,10 @@ impl Shipper {
                     tokio::task::spawn_blocking(move || me.layout.pack(&cc, me.compression()))
                         .await;
                 match packed {
-                    Ok(Ok((p, len))) => (p.tar_sha256, len),
+                    Ok(Ok((p, len))) => {
+                        lock(&self.packed).insert(id.clone(), (p.tar_sha256.clone(), len));
+                        (p.tar_sha256, len)
+                    }
                     Ok(Err(PackError::Unsupported { path, kind })) => {
                         tracing::error!(event = "ship_rejected", episode = %id, reason = "unsupported_entry", path = %path.display(), kind, "episode holds an entry that cannot be shipped");
                         return self.quarantine(&id, "unsupported_entry", None, None, Some(commit));
@@ -239,11 +272,9 @@ impl Shipper {
             tar_sha256: sha,
             tarball: self.layout.tarball(&id),
             len,
+            progress: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
-        lock(&self.uploads).insert(
-            id.clone(),
-            (self.transport.sent.load(Ordering::Relaxed), Instant::now()),
-        );
+        lock(&self.uploads).insert(id.clone(), (shipment.progress.clone(), 0, Instant::now()));
         let outcome = self.transport.ship(&shipment).await;
         lock(&self.uploads).remove(&id);
         self.apply(&id, &commit, &shipment, outcome)
@@ -268,7 +299,12 @@ impl Shipper {
         match self.layout.quarantine(id, &r) {
             Ok(dest) => {
                 lock(&self.retries).remove(id);
+                lock(&self.packed).remove(id);
                 tracing::warn!(event = "quarantined", episode = %id, reason, status = status.map_or_else(|| "none".to_string(), |s| s.to_string()), dir = %dest.display(), "episode quarantined");
+                Verdict::Quarantined
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::info!(episode = %id, "episode was moved by another process meanwhile");
                 Verdict::Quarantined
             }
             Err(e) => {
@@ -284,6 +320,7 @@ impl Shipper {
             Outcome::Stored { status, .. } => match self.layout.retire(id) {
                 Ok(dest) => {
                     lock(&self.retries).remove(id);
+                    lock(&self.packed).remove(id);
                     tracing::info!(event = "shipped", episode = %id, status, bytes = s.len, tar_sha256 = %s.tar_sha256, dir = %dest.display(), "episode shipped");
                     Verdict::Shipped
                 }
@@ -459,10 +496,11 @@ impl Shipper {
                     ids.insert(self.spawn(&mut set, c), id);
                 }
             }
-            // Wake at least every second so the watchdog sees the loop alive.
+            // Wake a few times a second so the watchdog sees the loop alive even with a short
+            // WatchdogSec.
             let wait = next_scan
                 .saturating_duration_since(Instant::now())
-                .min(Duration::from_secs(1));
+                .min(Duration::from_millis(250));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(r) = set.join_next_with_id(), if !set.is_empty() => {
@@ -494,16 +532,17 @@ impl Shipper {
         let window = every * 2;
         loop {
             let loop_ok = lock(&self.loop_tick).elapsed() < window;
-            let sent = self.transport.sent.load(Ordering::Relaxed);
             let uploads_ok = {
                 let mut u = lock(&self.uploads);
                 let now = Instant::now();
-                for v in u.values_mut() {
-                    if v.0 != sent {
-                        *v = (sent, now);
+                for (counter, last, at) in u.values_mut() {
+                    let v = counter.load(Ordering::Relaxed);
+                    if v != *last {
+                        *last = v;
+                        *at = now;
                     }
                 }
-                u.values().all(|(_, t)| t.elapsed() < window)
+                u.values().all(|(_, _, at)| at.elapsed() < window)
             };
             if loop_ok && uploads_ok {
                 notify::watchdog();

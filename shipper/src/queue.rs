@@ -92,6 +92,11 @@ impl Layout {
         self.outbox_dir().join(format!("{id}.tar.zst.partial"))
     }
 
+    /// Serialises state changes between the daemon's workers and the CLI commands.
+    fn lock(&self) -> io::Result<cis490_common::lock::DirLock> {
+        cis490_common::lock::exclusive(&self.root).map_err(|e| io_ctx(&self.root.join(".lock"), e))
+    }
+
     /// Creates the four directories (idempotent) and proves `data_dir` is writable.
     pub fn prepare(&self) -> io::Result<()> {
         for d in [
@@ -110,14 +115,29 @@ impl Layout {
 
     /// Episode directories with valid ids, oldest (by directory mtime) first.
     pub fn list(&self) -> io::Result<Vec<Candidate>> {
+        self.list_all().map(|(ok, _)| ok)
+    }
+
+    /// Like [`Layout::list`], plus the names in episodes/ that are not valid episode ids (they
+    /// are never shipped; the daemon warns about each once).
+    pub fn list_all(&self) -> io::Result<(Vec<Candidate>, Vec<String>)> {
         let dir = self.episodes_dir();
         let mut out = Vec::new();
+        let mut invalid = Vec::new();
         for e in fs::read_dir(&dir).map_err(|e| io_ctx(&dir, e))? {
             let e = e?;
-            let Ok(name) = e.file_name().into_string() else {
-                continue;
+            let name = match e.file_name().into_string() {
+                Ok(n) => n,
+                Err(raw) => {
+                    invalid.push(raw.to_string_lossy().into_owned());
+                    continue;
+                }
             };
+            if name.starts_with('.') {
+                continue;
+            }
             if validate_id(&name).is_err() {
+                invalid.push(name);
                 continue;
             }
             let md = match fs::symlink_metadata(e.path()) {
@@ -134,7 +154,7 @@ impl Layout {
             });
         }
         out.sort_by(|a, b| a.mtime.cmp(&b.mtime).then_with(|| a.id.cmp(&b.id)));
-        Ok(out)
+        Ok((out, invalid))
     }
 
     /// Ready = `meta.json` present and nothing in the tree modified in the last `settle`.
@@ -151,6 +171,7 @@ impl Layout {
     /// quarantines a crash interrupted. Bounded by the number of entries in outbox/.
     /// Episodes in `busy` are being packed or sent by this process right now: theirs are left.
     pub fn sweep(&self, busy: &std::collections::HashSet<String>) -> io::Result<Vec<String>> {
+        let _lock = self.lock()?;
         self.recover_pending()?;
         let mut removed = Vec::new();
         let outbox = self.outbox_dir();
@@ -250,10 +271,15 @@ impl Layout {
     /// to `shipped/`. A crash in between leaves the episode in episodes/ without a tarball: it is
     /// packed and sent again and the receiver answers 200 already_stored, so nothing duplicates.
     pub fn retire(&self, id: &str) -> io::Result<PathBuf> {
+        let _lock = self.lock()?;
         self.drop_tarball(id)?;
         let target = self.free_name(&self.shipped_dir(), id);
         let dest = self.shipped_dir().join(&target);
-        durable::rename_durable(&self.episodes_dir().join(id), &dest)?;
+        let src = self.episodes_dir().join(id);
+        // Stamped before the move too, so a crash right after it cannot leave an old mtime
+        // for retention to act on.
+        touch(&src)?;
+        durable::rename_durable(&src, &dest)?;
         touch(&dest)?;
         Ok(dest)
     }
@@ -263,6 +289,15 @@ impl Layout {
     /// directory rename leaves a stale pending file (removed; the episode is tried again); after
     /// it, the sweep moves the pending reason into place.
     pub fn quarantine(&self, id: &str, reason: &QuarantineReason) -> io::Result<PathBuf> {
+        let _lock = self.lock()?;
+        let src = self.episodes_dir().join(id);
+        if !src.is_dir() {
+            // Another process (the daemon, or quarantine-unstamped) moved it first.
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{}: already moved", src.display()),
+            ));
+        }
         self.drop_tarball(id)?;
         let qdir = self.quarantine_dir();
         let target = self.free_name(&qdir, id);
@@ -270,11 +305,16 @@ impl Layout {
         let json = serde_json::to_vec_pretty(reason).map_err(io::Error::other)?;
         durable::write_atomic(&pending, &json)?;
         let dest = qdir.join(&target);
-        if let Err(e) = durable::rename_durable(&self.episodes_dir().join(id), &dest) {
+        touch(&src)?;
+        if let Err(e) = durable::rename_durable(&src, &dest) {
             let _ = fs::remove_file(&pending);
             return Err(e);
         }
-        durable::rename_durable(&pending, &dest.join(REASON_FILE))?;
+        if durable::rename_durable(&pending, &dest.join(REASON_FILE)).is_err() {
+            // The directory already moved: the reason must land inside it one way or another.
+            durable::write_atomic(&dest.join(REASON_FILE), &json)?;
+            let _ = fs::remove_file(&pending);
+        }
         touch(&dest)?;
         Ok(dest)
     }
@@ -310,6 +350,7 @@ impl Layout {
     /// `requeue`: moves `quarantine/<name>` back to `episodes/<episode_id>` without its reason.
     pub fn requeue(&self, name: &str) -> Result<PathBuf, String> {
         validate_id(name).map_err(|e| format!("{name}: {e}"))?;
+        let _lock = self.lock().map_err(|e| e.to_string())?;
         let src = self.quarantine_dir().join(name);
         if !src.is_dir() {
             return Err(format!(
@@ -320,8 +361,10 @@ impl Layout {
         let reason: Option<QuarantineReason> = fs::read(src.join(REASON_FILE))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
+        // The reason file is data on disk: its id is checked before it becomes a path.
         let id = reason
             .map(|r| r.episode_id)
+            .filter(|id| validate_id(id).is_ok())
             .unwrap_or_else(|| name.to_string());
         let dest = self.episodes_dir().join(&id);
         if dest.exists() {
@@ -351,6 +394,7 @@ impl Layout {
             return Ok(removed);
         }
         let keep = Duration::from_secs(keep_days * 86_400);
+        let _lock = self.lock()?;
         for e in fs::read_dir(which)? {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
@@ -375,7 +419,9 @@ impl Layout {
 
 /// Sets a moved directory's mtime to now: retention counts from the move (SPEC §2).
 fn touch(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.set_modified(SystemTime::now())
+    let f = File::open(dir)?;
+    f.set_modified(SystemTime::now())?;
+    f.sync_all()
 }
 
 /// The newest mtime of anything in the tree (entries are not followed).

@@ -153,6 +153,8 @@ pub struct Shipment {
     pub tar_sha256: String,
     pub tarball: std::path::PathBuf,
     pub len: u64,
+    /// Body bytes sent for this episode: its idle timer and the watchdog watch it.
+    pub progress: Arc<AtomicU64>,
 }
 
 type Sender = SendRequest<UploadBody>;
@@ -167,7 +169,7 @@ pub struct Transport {
     current: AtomicUsize,
     fell_back_at: Mutex<Option<Instant>>,
     pool: Mutex<Vec<(usize, Sender)>>,
-    /// Bytes sent, all uploads; the watchdog and idle timers watch it move.
+    /// Bytes sent, all uploads together (each upload also has its own counter).
     pub sent: Arc<AtomicU64>,
 }
 
@@ -337,6 +339,7 @@ impl Transport {
         path: &str,
         extra: &[(&str, String)],
         body: UploadBody,
+        progress: &AtomicU64,
     ) -> Result<(u16, http::HeaderMap, Option<Value>), NetError> {
         let ep = self.endpoints[i].clone();
         let req = self.request(&ep, method, path, extra, body)?;
@@ -359,11 +362,11 @@ impl Transport {
             Ok((status, headers, json))
         };
         let idle = async {
-            let mut last = self.sent.load(Ordering::Relaxed);
+            let mut last = progress.load(Ordering::Relaxed);
             let mut since = Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                let now = self.sent.load(Ordering::Relaxed);
+                let now = progress.load(Ordering::Relaxed);
                 if now != last {
                     last = now;
                     since = Instant::now();
@@ -412,7 +415,14 @@ impl Transport {
             let mut h = hdrs.clone();
             h.push((headers::UPLOAD_LENGTH, s.len.to_string()));
             match self
-                .exchange(i, "POST", &format!("{path}/check"), &h, UploadBody::empty())
+                .exchange(
+                    i,
+                    "POST",
+                    &format!("{path}/check"),
+                    &h,
+                    UploadBody::empty(),
+                    &s.progress,
+                )
                 .await
             {
                 Ok((204, _, _)) => {}
@@ -438,8 +448,16 @@ impl Transport {
             }
         };
         hdrs.push(("content-length", s.len.to_string()));
-        let body = UploadBody::file(file, s.len, self.sent.clone(), self.limiter.clone());
-        match self.exchange(i, "PUT", &path, &hdrs, body).await {
+        let body = UploadBody::file(
+            file,
+            s.len,
+            vec![s.progress.clone(), self.sent.clone()],
+            self.limiter.clone(),
+        );
+        match self
+            .exchange(i, "PUT", &path, &hdrs, body, &s.progress)
+            .await
+        {
             Ok((status, headers, body)) => {
                 let ra =
                     parse_retry_after(headers.get("retry-after").and_then(|v| v.to_str().ok()));
@@ -461,7 +479,14 @@ impl Transport {
             h.push((headers::CODE_COMMIT, c.to_string()));
         }
         let (status, _, body) = self
-            .exchange(i, "POST", "/v1/ping", &h, UploadBody::empty())
+            .exchange(
+                i,
+                "POST",
+                "/v1/ping",
+                &h,
+                UploadBody::empty(),
+                &AtomicU64::new(0),
+            )
             .await?;
         Ok((status, body))
     }
@@ -486,7 +511,7 @@ enum BodyKind {
 struct FileState {
     file: tokio::fs::File,
     remaining: u64,
-    sent: Arc<AtomicU64>,
+    counters: Vec<Arc<AtomicU64>>,
     limiter: Option<Arc<RateLimiter>>,
     /// A chunk read but held back until the limiter's wait is over.
     held: Option<Bytes>,
@@ -541,14 +566,14 @@ impl UploadBody {
     pub fn file(
         file: tokio::fs::File,
         len: u64,
-        sent: Arc<AtomicU64>,
+        counters: Vec<Arc<AtomicU64>>,
         limiter: Option<Arc<RateLimiter>>,
     ) -> Self {
         UploadBody {
             inner: BodyKind::File(Box::new(FileState {
                 file,
                 remaining: len,
-                sent,
+                counters,
                 limiter,
                 held: None,
                 sleep: None,
@@ -590,6 +615,12 @@ impl http_body::Body for UploadBody {
 }
 
 impl FileState {
+    fn count(&self, n: usize) {
+        for c in &self.counters {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
     fn poll_chunk(
         &mut self,
         cx: &mut Context<'_>,
@@ -601,7 +632,7 @@ impl FileState {
             self.sleep = None;
         }
         if let Some(chunk) = self.held.take() {
-            self.sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            self.count(chunk.len());
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         if self.remaining == 0 {
@@ -629,7 +660,7 @@ impl FileState {
                     .as_ref()
                     .map_or(Duration::ZERO, |l| l.reserve(n as u64, Instant::now()));
                 if wait.is_zero() {
-                    self.sent.fetch_add(n as u64, Ordering::Relaxed);
+                    self.count(n);
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
                 self.held = Some(chunk);

@@ -207,11 +207,12 @@ impl ForgejoSource {
                 url: url.clone(),
                 detail,
             })?;
-            let n = commits.len();
-            out.extend(commits);
-            if n < PAGE {
+            // Only an empty page ends the list: a server whose page size is capped below PAGE
+            // (Forgejo's MAX_RESPONSE_ITEMS) still pages on.
+            if commits.is_empty() {
                 break;
             }
+            out.extend(commits);
             page += 1;
         }
         out.truncate(window);

@@ -279,7 +279,11 @@ impl Gate {
     }
 
     fn publish(&self, list: Vec<Commit>, source: Source) {
-        let previous = self.snapshot.load().as_ref().map(|s| s.source);
+        let before = self.snapshot.load_full();
+        let previous = before.as_ref().map(|s| s.source);
+        let changed = before
+            .as_ref()
+            .is_none_or(|b| b.source != source || b.commits != list);
         let snap = Snapshot::new(list, source);
         let head = snap.head().map(|c| c.to_string()).unwrap_or_default();
         let count = snap.commits.len();
@@ -293,12 +297,24 @@ impl Gate {
                 "commit gate source changed"
             );
         }
-        tracing::debug!(
-            event = "gate_refreshed",
-            source = source.as_str(),
-            head,
-            commits = count
-        );
+        // INFO when the list moved (a push, a new source), DEBUG for the refreshes that changed
+        // nothing, so the journal shows every change without a line every 5 s.
+        if changed {
+            tracing::info!(
+                event = "gate_refreshed",
+                source = source.as_str(),
+                head,
+                commits = count,
+                "commit list updated"
+            );
+        } else {
+            tracing::debug!(
+                event = "gate_refreshed",
+                source = source.as_str(),
+                head,
+                commits = count
+            );
+        }
     }
 
     fn record_failure(&self, e: &str) {
@@ -318,7 +334,7 @@ impl Gate {
                 self.heartbeat.fetch_add(1, Ordering::Relaxed);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(crate::server::HEARTBEAT) => {}
                 }
             }
         }
@@ -326,12 +342,12 @@ impl Gate {
         loop {
             let _ = self.refresh().await;
             self.heartbeat.fetch_add(1, Ordering::Relaxed);
-            // Wake at least once a second so the heartbeat keeps moving with long intervals.
+            // Wake often so the heartbeat keeps moving with long intervals.
             let until = Instant::now() + interval;
             while Instant::now() < until {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep((until - Instant::now()).min(Duration::from_secs(1))) => {}
+                    _ = tokio::time::sleep((until - Instant::now()).min(crate::server::HEARTBEAT)) => {}
                 }
                 self.heartbeat.fetch_add(1, Ordering::Relaxed);
             }

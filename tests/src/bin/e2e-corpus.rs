@@ -10,7 +10,8 @@ const EP: &str = "ep-hostile";
 pub const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 fn meta(commit: &str) -> Vec<u8> {
-    format!("{{\"episode_id\": \"{EP}\", \"code_version\": {{\"commit\": \"{commit}\"}}}}\n").into_bytes()
+    format!("{{\"episode_id\": \"{EP}\", \"code_version\": {{\"commit\": \"{commit}\"}}}}\n")
+        .into_bytes()
 }
 
 /// Appends one raw tar entry: the name bytes go in as given (no sanitising), then the data.
@@ -41,8 +42,20 @@ fn end(out: &mut Vec<u8>) {
 }
 
 fn good_meta(out: &mut Vec<u8>) {
-    entry(out, format!("{EP}/").as_bytes(), tar::EntryType::Directory, b"", b"");
-    entry(out, format!("{EP}/meta.json").as_bytes(), tar::EntryType::Regular, &meta(COMMIT), b"");
+    entry(
+        out,
+        format!("{EP}/").as_bytes(),
+        tar::EntryType::Directory,
+        b"",
+        b"",
+    );
+    entry(
+        out,
+        format!("{EP}/meta.json").as_bytes(),
+        tar::EntryType::Regular,
+        &meta(COMMIT),
+        b"",
+    );
 }
 
 fn tar_with(extra: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
@@ -78,12 +91,46 @@ fn main() {
         expected.push(format!("{name} {status} {needle}"));
     };
 
-    put("path-dotdot", zst(&tar_with(|t| entry(t, format!("{EP}/../escape").as_bytes(), reg, b"x", b""))), 422, "outside");
-    put("path-absolute", zst(&tar_with(|t| entry(t, b"/etc/cron.d/evil", reg, b"x", b""))), 422, "outside");
-    put("path-dot-dotdot", zst(&tar_with(|t| entry(t, b"./../escape", reg, b"x", b""))), 422, "outside");
-    put("path-inner-dot", zst(&tar_with(|t| entry(t, format!("{EP}/./x").as_bytes(), reg, b"x", b""))), 422, "outside");
-    put("path-other-root", zst(&tar_with(|t| entry(t, b"other-episode/x", reg, b"x", b""))), 422, "outside");
-    put("path-bare-file-at-root", zst(&tar_with(|t| entry(t, b"loose-file", reg, b"x", b""))), 422, "outside");
+    put(
+        "path-dotdot",
+        zst(&tar_with(|t| {
+            entry(t, format!("{EP}/../escape").as_bytes(), reg, b"x", b"")
+        })),
+        422,
+        "outside",
+    );
+    put(
+        "path-absolute",
+        zst(&tar_with(|t| entry(t, b"/etc/cron.d/evil", reg, b"x", b""))),
+        422,
+        "outside",
+    );
+    put(
+        "path-dot-dotdot",
+        zst(&tar_with(|t| entry(t, b"./../escape", reg, b"x", b""))),
+        422,
+        "outside",
+    );
+    put(
+        "path-inner-dot",
+        zst(&tar_with(|t| {
+            entry(t, format!("{EP}/./x").as_bytes(), reg, b"x", b"")
+        })),
+        422,
+        "outside",
+    );
+    put(
+        "path-other-root",
+        zst(&tar_with(|t| entry(t, b"other-episode/x", reg, b"x", b""))),
+        422,
+        "outside",
+    );
+    put(
+        "path-bare-file-at-root",
+        zst(&tar_with(|t| entry(t, b"loose-file", reg, b"x", b""))),
+        422,
+        "outside",
+    );
     let long_escape = format!("{EP}/{}../../../../../../tmp/escape", "deep/".repeat(30));
     put(
         "path-gnu-longname-escape",
@@ -106,23 +153,164 @@ fn main() {
         422,
         "outside",
     );
-    put("symlink-inside", zst(&tar_with(|t| entry(t, format!("{EP}/link").as_bytes(), tar::EntryType::Symlink, b"", b"meta.json"))), 422, "symlink");
-    put("symlink-escaping", zst(&tar_with(|t| entry(t, format!("{EP}/link").as_bytes(), tar::EntryType::Symlink, b"", b"/etc/shadow"))), 422, "symlink");
-    put("hardlink-inside", zst(&tar_with(|t| entry(t, format!("{EP}/hl").as_bytes(), tar::EntryType::Link, b"", format!("{EP}/meta.json").as_bytes()))), 422, "hard link");
-    put("hardlink-escaping", zst(&tar_with(|t| entry(t, format!("{EP}/hl").as_bytes(), tar::EntryType::Link, b"", b"/etc/shadow"))), 422, "hard link");
-    put("char-device", zst(&tar_with(|t| entry(t, format!("{EP}/null").as_bytes(), tar::EntryType::Char, b"", b""))), 422, "character device");
-    put("block-device", zst(&tar_with(|t| entry(t, format!("{EP}/sda").as_bytes(), tar::EntryType::Block, b"", b""))), 422, "block device");
-    put("fifo", zst(&tar_with(|t| entry(t, format!("{EP}/pipe").as_bytes(), tar::EntryType::Fifo, b"", b""))), 422, "FIFO");
-    put("sparse-file", zst(&tar_with(|t| entry(t, format!("{EP}/sparse").as_bytes(), tar::EntryType::GNUSparse, b"", b""))), 422, "tar");
-    put("duplicate-entry", zst(&tar_with(|t| {
-        entry(t, format!("{EP}/data").as_bytes(), reg, b"first", b"");
-        entry(t, format!("{EP}/data").as_bytes(), reg, b"second", b"");
-    })), 422, "repeats");
-    put("duplicate-meta", zst(&tar_with(|t| entry(t, format!("{EP}/meta.json").as_bytes(), reg, &meta(COMMIT), b""))), 422, "repeats");
-    put("non-utf8-name", zst(&tar_with(|t| entry(t, &[b"ep-hostile/\xff\xfe".as_slice()].concat(), reg, b"x", b""))), 422, "UTF-8");
+    put(
+        "symlink-inside",
+        zst(&tar_with(|t| {
+            entry(
+                t,
+                format!("{EP}/link").as_bytes(),
+                tar::EntryType::Symlink,
+                b"",
+                b"meta.json",
+            )
+        })),
+        422,
+        "symlink",
+    );
+    put(
+        "symlink-escaping",
+        zst(&tar_with(|t| {
+            entry(
+                t,
+                format!("{EP}/link").as_bytes(),
+                tar::EntryType::Symlink,
+                b"",
+                b"/etc/shadow",
+            )
+        })),
+        422,
+        "symlink",
+    );
+    put(
+        "hardlink-inside",
+        zst(&tar_with(|t| {
+            entry(
+                t,
+                format!("{EP}/hl").as_bytes(),
+                tar::EntryType::Link,
+                b"",
+                format!("{EP}/meta.json").as_bytes(),
+            )
+        })),
+        422,
+        "hard link",
+    );
+    put(
+        "hardlink-escaping",
+        zst(&tar_with(|t| {
+            entry(
+                t,
+                format!("{EP}/hl").as_bytes(),
+                tar::EntryType::Link,
+                b"",
+                b"/etc/shadow",
+            )
+        })),
+        422,
+        "hard link",
+    );
+    put(
+        "char-device",
+        zst(&tar_with(|t| {
+            entry(
+                t,
+                format!("{EP}/null").as_bytes(),
+                tar::EntryType::Char,
+                b"",
+                b"",
+            )
+        })),
+        422,
+        "character device",
+    );
+    put(
+        "block-device",
+        zst(&tar_with(|t| {
+            entry(
+                t,
+                format!("{EP}/sda").as_bytes(),
+                tar::EntryType::Block,
+                b"",
+                b"",
+            )
+        })),
+        422,
+        "block device",
+    );
+    put(
+        "fifo",
+        zst(&tar_with(|t| {
+            entry(
+                t,
+                format!("{EP}/pipe").as_bytes(),
+                tar::EntryType::Fifo,
+                b"",
+                b"",
+            )
+        })),
+        422,
+        "FIFO",
+    );
+    put(
+        "sparse-file",
+        zst(&tar_with(|t| {
+            entry(
+                t,
+                format!("{EP}/sparse").as_bytes(),
+                tar::EntryType::GNUSparse,
+                b"",
+                b"",
+            )
+        })),
+        422,
+        "tar",
+    );
+    put(
+        "duplicate-entry",
+        zst(&tar_with(|t| {
+            entry(t, format!("{EP}/data").as_bytes(), reg, b"first", b"");
+            entry(t, format!("{EP}/data").as_bytes(), reg, b"second", b"");
+        })),
+        422,
+        "repeats",
+    );
+    put(
+        "duplicate-meta",
+        zst(&tar_with(|t| {
+            entry(
+                t,
+                format!("{EP}/meta.json").as_bytes(),
+                reg,
+                &meta(COMMIT),
+                b"",
+            )
+        })),
+        422,
+        "repeats",
+    );
+    put(
+        "non-utf8-name",
+        zst(&tar_with(|t| {
+            entry(
+                t,
+                &[b"ep-hostile/\xff\xfe".as_slice()].concat(),
+                reg,
+                b"x",
+                b"",
+            )
+        })),
+        422,
+        "UTF-8",
+    );
     {
         let mut t = Vec::new();
-        entry(&mut t, format!("{EP}/data").as_bytes(), reg, b"no meta here", b"");
+        entry(
+            &mut t,
+            format!("{EP}/data").as_bytes(),
+            reg,
+            b"no meta here",
+            b"",
+        );
         end(&mut t);
         put("missing-meta", zst(&t), 422, "meta.json");
     }
@@ -139,19 +327,38 @@ fn main() {
     }
     {
         let mut t = Vec::new();
-        entry(&mut t, format!("{EP}/meta.json").as_bytes(), reg, b"{\"code_version\": ", b"");
+        entry(
+            &mut t,
+            format!("{EP}/meta.json").as_bytes(),
+            reg,
+            b"{\"code_version\": ",
+            b"",
+        );
         end(&mut t);
         put("invalid-meta", zst(&t), 422, "JSON");
     }
     {
         let mut t = Vec::new();
-        entry(&mut t, format!("{EP}/meta.json").as_bytes(), reg, &meta(&"f".repeat(40)), b"");
+        entry(
+            &mut t,
+            format!("{EP}/meta.json").as_bytes(),
+            reg,
+            &meta(&"f".repeat(40)),
+            b"",
+        );
         end(&mut t);
         put("meta-other-commit", zst(&t), 422, "differs");
     }
     {
-        let body = zst(&tar_with(|t| entry(t, format!("{EP}/data").as_bytes(), reg, &[7u8; 5000], b"")));
-        put("truncated-zstd", body[..body.len() / 2].to_vec(), 422, "zstd");
+        let body = zst(&tar_with(|t| {
+            entry(t, format!("{EP}/data").as_bytes(), reg, &[7u8; 5000], b"")
+        }));
+        put(
+            "truncated-zstd",
+            body[..body.len() / 2].to_vec(),
+            422,
+            "zstd",
+        );
     }
     {
         let a = zst(&tar_with(|_| {}));
@@ -177,18 +384,28 @@ fn main() {
         end(&mut t);
         put("only-end-blocks", zst(&t), 422, "meta.json");
     }
-    put("not-zstd", b"PK\x03\x04 this is a zip file, not zstd".to_vec(), 422, "zstd");
+    put(
+        "not-zstd",
+        b"PK\x03\x04 this is a zip file, not zstd".to_vec(),
+        422,
+        "zstd",
+    );
     {
         let mut t = tar_with(|_| {});
         let n = t.len();
         t[n - 1100] ^= 0xff; // corrupt the meta.json header checksum region
-        put("bad-header-checksum", zst(&tar_with(|t| {
-            let mut h = tar::Header::new_gnu();
-            h.as_mut_bytes()[..5].copy_from_slice(b"ep-ho");
-            h.set_size(0);
-            // No set_cksum: the checksum field stays wrong.
-            t.extend_from_slice(h.as_bytes());
-        })), 422, "tar");
+        put(
+            "bad-header-checksum",
+            zst(&tar_with(|t| {
+                let mut h = tar::Header::new_gnu();
+                h.as_mut_bytes()[..5].copy_from_slice(b"ep-ho");
+                h.set_size(0);
+                // No set_cksum: the checksum field stays wrong.
+                t.extend_from_slice(h.as_bytes());
+            })),
+            422,
+            "tar",
+        );
         let _ = t;
     }
     {
@@ -227,7 +444,11 @@ fn main() {
     }
     expected.sort();
     let mut f = std::fs::File::create(dir.join("EXPECTED")).unwrap();
-    writeln!(f, "# name status needle (generated by tests/src/bin/e2e-corpus.rs)").unwrap();
+    writeln!(
+        f,
+        "# name status needle (generated by tests/src/bin/e2e-corpus.rs)"
+    )
+    .unwrap();
     for e in expected {
         writeln!(f, "{e}").unwrap();
     }

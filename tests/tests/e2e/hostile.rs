@@ -32,7 +32,10 @@ fn rss_peak_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap()))
+        .find_map(|l| {
+            l.strip_prefix("VmHWM:")
+                .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap())
+        })
         .unwrap()
 }
 
@@ -47,9 +50,16 @@ async fn every_hostile_upload_is_refused_and_contained() {
     );
     let c = w.client(p.addr, "labhost-01");
     let mut n = 0;
-    for line in expected.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+    for line in expected
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
         let mut parts = line.splitn(3, ' ');
-        let (name, status, needle) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+        let (name, status, needle) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
         let status: u16 = status.parse().unwrap();
         let body = std::fs::read(corpus.join(format!("{name}.tar.zst"))).unwrap();
         let sha = tar_sha(&body);
@@ -68,24 +78,41 @@ async fn every_hostile_upload_is_refused_and_contained() {
             )
             .await
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(reply.status, status, "{name}: {}", String::from_utf8_lossy(&reply.body));
+        assert_eq!(
+            reply.status,
+            status,
+            "{name}: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
         let msg = reply.json()["message"].as_str().unwrap_or("").to_string();
         assert!(msg.contains(needle), "{name}: {msg:?} lacks {needle:?}");
         n += 1;
     }
     assert!(n >= 30, "corpus has {n} cases");
     let store = w.store_dir();
-    assert!(files_under(&store.join("episodes")).is_empty(), "nothing stored");
+    assert!(
+        files_under(&store.join("episodes")).is_empty(),
+        "nothing stored"
+    );
     assert!(index_rows(&store).is_empty());
     assert!(files_under(&store.join("tmp")).is_empty(), "no temp files");
     for f in files_under(&store) {
-        assert!(f.starts_with("quarantine/") || f == "index.jsonl", "{f} outside quarantine");
+        assert!(
+            f.starts_with("quarantine/") || f == "index.jsonl" || f == ".lock",
+            "{f} outside quarantine"
+        );
     }
     for f in files_under(w.path()) {
-        assert!(!f.contains("escape") && !f.contains("evil"), "{f} written by an upload");
+        assert!(
+            !f.contains("escape") && !f.contains("evil"),
+            "{f} written by an upload"
+        );
     }
     let peak = rss_peak_kib(p.child.id());
-    println!("hostile corpus: {n} cases refused; receiver peak RSS {} MiB", peak / 1024);
+    println!(
+        "hostile corpus: {n} cases refused; receiver peak RSS {} MiB",
+        peak / 1024
+    );
     assert!(peak < 200 * 1024, "receiver peak RSS {peak} KiB");
     // Still healthy afterwards.
     let good = cis490_tests::episode::body(&w.path().join("src"), "ep-fine", COMMIT, 1000);

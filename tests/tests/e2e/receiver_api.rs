@@ -657,3 +657,83 @@ async fn healthz_and_metrics_describe_the_receiver() {
     }
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_episode_is_already_stored_even_after_its_commit_left_the_window() {
+    // A shipper that crashed between the 201 and retiring must be able to retire it later.
+    let mut w = World::new(2);
+    let r = start(
+        &w,
+        &format!(
+            "[version_gate]\nrepo_path = \"{}\"\nwindow = 2\nrefresh_interval_s = 1\n",
+            w.repo.path.display()
+        ),
+    )
+    .await;
+    let c = w.client(r.addr, HOST);
+    let b = episode::body(&w.path().join("src"), "ep-1", &w.commits[0], 1000);
+    assert_eq!(c.put(HOST, &b).await.status, 201);
+    w.repo.commit();
+    w.repo.commit();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let fresh = episode::body(&w.path().join("src"), "ep-probe", &w.commits[0], 10);
+    assert_eq!(
+        c.put(HOST, &fresh).await.status,
+        412,
+        "the old commit is out of the window now"
+    );
+    let again = c.put(HOST, &b).await;
+    assert_eq!(again.status, 200, "{:?}", again.json());
+    assert_eq!(again.json()["status"], "already_stored");
+    let other = episode::body(&w.path().join("src2"), "ep-1", &w.commits[0], 2000);
+    assert_eq!(
+        c.put(HOST, &other).await.status,
+        412,
+        "different bytes from a stale commit: the gate answers"
+    );
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_mid_body_leaves_nothing_behind() {
+    use tokio::io::AsyncWriteExt;
+    let w = World::new(1);
+    let r = start(&w, "").await;
+    let b = episode::body(&w.path().join("src"), "ep-cut", &w.commits[0], 500_000);
+    let me = w.pki.client(HOST);
+    let cfg = cis490_common::tls::client_config(
+        &cis490_common::tls::ClientTlsFiles {
+            ca_file: &w.pki.ca_file,
+            cert_file: &me.cert,
+            key_file: &me.key,
+        },
+        false,
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let head = format!(
+        "PUT /v1/episodes/{HOST}/ep-cut HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\nx-cis490-code-commit: {}\r\nx-cis490-tar-sha256: {}\r\n\r\n",
+        b.bytes.len(), b.commit, b.sha
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&b.bytes[..200_000]).await.unwrap();
+    s.flush().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(s);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        files_under(&w.store_dir().join("quarantine")).is_empty(),
+        "a cut upload is not quarantined"
+    );
+    assert!(files_under(&w.store_dir().join("tmp")).is_empty());
+    assert!(files_under(&w.store_dir().join("episodes")).is_empty());
+    assert_eq!(w.client(r.addr, HOST).put(HOST, &b).await.status, 201);
+    r.stop().await;
+}

@@ -166,6 +166,10 @@ async fn sigterm_with_a_stalled_upload_still_exits_within_ten_seconds() {
         t.elapsed()
     );
     assert!(files_under(&w.store_dir().join("episodes")).is_empty());
+    assert!(
+        files_under(&w.store_dir().join("quarantine")).is_empty(),
+        "an aborted upload is not quarantined"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,4 +475,61 @@ async fn a_full_disk_answers_507_and_leaves_nothing_partial() {
         201,
         "still serving after a full disk"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_receiver_per_store_and_no_reindex_under_a_running_one() {
+    let w = World::new(1);
+    let cfg = w.config("");
+    let p = Process::start(&cfg, &[]);
+    let b = episode::body(&w.path().join("src"), "ep-1", &w.commits[0], 1000);
+    assert_eq!(w.client(p.addr, HOST).put(HOST, &b).await.status, 201);
+    let out = Command::new(receiver_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("store_dir") && err.contains("in use by another cis490-receiver"),
+        "{err}"
+    );
+    let out = Command::new(receiver_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("reindex")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // check-config is safe beside a running receiver: it leaves the store alone.
+    std::fs::write(w.store_dir().join("tmp/in-flight.tmp"), b"someone's upload").unwrap();
+    let out = Command::new(receiver_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(w.store_dir().join("tmp/in-flight.tmp").exists());
+    assert_eq!(index_rows(&w.store_dir()).len(), 1);
+    drop(p);
+    let out = Command::new(receiver_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("reindex")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
 }

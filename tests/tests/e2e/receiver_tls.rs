@@ -121,7 +121,14 @@ async fn identity_comes_from_the_cn_when_there_is_no_dns_san() {
 fn s_client(w: &World, addr: std::net::SocketAddr, version_flag: &str) -> (bool, String) {
     let me = w.pki.client("labhost-01");
     let out = std::process::Command::new("openssl")
-        .args(["s_client", "-connect", &addr.to_string(), "-servername", "localhost", version_flag])
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            "localhost",
+            version_flag,
+        ])
         .args(["-cipher", "DEFAULT:@SECLEVEL=0"])
         .arg("-CAfile")
         .arg(&w.pki.ca_file)
@@ -132,7 +139,11 @@ fn s_client(w: &World, addr: std::net::SocketAddr, version_flag: &str) -> (bool,
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let negotiated = text.contains("Verify return code: 0 (ok)") && !text.contains("alert");
     (negotiated, text)
 }
