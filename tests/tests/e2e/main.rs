@@ -1,5 +1,6 @@
 //! End-to-end tests: real mTLS, real git repositories, real processes. One binary, many modules.
 
+mod crash;
 mod gate;
 mod hostile;
 mod receiver_api;

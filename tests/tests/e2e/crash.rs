@@ -1,0 +1,196 @@
+//! The crash-consistency harness: a backlog of episodes, the shipper and the receiver as real
+//! processes, both SIGKILLed at seeded random instants and restarted until the backlog drains.
+//! CI runs 50 kills; `CIS490_CRASH_KILLS=1000` runs the long version (`--ignored` not needed).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cis490_tests::episode;
+use cis490_tests::harness::{shipper_bin, Process, World};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use sha2::Digest;
+
+use crate::support::{files_under, index_rows};
+
+const HOST: &str = "labhost-01";
+
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn shipper(cfg: &Path) -> Child {
+    Command::new(shipper_bin())
+        .arg("--config")
+        .arg(cfg)
+        .arg("run")
+        .env("CIS490_LOG", "warn")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_shipper_and_receiver_loses_and_duplicates_nothing() {
+    let kills_wanted: usize = std::env::var("CIS490_CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let seed: u64 = std::env::var("CIS490_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("crash harness seed={seed} (replay with CIS490_CRASH_SEED={seed})");
+    let mut rng = Lcg(seed);
+    let w = World::new(2);
+    let port = free_port();
+    let rcfg = w.config("");
+    let text = std::fs::read_to_string(&rcfg).unwrap().replace(
+        "listen = \"127.0.0.1:0\"\nmetrics",
+        &format!("listen = \"127.0.0.1:{port}\"\nmetrics"),
+    );
+    std::fs::write(&rcfg, text).unwrap();
+    let scfg = w.shipper_config(
+        HOST,
+        &format!("https://localhost:{port}"),
+        "[shipping]\nconcurrency = 3\nmax_backoff_s = 1\n",
+    );
+    let eps = w.data_dir(HOST).join("episodes");
+    std::fs::create_dir_all(&eps).unwrap();
+    let n_eps = std::env::var("CIS490_CRASH_EPISODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40usize);
+    for i in 0..n_eps {
+        let size = match rng.below(4) {
+            0 => 64,
+            1 => 30_000,
+            2 => 300_000,
+            _ => 1_200_000 + rng.below(1_500_000) as usize,
+        };
+        let id = format!("ep-{i:04}");
+        let gen = w.path().join("gen");
+        episode::body(&gen, &id, &w.commits[1], size);
+        std::fs::rename(gen.join(&id), eps.join(&id)).unwrap();
+    }
+
+    let mut receiver = Some(Process::start(&rcfg, &[]));
+    let mut ship = Some(shipper(&scfg));
+    let (mut kills, mut receiver_kills, mut shipper_kills) = (0usize, 0usize, 0usize);
+    let started = Instant::now();
+    let budget = Duration::from_secs(60 + kills_wanted as u64 * 2);
+    while kills < kills_wanted {
+        tokio::time::sleep(Duration::from_millis(40 + rng.below(460))).await;
+        let which = rng.below(3);
+        if which != 1 {
+            let mut s = ship.take().unwrap();
+            s.kill().unwrap();
+            let _ = s.wait();
+            shipper_kills += 1;
+            kills += 1;
+        }
+        if which != 0 {
+            let mut r = receiver.take().unwrap();
+            r.child.kill().unwrap();
+            let _ = r.child.wait();
+            drop(r);
+            receiver_kills += 1;
+            kills += 1;
+        }
+        if receiver.is_none() {
+            receiver = Some(Process::start(&rcfg, &[]));
+        }
+        if ship.is_none() {
+            ship = Some(shipper(&scfg));
+        }
+        assert!(started.elapsed() < budget, "crash loop ran past {budget:?}");
+    }
+    // Let the pair drain the backlog undisturbed.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::read_dir(&eps).unwrap().count() > 0 {
+        assert!(Instant::now() < deadline, "backlog never drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut s = ship.take().unwrap();
+    kill(Pid::from_raw(s.id() as i32), Signal::SIGTERM).unwrap();
+    let _ = s.wait();
+    let mut r = receiver.take().unwrap();
+    r.signal(Signal::SIGTERM);
+    assert_eq!(r.wait_exit(Duration::from_secs(10)), Some(0));
+
+    // The oracle.
+    let shipped = w.data_dir(HOST).join("shipped");
+    let names: Vec<String> = std::fs::read_dir(&shipped)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let expected: Vec<String> = (0..n_eps).map(|i| format!("ep-{i:04}")).collect();
+    let lost = expected.iter().filter(|e| !names.contains(e)).count();
+    let quarantined = std::fs::read_dir(w.data_dir(HOST).join("quarantine"))
+        .unwrap()
+        .count();
+    let extra_shipped = names.iter().filter(|n| !expected.contains(n)).count();
+    let rows = index_rows(&w.store_dir());
+    let stored = files_under(&w.store_dir().join("episodes"));
+    let mut duplicated =
+        extra_shipped + rows.len().saturating_sub(n_eps) + stored.len().saturating_sub(n_eps);
+    let mut corrupted = 0;
+    for name in &expected {
+        let mine: Vec<_> = rows
+            .iter()
+            .filter(|r| r["episode_id"] == name.as_str())
+            .collect();
+        if mine.len() != 1 {
+            duplicated += mine.len().saturating_sub(1);
+            continue;
+        }
+        let (p, _) = episode::pack(&shipped.join(name), name);
+        let bytes = std::fs::read(w.store_dir().join(mine[0]["path"].as_str().unwrap())).unwrap();
+        let tar = zstd::decode_all(&bytes[..]).unwrap_or_default();
+        if mine[0]["tar_sha256"] != p.tar_sha256
+            || hex::encode(sha2::Sha256::digest(&tar)) != p.tar_sha256
+        {
+            corrupted += 1;
+        }
+    }
+    let leftovers = files_under(&w.data_dir(HOST).join("outbox")).len()
+        + files_under(&w.store_dir().join("tmp")).len();
+    println!(
+        "crash harness: kills={kills} (shipper {shipper_kills}, receiver {receiver_kills}) episodes={n_eps} lost={lost} duplicated={duplicated} corrupted={corrupted} quarantined={quarantined} leftovers={leftovers} seconds={:.1} seed={seed}",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        (lost, duplicated, corrupted, quarantined, leftovers),
+        (0, 0, 0, 0, 0)
+    );
+    assert_eq!(rows.len(), n_eps, "one index row per stored file");
+    assert_eq!(stored.len(), n_eps);
+}
