@@ -199,9 +199,12 @@ fn append_file<W: Write>(
     let mut reader = ExactReader {
         inner: f.take(len),
         left: len,
+        shrank: false,
     };
     b.append_data(&mut h, name, &mut reader).map_err(|e| {
-        if reader.left > 0 {
+        // Only the reader's own early-EOF is "changed size"; a failed write (a full disk) with
+        // bytes still to read is an I/O error and must say so.
+        if reader.shrank {
             PackError::Changed {
                 path: path.to_path_buf(),
             }
@@ -218,12 +221,14 @@ fn append_file<W: Write>(
 struct ExactReader<R> {
     inner: R,
     left: u64,
+    shrank: bool,
 }
 
 impl<R: Read> Read for ExactReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         if n == 0 && self.left > 0 && !buf.is_empty() {
+            self.shrank = true;
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank"));
         }
         self.left -= n as u64;
@@ -339,6 +344,37 @@ mod tests {
             zstd::decode_all(&za[..]).unwrap(),
             zstd::decode_all(&zb[..]).unwrap()
         );
+    }
+
+    #[test]
+    fn a_failing_writer_is_an_io_error_not_a_changed_file() {
+        #[derive(Debug)]
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::from(io::ErrorKind::StorageFull))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let t = tempfile::tempdir().unwrap();
+        let d = episode(t.path());
+        fs::write(d.join("big"), vec![1u8; 4 << 20]).unwrap();
+        let e = pack(
+            &d,
+            "ep1",
+            Full,
+            Compression {
+                level: 1,
+                threads: 1,
+            },
+        )
+        .unwrap_err();
+        match e {
+            PackError::Io { source, .. } => assert_eq!(source.kind(), io::ErrorKind::StorageFull),
+            other => panic!("{other}"),
+        }
     }
 
     #[test]

@@ -450,3 +450,93 @@ async fn retention_runs_at_start_then_at_most_once_per_interval() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_while_packing_leaves_no_corrupt_tarball_and_recovers() {
+    let probe = std::process::Command::new("unshare")
+        .args(["-m", "true"])
+        .status();
+    if !matches!(probe, Ok(s) if s.success()) {
+        eprintln!("SKIP: cannot create a mount namespace here");
+        return;
+    }
+    let w = World::new(1);
+    let r = crate::support::start(&w, "").await;
+    let data = w.data_dir(HOST);
+    std::fs::create_dir_all(&data).unwrap();
+    let cfg = w.shipper_config(
+        HOST,
+        &format!("https://localhost:{}", r.addr.port()),
+        "[shipping]\nzstd_level = 1\n",
+    );
+    // 700 KB of noise: the episode fits in 1 MiB, its tarball next to it does not.
+    let noise = episode::body(&w.path().join("n"), "n", &w.commits[0], 700_000);
+    let src = episode::write(
+        &w.path().join("src"),
+        "ep-big",
+        &w.commits[0],
+        &[("noise", &noise.bytes[..700_000.min(noise.bytes.len())])],
+    );
+    let report = w.path().join("report.txt");
+    let script = w.path().join("small-disk.sh");
+    std::fs::write(
+        &script,
+        format!(
+            r#"#!/bin/sh
+set -u
+mount --make-rprivate / 2>/dev/null || true
+mount -t tmpfs -o size=1m tmpfs '{data}'
+mkdir -p '{data}/episodes' && cp -a '{src}' '{data}/episodes/'
+sha_before=$(cd '{data}/episodes/ep-big' && cat meta.json noise | sha256sum)
+'{bin}' --config '{cfg}' once 2>'{logdir}/full.log'; echo "first_exit=$?" >>'{report}'
+echo "outbox_after_full=$(ls -A '{data}/outbox' | tr '\n' ' ')" >>'{report}'
+sha_after=$(cd '{data}/episodes/ep-big' && cat meta.json noise | sha256sum)
+[ "$sha_before" = "$sha_after" ] && echo "episode_intact=yes" >>'{report}'
+mount -o remount,size=8m '{data}'
+'{bin}' --config '{cfg}' once 2>'{logdir}/ok.log'; echo "second_exit=$?" >>'{report}'
+echo "shipped=$(ls '{data}/shipped' | tr '\n' ' ')" >>'{report}'
+"#,
+            data = data.display(),
+            src = src.display(),
+            bin = cis490_tests::harness::shipper_bin().display(),
+            cfg = cfg.display(),
+            report = report.display(),
+            logdir = w.path().display(),
+        ),
+    )
+    .unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("unshare")
+            .arg("-m")
+            .arg("sh")
+            .arg(&script)
+            .status()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(status.success());
+    let rep = std::fs::read_to_string(&report).unwrap();
+    let full_log = std::fs::read_to_string(w.path().join("full.log")).unwrap_or_default();
+    assert!(
+        rep.contains("first_exit=1"),
+        "packing on a full disk is transient:\n{rep}\n{full_log}"
+    );
+    assert!(
+        full_log.contains("No space left") || full_log.contains("space"),
+        "{full_log}"
+    );
+    assert!(
+        rep.contains("outbox_after_full= \n") || rep.contains("outbox_after_full=\n"),
+        "no partial or corrupt tarball left:\n{rep}"
+    );
+    assert!(rep.contains("episode_intact=yes"), "{rep}");
+    assert!(
+        rep.contains("second_exit=0"),
+        "{rep}\n{}",
+        std::fs::read_to_string(w.path().join("ok.log")).unwrap_or_default()
+    );
+    assert!(rep.contains("shipped=ep-big"), "{rep}");
+    assert_eq!(index_rows(&w.store_dir()).len(), 1);
+    r.stop().await;
+}
