@@ -478,6 +478,83 @@ async fn gate_benches() {
     println!("gate.check_endpoint requests=20000 connections=16 gate_on_per_s={on:.0} gate_off_per_s={off:.0}");
 }
 
+/// Held load: 64 kept-alive connections uploading small episodes for `secs` seconds, plus a
+/// handful of slow clients holding connections open; reports rate, latency, errors and RSS.
+async fn load_bench(secs: u64) {
+    let w = World::new(3);
+    let p = Process::start(&w.config("[limits]\nmax_concurrent_uploads = 64\nheader_timeout_s = 5\n"), &[]);
+    let commit = w.commits[2].clone();
+    // Slowloris clients: TLS up, half a request line, then nothing.
+    let mut slow = Vec::new();
+    for _ in 0..16 {
+        let me = w.pki.client(HOST);
+        let cfg = cis490_common::tls::client_config(
+            &cis490_common::tls::ClientTlsFiles { ca_file: &w.pki.ca_file, cert_file: &me.cert, key_file: &me.key },
+            false,
+        )
+        .unwrap();
+        let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        use tokio::io::AsyncWriteExt;
+        let _ = s.write_all(b"PUT /v1/episodes/labhost-01/slow HTTP/1.1\r\nhost: loc").await;
+        slow.push(s);
+    }
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for k in 0..64 {
+        let mut c = connect(&w, p.addr).await;
+        let commit = commit.clone();
+        let counter = counter.clone();
+        let dir = w.path().join(format!("load-{k}"));
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0usize;
+            while Instant::now() < stop {
+                let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let id = format!("ld-{i:07}");
+                let d = dir.join(&id);
+                std::fs::create_dir_all(&d).unwrap();
+                std::fs::write(d.join("meta.json"), format!(r#"{{"code_version":{{"commit":"{commit}"}}}}"#)).unwrap();
+                std::fs::write(d.join("data.bin"), data(16 * 1024, i as u64)).unwrap();
+                let (pk, bytes) = cis490_shipper::pack::pack(&d, &id, Vec::new(), Default::default()).unwrap();
+                let _ = std::fs::remove_dir_all(&d);
+                let b = episode::Body { id, commit: commit.clone(), sha: pk.tar_sha256, bytes };
+                let t = Instant::now();
+                if put(&mut c, &b).await == 201 {
+                    lat.push(t.elapsed());
+                } else {
+                    errors += 1;
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.unwrap();
+        lat.extend(l);
+        errors += e;
+    }
+    let el = t.elapsed();
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", p.child.id())).map(|d| d.count()).unwrap_or(0);
+    println!(
+        "load connections=64 slowloris=16 seconds={:.0} stored={} per_s={:.0} p50_ms={:.1} p99_ms={:.1} errors={errors} receiver_peak_rss_MiB={:.1} open_fds_after={fds}",
+        el.as_secs_f64(),
+        lat.len(),
+        lat.len() as f64 / el.as_secs_f64(),
+        pct(&mut lat, 0.5).as_secs_f64() * 1e3,
+        pct(&mut lat, 0.99).as_secs_f64() * 1e3,
+        rss_kib(p.child.id(), "VmHWM:") as f64 / 1024.0
+    );
+    drop(slow);
+}
+
 #[tokio::main]
 async fn main() {
     // CIS490_BENCH_SCALE=N divides the sizes for a quick smoke run.
@@ -489,6 +566,11 @@ async fn main() {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     if which == "all" || which == "receiver" {
         receiver_benches(scale).await;
+    }
+    if which == "load" {
+        let secs = std::env::args().nth(2).and_then(|v| v.parse().ok()).unwrap_or(60);
+        load_bench(secs).await;
+        return;
     }
     if which == "all" || which == "gate" {
         gate_benches().await;
