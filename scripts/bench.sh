@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh >/dev/null
+[[ ${1:-all} == compare ]] && scripts/install-bench-deps.sh
 cargo build --release --locked -q -p cis490-tests --bins
 echo "# $(date -u +%FT%TZ) $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, rustc $(rustc --version | cut -d' ' -f2)"
 exec target/release/e2e-bench "${1:-all}" "${@:2}"

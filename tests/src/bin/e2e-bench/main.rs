@@ -11,6 +11,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 
+mod compare;
+
 use cis490_tests::episode;
 use cis490_tests::harness::{bin, Process, World};
 
@@ -482,14 +484,21 @@ async fn gate_benches() {
 /// handful of slow clients holding connections open; reports rate, latency, errors and RSS.
 async fn load_bench(secs: u64) {
     let w = World::new(3);
-    let p = Process::start(&w.config("[limits]\nmax_concurrent_uploads = 64\nheader_timeout_s = 5\n"), &[]);
+    let p = Process::start(
+        &w.config("[limits]\nmax_concurrent_uploads = 64\nheader_timeout_s = 5\n"),
+        &[],
+    );
     let commit = w.commits[2].clone();
     // Slowloris clients: TLS up, half a request line, then nothing.
     let mut slow = Vec::new();
     for _ in 0..16 {
         let me = w.pki.client(HOST);
         let cfg = cis490_common::tls::client_config(
-            &cis490_common::tls::ClientTlsFiles { ca_file: &w.pki.ca_file, cert_file: &me.cert, key_file: &me.key },
+            &cis490_common::tls::ClientTlsFiles {
+                ca_file: &w.pki.ca_file,
+                cert_file: &me.cert,
+                key_file: &me.key,
+            },
             false,
         )
         .unwrap();
@@ -499,7 +508,9 @@ async fn load_bench(secs: u64) {
             .await
             .unwrap();
         use tokio::io::AsyncWriteExt;
-        let _ = s.write_all(b"PUT /v1/episodes/labhost-01/slow HTTP/1.1\r\nhost: loc").await;
+        let _ = s
+            .write_all(b"PUT /v1/episodes/labhost-01/slow HTTP/1.1\r\nhost: loc")
+            .await;
         slow.push(s);
     }
     let stop = Instant::now() + Duration::from_secs(secs);
@@ -519,11 +530,21 @@ async fn load_bench(secs: u64) {
                 let id = format!("ld-{i:07}");
                 let d = dir.join(&id);
                 std::fs::create_dir_all(&d).unwrap();
-                std::fs::write(d.join("meta.json"), format!(r#"{{"code_version":{{"commit":"{commit}"}}}}"#)).unwrap();
+                std::fs::write(
+                    d.join("meta.json"),
+                    format!(r#"{{"code_version":{{"commit":"{commit}"}}}}"#),
+                )
+                .unwrap();
                 std::fs::write(d.join("data.bin"), data(16 * 1024, i as u64)).unwrap();
-                let (pk, bytes) = cis490_shipper::pack::pack(&d, &id, Vec::new(), Default::default()).unwrap();
+                let (pk, bytes) =
+                    cis490_shipper::pack::pack(&d, &id, Vec::new(), Default::default()).unwrap();
                 let _ = std::fs::remove_dir_all(&d);
-                let b = episode::Body { id, commit: commit.clone(), sha: pk.tar_sha256, bytes };
+                let b = episode::Body {
+                    id,
+                    commit: commit.clone(),
+                    sha: pk.tar_sha256,
+                    bytes,
+                };
                 let t = Instant::now();
                 if put(&mut c, &b).await == 201 {
                     lat.push(t.elapsed());
@@ -542,7 +563,9 @@ async fn load_bench(secs: u64) {
         errors += e;
     }
     let el = t.elapsed();
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", p.child.id())).map(|d| d.count()).unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", p.child.id()))
+        .map(|d| d.count())
+        .unwrap_or(0);
     println!(
         "load connections=64 slowloris=16 seconds={:.0} stored={} per_s={:.0} p50_ms={:.1} p99_ms={:.1} errors={errors} receiver_peak_rss_MiB={:.1} open_fds_after={fds}",
         el.as_secs_f64(),
@@ -567,8 +590,19 @@ async fn main() {
     if which == "all" || which == "receiver" {
         receiver_benches(scale).await;
     }
+    if which == "compare" {
+        let reps = std::env::args()
+            .nth(2)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3);
+        compare::run(reps, scale);
+        return;
+    }
     if which == "load" {
-        let secs = std::env::args().nth(2).and_then(|v| v.parse().ok()).unwrap_or(60);
+        let secs = std::env::args()
+            .nth(2)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60);
         load_bench(secs).await;
         return;
     }

@@ -1,0 +1,483 @@
+//! cis490 against the pipeline a lab admin would otherwise script:
+//! `tar -cf - ID | zstd -3 -T0 | curl --cert ... -T - https://nginx/...` into nginx with
+//! `dav_methods PUT` and `ssl_verify_client on`. Same data, same certificates, same machine, one
+//! run, alternating sides; state reset between runs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cis490_tests::harness::{bin, Process, World};
+
+const HOST: &str = "labhost-01";
+
+/// user+sys seconds of one process (all its threads), from /proc.
+fn cpu_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the command name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|a| a.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn hwm_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmHWM:").map(|v| {
+                v.trim()
+                    .trim_end_matches(" kB")
+                    .trim()
+                    .parse::<f64>()
+                    .unwrap_or(0.0)
+            })
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// CPU seconds and max RSS of waited-for children so far (rusage).
+fn children_usage() -> (f64, f64) {
+    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    (
+        secs(u.user_time()) + secs(u.system_time()),
+        u.max_rss() as f64 / 1024.0,
+    )
+}
+
+/// Seeded bytes: compressible sensor-log text or incompressible frames.
+fn gen(kind: u8, size: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut out = Vec::with_capacity(size + 128);
+    if kind == 0 {
+        let mut t = 0u64;
+        while out.len() < size {
+            t += 1;
+            let r = next();
+            out.extend_from_slice(
+                format!(
+                    "{t},{:.4},{:.4},{:.4},{},ok\n",
+                    (r % 10_000) as f64 / 1e3,
+                    ((r >> 16) % 10_000) as f64 / 1e3,
+                    ((r >> 32) % 10_000) as f64 / 1e3,
+                    r % 7
+                )
+                .as_bytes(),
+            );
+        }
+    } else {
+        while out.len() < size {
+            out.extend_from_slice(&next().to_le_bytes());
+        }
+    }
+    out.truncate(size);
+    out
+}
+
+struct Workload {
+    name: &'static str,
+    dir: PathBuf,
+    episodes: usize,
+    bytes: u64,
+}
+
+fn make_workload(
+    root: &Path,
+    name: &'static str,
+    n: usize,
+    log_bytes: usize,
+    frame_bytes: usize,
+    commit: &str,
+) -> Workload {
+    let dir = root.join(format!("workload-{name}"));
+    let mut bytes = 0;
+    for i in 0..n {
+        let d = dir.join(format!("{name}-{i:05}"));
+        std::fs::create_dir_all(d.join("camera")).unwrap();
+        let meta = format!("{{\"episode_id\": \"{name}-{i:05}\", \"code_version\": {{\"commit\": \"{commit}\"}}}}\n");
+        std::fs::write(d.join("meta.json"), &meta).unwrap();
+        let log = gen(0, log_bytes, i as u64 * 2 + 1);
+        let frames = gen(1, frame_bytes, i as u64 * 2 + 2);
+        std::fs::write(d.join("joints.csv"), &log).unwrap();
+        std::fs::write(d.join("camera/frames.bin"), &frames).unwrap();
+        bytes += (meta.len() + log.len() + frames.len()) as u64;
+    }
+    Workload {
+        name,
+        dir,
+        episodes: n,
+        bytes,
+    }
+}
+
+struct Sample {
+    wall: f64,
+    client_cpu: f64,
+    server_cpu: f64,
+    client_rss: f64,
+    server_rss: f64,
+}
+
+fn nginx_conf(w: &World, dir: &Path, port: u16) -> PathBuf {
+    let conf = dir.join("nginx.conf");
+    std::fs::create_dir_all(dir.join("www/upload")).unwrap();
+    std::fs::write(
+        &conf,
+        format!(
+            r#"{user}worker_processes 2;
+daemon off;
+master_process on;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_client_certificate {ca};
+        ssl_verify_client on;
+        client_max_body_size 0;
+        location /upload/ {{
+            root {d}/www;
+            dav_methods PUT;
+            create_full_put_path on;
+        }}
+    }}
+}}
+"#,
+            // As root, workers would drop to `nobody` and could not write the test's dirs.
+            user = if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap())
+                == 0
+            {
+                "user root root;\n"
+            } else {
+                ""
+            },
+            d = dir.display(),
+            cert = w.server.cert.display(),
+            key = w.server.key.display(),
+            ca = w.pki.ca_file.display(),
+        ),
+    )
+    .unwrap();
+    conf
+}
+
+fn start_nginx(conf: &Path, dir: &Path) -> Child {
+    let child = Command::new("nginx")
+        .args(["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx runs (scripts/bench.sh compare installs it)");
+    std::thread::sleep(Duration::from_millis(300));
+    child
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run_peer(w: &World, wl: &Workload, parallel: usize) -> Sample {
+    let dir = w.path().join("nginx");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let conf = nginx_conf(w, &dir, port);
+    let mut nginx = start_nginx(&conf, &dir);
+    let workers = children_of(nginx.id());
+    let me = w.pki.client(HOST);
+    let one = format!(
+        "tar -C '{wd}' -cf - \"$1\" | zstd -3 -T0 -q -c | curl -sS --fail --cacert '{ca}' --cert '{cert}' --key '{key}' -T - -o /dev/null https://localhost:{port}/upload/\"$1\".tar.zst",
+        wd = wl.dir.display(),
+        ca = w.pki.ca_file.display(),
+        cert = me.cert.display(),
+        key = me.key.display(),
+    );
+    let script = format!(
+        "ls '{}' | xargs -P {parallel} -I{{}} sh -c '{}' _ {{}}",
+        wl.dir.display(),
+        one.replace('\'', "'\\''")
+    );
+    // A fresh python3 parent reports its descendants' CPU and peak RSS (getrusage), so earlier
+    // children of this process do not count.
+    let t = Instant::now();
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import resource,subprocess,sys\nr=subprocess.run(['sh','-c',sys.argv[1]])\nu=resource.getrusage(resource.RUSAGE_CHILDREN)\nprint(r.returncode,u.ru_utime+u.ru_stime,u.ru_maxrss)",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    let wall = t.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let f: Vec<f64> = text
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    assert!(
+        f.len() == 3 && f[0] == 0.0,
+        "peer pipeline failed: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (cpu0, cpu1, rss) = (0.0, f[1], f[2] / 1024.0);
+    let server_cpu = cpu_of(nginx.id()) + workers.iter().map(|p| cpu_of(*p)).sum::<f64>();
+    let server_rss = workers
+        .iter()
+        .map(|p| hwm_mib(*p))
+        .fold(hwm_mib(nginx.id()), f64::max);
+    let stored = std::fs::read_dir(dir.join("www/upload")).unwrap().count();
+    assert_eq!(stored, wl.episodes, "nginx stored every upload");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(nginx.id() as i32),
+        nix::sys::signal::Signal::SIGQUIT,
+    );
+    let _ = nginx.wait();
+    Sample {
+        wall,
+        client_cpu: cpu1 - cpu0,
+        server_cpu,
+        client_rss: rss,
+        server_rss,
+    }
+}
+
+fn run_cis490(w: &World, wl: &Workload, round: usize) -> Sample {
+    let store = w.path().join(format!("store-{round}"));
+    let cfg = w.config(&format!(
+        "[version_gate]\nrepo_path = \"{}\"\n",
+        w.repo.path.display()
+    ));
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &w.store_dir().display().to_string(),
+        &store.display().to_string(),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let p = Process::start(&cfg, &[]);
+    let data = w.path().join(format!("lab-{round}"));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(data.join("episodes")).unwrap();
+    // Hard links: the shipper moves directories, never rewrites files.
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cp -al '{}'/. '{}/episodes/'",
+            wl.dir.display(),
+            data.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let scfg = w.shipper_config(
+        HOST,
+        &format!("https://localhost:{}", p.addr.port()),
+        "[shipping]\nconcurrency = 2\nzstd_threads = 0\nsettle_s = 0\n",
+    );
+    let text = std::fs::read_to_string(&scfg).unwrap().replace(
+        &w.data_dir(HOST).display().to_string(),
+        &data.display().to_string(),
+    );
+    std::fs::write(&scfg, text).unwrap();
+    let cpu_r0 = cpu_of(p.child.id());
+    let (cpu0, _) = children_usage();
+    let t = Instant::now();
+    let mut child = Command::new(bin("e2e-shipper"))
+        .arg("--config")
+        .arg(&scfg)
+        .arg("once")
+        .env("CIS490_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut peak = 0.0f64;
+    let code = loop {
+        peak = peak.max(hwm_mib(child.id()));
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code().unwrap_or(-1);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let wall = t.elapsed().as_secs_f64();
+    assert_eq!(code, 0, "shipper once failed");
+    let (cpu1, _) = children_usage();
+    let server_cpu = cpu_of(p.child.id()) - cpu_r0;
+    let server_rss = hwm_mib(p.child.id());
+    assert_eq!(
+        std::fs::read_dir(data.join("shipped")).unwrap().count(),
+        wl.episodes
+    );
+    drop(p);
+    let _ = std::fs::remove_dir_all(&store);
+    let _ = std::fs::remove_dir_all(&data);
+    Sample {
+        wall,
+        client_cpu: cpu1 - cpu0,
+        server_cpu,
+        client_rss: peak,
+        server_rss,
+    }
+}
+
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (s[s.len() / 2], s[0], s[s.len() - 1])
+}
+
+fn report(wl: &Workload, side: &str, samples: &[Sample]) -> (f64, f64, f64) {
+    let walls: Vec<f64> = samples.iter().map(|s| s.wall).collect();
+    let (w, wmin, wmax) = stats(&walls);
+    let cpu: Vec<f64> = samples
+        .iter()
+        .map(|s| s.client_cpu + s.server_cpu)
+        .collect();
+    let (c, cmin, cmax) = stats(&cpu);
+    let crss = samples.iter().map(|s| s.client_rss).fold(0.0, f64::max);
+    let srss = samples.iter().map(|s| s.server_rss).fold(0.0, f64::max);
+    let mbps = wl.bytes as f64 / 1e6 / w;
+    let eps = wl.episodes as f64 / w;
+    let client: f64 = samples.iter().map(|s| s.client_cpu).sum::<f64>() / samples.len() as f64;
+    let server: f64 = samples.iter().map(|s| s.server_cpu).sum::<f64>() / samples.len() as f64;
+    println!(
+        "compare.{} side={side} runs={} wall_s={w:.2} ({wmin:.2}-{wmax:.2}) input_MBps={mbps:.0} episodes_per_s={eps:.0} cpu_s={c:.2} ({cmin:.2}-{cmax:.2}; client {client:.2}, server {server:.2}) cpu_s_per_GB={:.2} client_peak_rss_MiB={crss:.1} server_peak_rss_MiB={srss:.1}",
+        wl.name,
+        samples.len(),
+        c / (wl.bytes as f64 / 1e9)
+    );
+    (w, c, eps)
+}
+
+fn machine_limits(w: &World) {
+    let sample = w.path().join("limits.bin");
+    let mut data = gen(0, 100 << 20, 7);
+    data.extend(gen(1, 100 << 20, 8));
+    std::fs::write(&sample, &data).unwrap();
+    let mb = data.len() as f64 / 1e6;
+    let time = |cmd: &str| {
+        let t = Instant::now();
+        let st = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
+        assert!(st.success(), "{cmd}");
+        t.elapsed().as_secs_f64()
+    };
+    let s = sample.display();
+    let z1 = time(&format!("zstd -3 -T1 -q -c '{s}' >/dev/null"));
+    let z2 = time(&format!("zstd -3 -T2 -q -c '{s}' >/dev/null"));
+    let sha = time(&format!("sha256sum '{s}' >/dev/null"));
+    let fs = time(&format!(
+        "dd if='{s}' of='{}' bs=1M conv=fsync status=none",
+        w.path().join("fsync.bin").display()
+    ));
+    let dir = w.path().join("nginx-limits");
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let conf = nginx_conf(w, &dir, port);
+    let mut nginx = start_nginx(&conf, &dir);
+    let me = w.pki.client(HOST);
+    let curl = time(&format!(
+        "curl -sS --fail --cacert '{}' --cert '{}' --key '{}' -T '{s}' -o /dev/null https://localhost:{port}/upload/x",
+        w.pki.ca_file.display(),
+        me.cert.display(),
+        me.key.display()
+    ));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(nginx.id() as i32),
+        nix::sys::signal::Signal::SIGQUIT,
+    );
+    let _ = nginx.wait();
+    println!(
+        "limits zstd3_T1_MBps={:.0} zstd3_T2_MBps={:.0} sha256_MBps={:.0} fsync_write_MBps={:.0} curl_put_tls_MBps={:.0}",
+        mb / z1,
+        mb / z2,
+        mb / sha,
+        mb / fs,
+        mb / curl
+    );
+}
+
+pub fn run(reps: usize, scale: usize) {
+    let w = World::new(3);
+    machine_limits(&w);
+    let large = make_workload(
+        w.path(),
+        "large",
+        40 / scale.min(10),
+        10 << 20,
+        15 << 20,
+        &w.commits[2],
+    );
+    let small = make_workload(
+        w.path(),
+        "small",
+        5000 / scale,
+        8 << 10,
+        8 << 10,
+        &w.commits[2],
+    );
+    for wl in [&large, &small] {
+        let (mut a, mut b1, mut b2) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..reps {
+            // Alternate which side goes first so neither always gets the warm cache.
+            if round % 2 == 0 {
+                a.push(run_cis490(&w, wl, round));
+                b1.push(run_peer(&w, wl, 1));
+                b2.push(run_peer(&w, wl, 2));
+            } else {
+                b2.push(run_peer(&w, wl, 2));
+                b1.push(run_peer(&w, wl, 1));
+                a.push(run_cis490(&w, wl, round));
+            }
+        }
+        let (wa, ca, ea) = report(wl, "cis490", &a);
+        let (w1, c1, e1) = report(wl, "tar|zstd|curl>nginx sequential", &b1);
+        let (w2, c2, e2) = report(wl, "tar|zstd|curl>nginx 2-way", &b2);
+        let (best_w, best_c, best_e) = if w1 < w2 { (w1, c1, e1) } else { (w2, c2, e2) };
+        println!(
+            "compare.{} ratio cis490/best_peer throughput={:.2}x cpu={:.2}x episodes_per_s={:.2}x",
+            wl.name,
+            best_w / wa,
+            ca / best_c,
+            ea / best_e
+        );
+    }
+}
