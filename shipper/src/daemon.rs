@@ -37,6 +37,15 @@ pub fn backoff_delay(
     }
 }
 
+/// `zstd_threads = 0` means "all cores" for the host, shared by the `concurrency` packs that may
+/// run at once, so packing never oversubscribes the cores (nor multiplies zstd's buffers).
+pub fn zstd_threads_per_pack(configured: u32, concurrency: usize, cores: usize) -> u32 {
+    if configured > 0 {
+        return configured;
+    }
+    (cores / concurrency.max(1)).max(1) as u32
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Retry {
     attempts: u32,
@@ -105,7 +114,11 @@ impl Shipper {
     fn compression(&self) -> Compression {
         Compression {
             level: self.cfg.shipping.zstd_level,
-            threads: self.cfg.shipping.zstd_threads,
+            threads: zstd_threads_per_pack(
+                self.cfg.shipping.zstd_threads,
+                self.cfg.shipping.concurrency,
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ),
         }
     }
 
@@ -564,6 +577,18 @@ impl Shipper {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_zstd_threads_share_the_cores_between_packs() {
+        assert_eq!(zstd_threads_per_pack(0, 2, 2), 1);
+        assert_eq!(zstd_threads_per_pack(0, 2, 8), 4);
+        assert_eq!(zstd_threads_per_pack(0, 4, 2), 1);
+        assert_eq!(
+            zstd_threads_per_pack(3, 2, 2),
+            3,
+            "an explicit value is kept"
+        );
+    }
 
     #[test]
     fn backoff_grows_caps_and_honours_retry_after() {

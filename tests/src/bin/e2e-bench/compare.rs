@@ -454,7 +454,11 @@ pub fn run(reps: usize, scale: usize) {
         8 << 10,
         &w.commits[2],
     );
+    let only = std::env::var("CIS490_COMPARE_ONLY").unwrap_or_default();
     for wl in [&large, &small] {
+        if !only.is_empty() && only != wl.name {
+            continue;
+        }
         let (mut a, mut b1, mut b2) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..reps {
             // Alternate which side goes first so neither always gets the warm cache.
