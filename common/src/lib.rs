@@ -1,6 +1,7 @@
 //! Protocol pieces both daemons agree on: identifiers, header names, commit parsing, the
 //! `meta.json` reader, TLS loading, the systemd notify wrapper and the one durable-write helper.
 
+pub mod config_file;
 pub mod durable;
 pub mod headers;
 pub mod ids;

@@ -154,56 +154,21 @@ impl Default for QuarantineConfig {
     }
 }
 
-/// A configuration problem, rendered as one line naming the file and the key.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: {key}: {message}")]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub key: String,
-    pub message: String,
-}
+pub use cis490_common::config_file::ConfigError;
 
-impl ConfigError {
-    pub fn new(file: &Path, key: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError {
-            file: file.to_path_buf(),
-            key: key.into(),
-            message: message.into(),
-        }
-    }
-}
-
-/// Where the config comes from: `--config`, then `$CIS490_RECEIVER_CONFIG`, then the default.
+/// Where the config comes from: `--config`, then the environment variable, then the default.
 pub fn resolve_path(flag: Option<PathBuf>, env: Option<std::ffi::OsString>) -> PathBuf {
-    flag.or_else(|| env.filter(|v| !v.is_empty()).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
-}
-
-/// Turns a toml error into one line: the key (or the line it sits on) and the reason.
-pub fn toml_error(file: &Path, text: &str, err: &toml::de::Error) -> ConfigError {
-    let message = err.message().replace('\n', " ");
-    let key = match err.span() {
-        Some(span) => {
-            let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
-            let name = line.split('=').next().unwrap_or(line).trim();
-            format!("line {line_no} `{name}`")
-        }
-        None => "(document)".to_string(),
-    };
-    ConfigError::new(file, key, message)
+    cis490_common::config_file::resolve_path(flag, env, DEFAULT_PATH)
 }
 
 impl Config {
     /// Reads and parses the file; semantic checks are [`Config::validate`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(path, "(file)", format!("cannot read: {e}")))?;
-        Self::parse(path, &text)
+        Self::parse(path, &cis490_common::config_file::read(path)?)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| toml_error(path, text, &e))
+        cis490_common::config_file::parse_toml(path, text)
     }
 
     /// Checks values that parse but cannot work. File-touching checks live in `validate_files`.

@@ -67,9 +67,11 @@ ensure_dir() { # dir mode
   fi
 }
 
-# Lists files of a tree (without build output and installed binaries) with their content hash.
+# Lists files of a tree (without build output, fuzzing state and installed binaries) with their
+# content hash.
 tree_fingerprint() {
-  (cd "$1" && find . \( -path ./target -o -path ./bin -o -path ./demo-run \) -prune -o -type f -print0 \
+  (cd "$1" && find . \( -path ./target -o -path ./bin -o -path ./demo-run -o -path ./fuzz/target \
+    -o -path ./fuzz/corpus -o -path ./fuzz/artifacts \) -prune -o -type f -print0 \
     | LC_ALL=C sort -z | xargs -0 -r sha256sum)
 }
 
@@ -84,7 +86,8 @@ sync_checkout() {
   have=$( [[ -d $INSTALL ]] && tree_fingerprint "$INSTALL" || true)
   [[ $want == "$have" ]] && return
   mkdir -p "$INSTALL"
-  tar -C "$SRC" --exclude=./target --exclude=./bin --exclude=./demo-run -cf - . | tar -C "$INSTALL" -xf -
+  tar -C "$SRC" --exclude=./target --exclude=./bin --exclude=./demo-run --exclude=./fuzz/target \
+    --exclude=./fuzz/corpus --exclude=./fuzz/artifacts -cf - . | tar -C "$INSTALL" -xf -
   # Files deleted from the source go from the install root too.
   comm -13 <(cut -c67- <<<"$want") <(tree_fingerprint "$INSTALL" | cut -c67-) | while IFS= read -r f; do
     rm -f -- "$INSTALL/$f"

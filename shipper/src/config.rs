@@ -107,53 +107,20 @@ impl Default for Retention {
     }
 }
 
-/// A configuration problem, rendered as one line naming the file and the key.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: {key}: {message}")]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub key: String,
-    pub message: String,
-}
+pub use cis490_common::config_file::ConfigError;
 
-impl ConfigError {
-    pub fn new(file: &Path, key: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError {
-            file: file.to_path_buf(),
-            key: key.into(),
-            message: message.into(),
-        }
-    }
-}
-
+/// Where the config comes from: `--config`, then the environment variable, then the default.
 pub fn resolve_path(flag: Option<PathBuf>, env: Option<std::ffi::OsString>) -> PathBuf {
-    flag.or_else(|| env.filter(|v| !v.is_empty()).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+    cis490_common::config_file::resolve_path(flag, env, DEFAULT_PATH)
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(path, "(file)", format!("cannot read: {e}")))?;
-        Self::parse(path, &text)
+        Self::parse(path, &cis490_common::config_file::read(path)?)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| {
-            let message = e.message().replace('\n', " ");
-            let key = match e.span() {
-                Some(span) => {
-                    let n = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                    let line = text.lines().nth(n - 1).unwrap_or("").trim();
-                    format!(
-                        "line {n} `{}`",
-                        line.split('=').next().unwrap_or(line).trim()
-                    )
-                }
-                None => "(document)".into(),
-            };
-            ConfigError::new(path, key, message)
-        })?;
+        let cfg: Config = cis490_common::config_file::parse_toml(path, text)?;
         cfg.validate(path)?;
         Ok(cfg)
     }

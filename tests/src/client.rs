@@ -176,3 +176,26 @@ impl Client {
         .expect("request completes")
     }
 }
+
+/// A bare TLS stream to the receiver presenting `me`, for requests written by hand (slow
+/// clients, partial bodies, disconnects).
+pub async fn raw_tls(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    me: &CertFiles,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let cfg = tls::client_config(
+        &tls::ClientTlsFiles {
+            ca_file: ca,
+            cert_file: &me.cert,
+            key_file: &me.key,
+        },
+        false,
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}

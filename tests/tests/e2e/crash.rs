@@ -16,20 +16,6 @@ use crate::support::{files_under, index_rows};
 
 const HOST: &str = "labhost-01";
 
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn shipper(cfg: &Path) -> Child {
     Command::new(shipper_bin())
         .arg("--config")
@@ -58,17 +44,9 @@ async fn killing_shipper_and_receiver_loses_and_duplicates_nothing() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
-    let seed: u64 = std::env::var("CIS490_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = cis490_tests::harness::crash_seed();
     println!("crash harness seed={seed} (replay with CIS490_CRASH_SEED={seed})");
-    let mut rng = Lcg(seed);
+    let mut rng = cis490_tests::harness::Lcg(seed);
     let w = World::new(2);
     let port = free_port();
     let rcfg = w.config("");

@@ -700,24 +700,7 @@ async fn a_client_that_disconnects_mid_body_leaves_nothing_behind() {
     let w = World::new(1);
     let r = start(&w, "").await;
     let b = episode::body(&w.path().join("src"), "ep-cut", &w.commits[0], 500_000);
-    let me = w.pki.client(HOST);
-    let cfg = cis490_common::tls::client_config(
-        &cis490_common::tls::ClientTlsFiles {
-            ca_file: &w.pki.ca_file,
-            cert_file: &me.cert,
-            key_file: &me.key,
-        },
-        false,
-    )
-    .unwrap();
-    let tcp = tokio::net::TcpStream::connect(r.addr).await.unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
+    let mut s = cis490_tests::client::raw_tls(r.addr, &w.pki.ca_file, &w.pki.client(HOST)).await;
     let head = format!(
         "PUT /v1/episodes/{HOST}/ep-cut HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\nx-cis490-code-commit: {}\r\nx-cis490-tar-sha256: {}\r\n\r\n",
         b.bytes.len(), b.commit, b.sha

@@ -238,24 +238,7 @@ async fn raw_tls(
     w: &World,
     addr: std::net::SocketAddr,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let me = w.pki.client(HOST);
-    let cfg = cis490_common::tls::client_config(
-        &cis490_common::tls::ClientTlsFiles {
-            ca_file: &w.pki.ca_file,
-            cert_file: &me.cert,
-            key_file: &me.key,
-        },
-        false,
-    )
-    .unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap()
+    cis490_tests::client::raw_tls(addr, &w.pki.ca_file, &w.pki.client(HOST)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -220,38 +220,15 @@ impl Mutex2 {
     }
 }
 
-/// A small deterministic generator so a failing crash schedule can be replayed from its seed.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_crash_loop_ships_every_episode_exactly_once() {
     let kills_wanted: usize = std::env::var("CIS490_SHIPPER_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(25);
-    let seed: u64 = std::env::var("CIS490_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = cis490_tests::harness::crash_seed();
     println!("crash loop seed={seed} (replay with CIS490_CRASH_SEED={seed})");
-    let mut rng = Lcg(seed);
+    let mut rng = cis490_tests::harness::Lcg(seed);
     let w = World::new(2);
     let r = start(&w, "").await;
     let cfg = w.shipper_config(
