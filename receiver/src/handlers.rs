@@ -94,8 +94,16 @@ pub async fn handle(
         Ok(r) => r,
         Err(e) => {
             if is_put || e.status.is_server_error() {
+                let (host, episode) = match route(&path) {
+                    Some(Route::Episode(h, e) | Route::Check(h, e)) => {
+                        (h.to_string(), e.to_string())
+                    }
+                    _ => (String::new(), String::new()),
+                };
                 tracing::warn!(
                     event = "upload_rejected",
+                    episode = %episode,
+                    host = %host,
                     path = %path,
                     status = e.status.as_u16(),
                     reason = e.code,

@@ -516,3 +516,29 @@ async fn one_receiver_per_store_and_no_reindex_under_a_running_one() {
         .unwrap();
     assert!(out.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_log_lines_carry_event_and_episode() {
+    let w = World::new(2);
+    let p = Process::start(&w.config(""), &[]);
+    let c = w.client(p.addr, HOST);
+    let ok = episode::body(&w.path().join("src"), "ep-logged", &w.commits[1], 100);
+    assert_eq!(c.put(HOST, &ok).await.status, 201);
+    let stale = episode::body(&w.path().join("src"), "ep-refused", &"9".repeat(40), 100);
+    assert_eq!(c.put(HOST, &stale).await.status, 412);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = p.log_text();
+    let stored = log
+        .lines()
+        .find(|l| l.contains("upload_stored"))
+        .expect("upload_stored logged");
+    assert!(stored.contains("episode=ep-logged"), "{stored}");
+    let refused = log
+        .lines()
+        .find(|l| l.contains("upload_rejected"))
+        .expect("upload_rejected logged");
+    assert!(
+        refused.contains("episode=ep-refused") && refused.contains("status=412"),
+        "{refused}"
+    );
+}
