@@ -578,6 +578,88 @@ async fn load_bench(secs: u64) {
     drop(slow);
 }
 
+/// Soak: the daemon pair under a steady trickle of episodes for `minutes`; samples RSS and open
+/// file descriptors of both every minute, to show growth (or its absence).
+async fn soak(minutes: u64) {
+    let w = World::new(3);
+    let p = Process::start(&w.config(""), &[]);
+    let cfg = w.shipper_config(
+        HOST,
+        &format!("https://localhost:{}", p.addr.port()),
+        "[shipping]\nscan_interval_s = 1\n",
+    );
+    let eps = w.data_dir(HOST).join("episodes");
+    std::fs::create_dir_all(&eps).unwrap();
+    let mut shipper = Command::new(bin("e2e-shipper"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("run")
+        .env("CIS490_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let fds = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let rss = |pid: u32| rss_kib(pid, "VmRSS:") as f64 / 1024.0;
+    let staging = w.path().join("staging");
+    let start = Instant::now();
+    let end = start + Duration::from_secs(minutes * 60);
+    let mut next_sample = start;
+    let mut made = 0u64;
+    let mut samples = Vec::new();
+    while Instant::now() < end {
+        let size = match made % 5 {
+            0 => 2 << 20,
+            1 => 256 << 10,
+            _ => 16 << 10,
+        };
+        let id = format!("soak-{made:07}");
+        let d = episode::write(&staging, &id, &w.commits[2], &[]);
+        std::fs::write(d.join("data.bin"), data(size, made)).unwrap();
+        std::fs::rename(&d, eps.join(&id)).unwrap();
+        made += 1;
+        if Instant::now() >= next_sample {
+            let shipped = std::fs::read_dir(w.data_dir(HOST).join("shipped"))
+                .map(|d| d.count())
+                .unwrap_or(0);
+            let backlog = std::fs::read_dir(&eps).map(|d| d.count()).unwrap_or(0);
+            let row = (
+                start.elapsed().as_secs(),
+                rss(p.child.id()),
+                fds(p.child.id()),
+                rss(shipper.id()),
+                fds(shipper.id()),
+                shipped,
+                backlog,
+            );
+            println!(
+                "soak t={}s receiver_rss_MiB={:.1} receiver_fds={} shipper_rss_MiB={:.1} shipper_fds={} shipped={} backlog={}",
+                row.0, row.1, row.2, row.3, row.4, row.5, row.6
+            );
+            samples.push(row);
+            next_sample += Duration::from_secs(60);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (first, last) = (
+        samples[1.min(samples.len() - 1)],
+        samples[samples.len() - 1],
+    );
+    println!(
+        "soak minutes={minutes} episodes={made} receiver_rss_MiB {:.1}->{:.1} receiver_fds {}->{} shipper_rss_MiB {:.1}->{:.1} shipper_fds {}->{} (from minute 1 to the end)",
+        first.1, last.1, first.2, last.2, first.3, last.3, first.4, last.4
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shipper.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = shipper.wait();
+}
+
 #[tokio::main]
 async fn main() {
     // CIS490_BENCH_SCALE=N divides the sizes for a quick smoke run.
@@ -596,6 +678,14 @@ async fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(3);
         compare::run(reps, scale);
+        return;
+    }
+    if which == "soak" {
+        let minutes = std::env::args()
+            .nth(2)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30);
+        soak(minutes).await;
         return;
     }
     if which == "load" {
