@@ -147,17 +147,31 @@ impl FsStore {
         Ok(store)
     }
 
-    /// What `check-config` does: the directories can be made and written; nothing in them is
-    /// touched (a receiver may be serving from them right now).
+    /// What `check-config` does: the store (or, before the first start, its parent) is a
+    /// writable directory. Nothing is created or changed: a receiver may be serving from it, and
+    /// a check run as root must not leave root-owned directories behind.
     pub fn check(root: &Path) -> Result<(), StoreError> {
-        for d in ["episodes", "quarantine", "tmp"] {
-            let p = root.join(d);
-            durable::create_dir_durable(&p).map_err(at(&p))?;
+        let target = if root.exists() {
+            root
+        } else {
+            root.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+        };
+        if !target.is_dir() {
+            return Err(StoreError::Io {
+                path: target.to_path_buf(),
+                source: io::Error::new(io::ErrorKind::NotFound, "not a directory"),
+            });
         }
-        let tmp = root.join("tmp");
-        let probe = DurableFile::create_in(&tmp, "check-config").map_err(at(&tmp))?;
-        drop(probe);
-        Ok(())
+        nix::unistd::access(
+            target,
+            nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+        )
+        .map_err(|e| StoreError::Io {
+            path: target.to_path_buf(),
+            source: io::Error::from(e),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -462,8 +476,11 @@ impl Upload for FsUpload {
         file.commit(&qdir.join(format!("{base}.tar.zst")), Existing::Keep)?;
         let json = serde_json::to_vec_pretty(note).map_err(io::Error::other)?;
         durable::write_atomic(&qdir.join(format!("{base}.reason.json")), &json)?;
-        // Enforced here, not by the caller: `max_bytes` holds even if the request is gone.
-        store.clean_quarantine()?;
+        // Enforced here, not by the caller: `max_bytes` holds even if the request is gone. The
+        // entry is kept whatever the trim does, so its errors are only logged.
+        if let Err(e) = store.clean_quarantine() {
+            tracing::warn!(error = %e, "failed to trim the receiver quarantine");
+        }
         Ok(())
     }
 }
@@ -518,8 +535,12 @@ impl EpisodeStore for FsStore {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(base) = name.strip_suffix(".tar.zst") {
-                let md = e.metadata()?;
-                items.push((md.modified()?, md.len(), base.to_string()));
+                // Another trim may remove entries while this one lists them.
+                match e.metadata() {
+                    Ok(md) => items.push((md.modified()?, md.len(), base.to_string())),
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(err),
+                }
             }
         }
         items.sort();

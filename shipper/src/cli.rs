@@ -167,6 +167,25 @@ pub fn main() -> ExitCode {
             if let Err(e) = layout.prepare() {
                 return config_fail(&ConfigError::new(&path, "data_dir", e.to_string()));
             }
+            // One shipping process per data_dir for its whole life: two would pack the same
+            // .partial and sweep each other's work.
+            let _daemon_lock =
+                match cis490_common::lock::try_exclusive_named(&cfg.data_dir, ".daemon.lock") {
+                    Ok(Some(l)) => l,
+                    Ok(None) => {
+                        return config_fail(&ConfigError::new(
+                            &path,
+                            "data_dir",
+                            format!(
+                            "{} is in use by another cis490-shipper (run or once); stop it first",
+                            cfg.data_dir.display()
+                        ),
+                        ));
+                    }
+                    Err(e) => {
+                        return config_fail(&ConfigError::new(&path, "data_dir", e.to_string()))
+                    }
+                };
             let code = rt.block_on(run(Arc::new(Shipper::new(cfg, t)), once));
             // A pack still running on a blocking thread must not hold up the exit: its
             // .partial file is swept on the next start.

@@ -316,7 +316,10 @@ impl Shipper {
                 tracing::warn!(event = "quarantined", episode = %id, reason, status = status.map_or_else(|| "none".to_string(), |s| s.to_string()), dir = %dest.display(), "episode quarantined");
                 Verdict::Quarantined
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && !self.layout.episodes_dir().join(id).is_dir() =>
+            {
                 tracing::info!(episode = %id, "episode was moved by another process meanwhile");
                 Verdict::Quarantined
             }

@@ -383,6 +383,8 @@ impl Layout {
     }
 
     /// Retention: removes entries of `shipped/` or `quarantine/` moved there over `keep_days` ago.
+    /// Under the lock an expired entry is only renamed to `.<name>.deleting`; the slow delete
+    /// runs after the lock is released (and finishes any a crash interrupted).
     pub fn cleanup(
         &self,
         which: &Path,
@@ -390,28 +392,34 @@ impl Layout {
         now: SystemTime,
     ) -> io::Result<Vec<String>> {
         let mut removed = Vec::new();
-        if keep_days == 0 {
-            return Ok(removed);
+        if keep_days > 0 {
+            let keep = Duration::from_secs(keep_days * 86_400);
+            let _lock = self.lock()?;
+            for e in fs::read_dir(which)? {
+                let e = e?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue;
+                }
+                let md = fs::symlink_metadata(e.path())?;
+                let age = now
+                    .duration_since(md.modified().unwrap_or(now))
+                    .unwrap_or_default();
+                if md.is_dir() && age > keep {
+                    fs::rename(e.path(), which.join(format!(".{name}.deleting")))?;
+                    removed.push(name);
+                }
+            }
+            if !removed.is_empty() {
+                durable::fsync_dir(which)?;
+            }
         }
-        let keep = Duration::from_secs(keep_days * 86_400);
-        let _lock = self.lock()?;
         for e in fs::read_dir(which)? {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                continue;
-            }
-            let md = fs::symlink_metadata(e.path())?;
-            let age = now
-                .duration_since(md.modified().unwrap_or(now))
-                .unwrap_or_default();
-            if md.is_dir() && age > keep {
+            if name.starts_with('.') && name.ends_with(".deleting") {
                 fs::remove_dir_all(e.path())?;
-                removed.push(name);
             }
-        }
-        if !removed.is_empty() {
-            durable::fsync_dir(which)?;
         }
         Ok(removed)
     }
@@ -688,6 +696,11 @@ mod tests {
         assert!(l.cleanup(&l.shipped_dir(), 0, later).unwrap().is_empty());
         assert!(l.cleanup(&l.shipped_dir(), 30, later).unwrap().is_empty());
         assert_eq!(l.cleanup(&l.shipped_dir(), 14, later).unwrap(), vec!["ep1"]);
+        assert_eq!(
+            fs::read_dir(l.shipped_dir()).unwrap().count(),
+            0,
+            "no .deleting left"
+        );
     }
 
     #[test]

@@ -405,6 +405,8 @@ impl Transport {
 
     /// Preflight for big tarballs, then the streamed PUT, against endpoint `i`.
     async fn ship_to(&self, i: usize, s: &Shipment) -> Outcome {
+        // A new attempt is progress: the watchdog's window restarts per receiver URL tried.
+        s.progress.fetch_add(1, Ordering::Relaxed);
         let path = format!("/v1/episodes/{}/{}", s.host_id, s.episode_id);
         let mut hdrs = vec![
             (headers::CODE_COMMIT, s.commit.clone()),

@@ -24,6 +24,8 @@ pub enum Mode {
 struct State {
     commits: Vec<String>,
     mode: Option<Mode>,
+    /// Like Forgejo's MAX_RESPONSE_ITEMS: pages never hold more than this, whatever `limit` asks.
+    max_page: Option<usize>,
     requests: Vec<(String, Option<String>)>,
 }
 
@@ -38,6 +40,7 @@ impl StandIn {
         let state = Arc::new(Mutex::new(State {
             commits,
             mode: Some(Mode::Ok),
+            max_page: None,
             requests: Vec::new(),
         }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -68,6 +71,10 @@ impl StandIn {
         self.state.lock().unwrap().mode = Some(m);
     }
 
+    pub fn set_max_page(&self, n: usize) {
+        self.state.lock().unwrap().max_page = Some(n);
+    }
+
     pub fn set_commits(&self, c: Vec<String>) {
         self.state.lock().unwrap().commits = c;
     }
@@ -88,10 +95,10 @@ async fn answer(
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let (mode, commits) = {
+    let (mode, commits, max_page) = {
         let mut s = st.lock().unwrap();
         s.requests.push((path.clone(), auth));
-        (s.mode.unwrap_or(Mode::Ok), s.commits.clone())
+        (s.mode.unwrap_or(Mode::Ok), s.commits.clone(), s.max_page)
     };
     let resp = |status: u16, body: String| {
         hyper::Response::builder()
@@ -118,6 +125,7 @@ async fn answer(
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
             let limit: usize = q.get("limit").and_then(|v| v.parse().ok()).unwrap_or(30);
+            let limit = max_page.map_or(limit, |m| limit.min(m));
             let page: usize = q.get("page").and_then(|v| v.parse().ok()).unwrap_or(1);
             let items: Vec<serde_json::Value> = commits
                 .iter()

@@ -361,3 +361,30 @@ async fn each_change_of_source_is_logged_once() {
         "git answered each time"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgejo_that_caps_its_page_size_is_still_paged_to_the_window() {
+    let t = tempfile::tempdir().unwrap();
+    let mut repo = GitRepo::init(&t.path().join("repo"));
+    for _ in 0..120 {
+        repo.commit();
+    }
+    let log = git_log(&repo.path, 1000);
+    let f = StandIn::start(log.clone()).await;
+    f.set_max_page(30);
+    let gate = Gate::new(gate_cfg(None, Some(&f), None)).unwrap();
+    gate.refresh().await.unwrap();
+    let listed: Vec<String> = gate
+        .snapshot()
+        .unwrap()
+        .commits
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    assert_eq!(
+        listed,
+        log[..100].to_vec(),
+        "pages of 30 are followed until the window is full"
+    );
+    assert_eq!(f.requests().len(), 4);
+}

@@ -517,3 +517,31 @@ echo "shipped=$(ls '{data}/shipped' | tr '\n' ' ')" >>'{report}'
     assert_eq!(index_rows(&w.store_dir()).len(), 1);
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_shipping_process_on_one_data_dir_is_refused() {
+    let w = World::new(1);
+    let cfg = w.shipper_config(HOST, "https://localhost:1", "");
+    let sock_path = w.path().join("two.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let mut child = spawn_daemon(&cfg, &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())]);
+    let seen = tokio::task::block_in_place(|| recv_all(&sock, Duration::from_secs(2)));
+    assert!(seen.iter().any(|(_, m)| m.contains("READY=1")));
+    let (code, _, err) =
+        tokio::task::block_in_place(|| cis490_tests::harness::shipper(&cfg, &["once"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("in use by another cis490-shipper"), "{err}");
+    // Commands that only move directories under the short lock still work beside it.
+    let (code, _, _) = tokio::task::block_in_place(|| {
+        cis490_tests::harness::shipper(&cfg, &["quarantine-unstamped", "--dry-run"])
+    });
+    assert_eq!(code, 0);
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), Some(0));
+    let (code, _, _) =
+        tokio::task::block_in_place(|| cis490_tests::harness::shipper(&cfg, &["once"]));
+    assert_eq!(
+        code, 0,
+        "free again once the daemon stopped (nothing queued: exit 0)"
+    );
+}
