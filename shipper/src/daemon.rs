@@ -468,8 +468,10 @@ impl Shipper {
                 _ = shutdown.cancelled() => break,
                 r = set.join_next_with_id() => match r {
                     Some(r) => {
+                        let tid = match &r { Ok((t, _)) => *t, Err(e) => e.id() };
                         let r = r.map(|(_, x)| x);
                         if let Some((_, Verdict::Kept)) = self.finished(r, &ids) { kept += 1; }
+                        ids.remove(&tid);
                     }
                     None => continue,
                 },
@@ -520,8 +522,11 @@ impl Shipper {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(r) = set.join_next_with_id(), if !set.is_empty() => {
+                    let tid = match &r { Ok((t, _)) => *t, Err(e) => e.id() };
                     let r = r.map(|(_, x)| x);
                     self.finished(r, &ids);
+                    // Forget the task's id too, or a months-long run grows by one entry an episode.
+                    ids.remove(&tid);
                     // A slot freed: look for more work right away.
                     next_scan = Instant::now();
                 }
