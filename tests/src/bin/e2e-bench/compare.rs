@@ -198,7 +198,26 @@ http {{
     conf
 }
 
-fn start_nginx(conf: &Path, dir: &Path) -> Child {
+/// nginx for one run; stopped (SIGQUIT, graceful) when dropped, also when the run panics.
+struct Nginx(Child);
+
+impl Nginx {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGQUIT,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+fn start_nginx(conf: &Path, dir: &Path) -> Nginx {
     let child = Command::new("nginx")
         .args(["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()])
         .stdout(Stdio::null())
@@ -206,7 +225,7 @@ fn start_nginx(conf: &Path, dir: &Path) -> Child {
         .spawn()
         .expect("nginx runs (scripts/bench.sh compare installs it)");
     std::thread::sleep(Duration::from_millis(300));
-    child
+    Nginx(child)
 }
 
 fn free_port() -> u16 {
@@ -223,7 +242,7 @@ fn run_peer(w: &World, wl: &Workload, parallel: usize) -> Sample {
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
     let conf = nginx_conf(w, &dir, port);
-    let mut nginx = start_nginx(&conf, &dir);
+    let nginx = start_nginx(&conf, &dir);
     let workers = children_of(nginx.id());
     let me = w.pki.client(HOST);
     let one = format!(
@@ -268,11 +287,7 @@ fn run_peer(w: &World, wl: &Workload, parallel: usize) -> Sample {
         .fold(hwm_mib(nginx.id()), f64::max);
     let stored = std::fs::read_dir(dir.join("www/upload")).unwrap().count();
     assert_eq!(stored, wl.episodes, "nginx stored every upload");
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(nginx.id() as i32),
-        nix::sys::signal::Signal::SIGQUIT,
-    );
-    let _ = nginx.wait();
+    drop(nginx);
     Sample {
         wall,
         client_cpu: cpu1 - cpu0,
@@ -412,7 +427,7 @@ fn machine_limits(w: &World) {
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
     let conf = nginx_conf(w, &dir, port);
-    let mut nginx = start_nginx(&conf, &dir);
+    let nginx = start_nginx(&conf, &dir);
     let me = w.pki.client(HOST);
     let curl = time(&format!(
         "curl -sS --fail --cacert '{}' --cert '{}' --key '{}' -T '{s}' -o /dev/null https://localhost:{port}/upload/x",
@@ -420,11 +435,7 @@ fn machine_limits(w: &World) {
         me.cert.display(),
         me.key.display()
     ));
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(nginx.id() as i32),
-        nix::sys::signal::Signal::SIGQUIT,
-    );
-    let _ = nginx.wait();
+    drop(nginx);
     println!(
         "limits zstd3_T1_MBps={:.0} zstd3_T2_MBps={:.0} sha256_MBps={:.0} fsync_write_MBps={:.0} curl_put_tls_MBps={:.0}",
         mb / z1,
