@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
 
 mod compare;
 
@@ -52,22 +51,8 @@ struct Conn {
 }
 
 async fn connect(w: &World, addr: std::net::SocketAddr) -> Conn {
-    let me = w.pki.client(HOST);
-    let cfg = cis490_common::tls::client_config(
-        &cis490_common::tls::ClientTlsFiles {
-            ca_file: &w.pki.ca_file,
-            cert_file: &me.cert,
-            key_file: &me.key,
-        },
-        false,
-    )
-    .unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.set_nodelay(true).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
+    let tls = cis490_tests::client::raw_tls(addr, &w.pki.ca_file, &w.pki.client(HOST)).await;
+    let _ = tls.get_ref().0.set_nodelay(true);
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
@@ -492,21 +477,8 @@ async fn load_bench(secs: u64) {
     // Slowloris clients: TLS up, half a request line, then nothing.
     let mut slow = Vec::new();
     for _ in 0..16 {
-        let me = w.pki.client(HOST);
-        let cfg = cis490_common::tls::client_config(
-            &cis490_common::tls::ClientTlsFiles {
-                ca_file: &w.pki.ca_file,
-                cert_file: &me.cert,
-                key_file: &me.key,
-            },
-            false,
-        )
-        .unwrap();
-        let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-        let mut s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await
-            .unwrap();
+        let mut s =
+            cis490_tests::client::raw_tls(p.addr, &w.pki.ca_file, &w.pki.client(HOST)).await;
         use tokio::io::AsyncWriteExt;
         let _ = s
             .write_all(b"PUT /v1/episodes/labhost-01/slow HTTP/1.1\r\nhost: loc")
