@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs besides the Rust toolchain: git (real repositories), curl
 # (Expect: 100-continue checks), util-linux (unshare, mount for the full-disk test), and the
-# rustfmt/clippy components, and systemd-analyze for linting the units. Safe to run repeatedly; does nothing when all are present.
+# rustfmt/clippy components, systemd-analyze for linting the units, and Garage (below). Safe to run repeatedly; does nothing when all are present.
 set -euo pipefail
 
 missing=()
@@ -19,4 +19,11 @@ if ((${#missing[@]})); then
 fi
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
   rustup component add rustfmt clippy
+fi
+# Garage, the S3-compatible store the scale-out tests run a 3-node cluster of. Built from
+# crates.io (about 9 minutes on 2 cores the first time); skipped when this version is present.
+GARAGE_VERSION=2.5.0
+if ! garage --version 2>/dev/null | grep -qF "${GARAGE_VERSION}"; then
+  echo "installing garage ${GARAGE_VERSION} (cargo install; takes a while the first time)"
+  cargo install garage --locked --version "$GARAGE_VERSION"
 fi

@@ -9,9 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use cis490_common::notify;
 
-use crate::config::{self, Config, ConfigError};
+use crate::config::{self, Config, ConfigError, StoreKind};
 use crate::gate::Gate;
-use crate::server::Receiver;
+use crate::server::{open_s3, Receiver};
 use crate::store;
 
 pub const EXIT_FAILURE: u8 = 1;
@@ -89,6 +89,38 @@ pub fn main() -> ExitCode {
             }
             Err(e) => config_fail(&e),
         },
+        Command::Reindex if cfg.store.kind == StoreKind::S3 => {
+            let s3 = match cfg.validate(&path).and_then(|()| open_s3(&cfg, &path)) {
+                Ok(s) => s,
+                Err(e) => return config_fail(&e),
+            };
+            match rt.block_on(s3.reindex()) {
+                Ok((ok, bad)) => {
+                    println!("reindexed {ok} episode(s); {bad} object(s) skipped");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!(
+                        "cis490-receiver: failed to reindex {}: {e:#}",
+                        s3.describe()
+                    );
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+        Command::ExportIndex if cfg.store.kind == StoreKind::S3 => {
+            let s3 = match cfg.validate(&path).and_then(|()| open_s3(&cfg, &path)) {
+                Ok(s) => s,
+                Err(e) => return config_fail(&e),
+            };
+            match rt.block_on(s3.export_index(&mut std::io::stdout().lock())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cis490-receiver: failed to export the index: {e:#}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
         Command::Reindex => {
             match store::reindex(&cfg.store_dir, cfg.limits.max_uncompressed_bytes) {
                 Ok((ok, bad)) => {

@@ -199,10 +199,41 @@ impl Config {
             return err("version_gate.branch", "must not be empty");
         }
         if self.store.kind == StoreKind::S3 {
-            return err(
-                "store.kind",
-                "\"s3\" is not supported by this build yet; use \"fs\"",
-            );
+            let st = &self.store;
+            match st.endpoint.as_deref() {
+                None => return err("store.endpoint", "is required when store.kind = \"s3\""),
+                Some(e) if !(e.starts_with("https://") || e.starts_with("http://")) => {
+                    return err("store.endpoint", "must start with https:// or http://")
+                }
+                _ => {}
+            }
+            if st.bucket.as_deref().is_none_or(|b| b.trim().is_empty()) {
+                return err("store.bucket", "is required when store.kind = \"s3\"");
+            }
+            if st.access_key_file.is_none() {
+                return err(
+                    "store.access_key_file",
+                    "is required when store.kind = \"s3\"",
+                );
+            }
+            if st.secret_key_file.is_none() {
+                return err(
+                    "store.secret_key_file",
+                    "is required when store.kind = \"s3\"",
+                );
+            }
+            let p = &st.prefix;
+            if !p.is_empty()
+                && (!p.ends_with('/')
+                    || p.starts_with('/')
+                    || p.contains("//")
+                    || p.split('/').any(|seg| seg == "." || seg == ".."))
+            {
+                return err(
+                    "store.prefix",
+                    "must be empty or like \"lab1/\" (ends with /, no leading /, no empty, . or .. segments)",
+                );
+            }
         }
         if let Some(f) = &self.version_gate.forgejo {
             if !(f.base_url.starts_with("https://") || f.base_url.starts_with("http://")) {
@@ -272,6 +303,38 @@ client_ca_file = "/ca.pem"
             e.to_string(),
             "r.toml: version_gate.window: must be greater than 0"
         );
+    }
+
+    #[test]
+    fn s3_store_keys_are_checked_by_name() {
+        let full = "[store]\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:3900\"\nbucket = \"b\"\naccess_key_file = \"/k\"\nsecret_key_file = \"/s\"\n";
+        let ok = Config::parse(Path::new("r.toml"), &format!("{MIN}\n{full}")).unwrap();
+        ok.validate(Path::new("r.toml")).unwrap();
+        assert_eq!(ok.store.prefix, "");
+        let cases = [
+            ("endpoint = \"http://127.0.0.1:3900\"\n", "", "r.toml: store.endpoint: is required when store.kind = \"s3\""),
+            ("endpoint = \"http://127.0.0.1:3900\"", "endpoint = \"ftp://x\"", "r.toml: store.endpoint: must start with https:// or http://"),
+            ("bucket = \"b\"\n", "", "r.toml: store.bucket: is required when store.kind = \"s3\""),
+            ("access_key_file = \"/k\"\n", "", "r.toml: store.access_key_file: is required when store.kind = \"s3\""),
+            ("secret_key_file = \"/s\"\n", "", "r.toml: store.secret_key_file: is required when store.kind = \"s3\""),
+            ("bucket = \"b\"", "bucket = \"b\"\nprefix = \"lab1\"", "r.toml: store.prefix: must be empty or like \"lab1/\" (ends with /, no leading /, no empty, . or .. segments)"),
+            ("bucket = \"b\"", "bucket = \"b\"\nprefix = \"a//b/\"", "r.toml: store.prefix: must be empty or like \"lab1/\" (ends with /, no leading /, no empty, . or .. segments)"),
+            ("bucket = \"b\"", "bucket = \"b\"\nprefix = \"../x/\"", "r.toml: store.prefix: must be empty or like \"lab1/\" (ends with /, no leading /, no empty, . or .. segments)"),
+        ];
+        for (from, to, want) in cases {
+            let text = format!("{MIN}\n{}", full.replace(from, to));
+            let c = Config::parse(Path::new("r.toml"), &text).unwrap();
+            assert_eq!(
+                c.validate(Path::new("r.toml")).unwrap_err().to_string(),
+                want
+            );
+        }
+        let good_prefix = full.replace("bucket = \"b\"", "bucket = \"b\"\nprefix = \"lab1/raw/\"");
+        let c = Config::parse(Path::new("r.toml"), &format!("{MIN}\n{good_prefix}")).unwrap();
+        c.validate(Path::new("r.toml")).unwrap();
+        let bad_kind = format!("{MIN}\n[store]\nkind = \"nfs\"\n");
+        let e = Config::parse(Path::new("r.toml"), &bad_kind).unwrap_err();
+        assert!(e.to_string().contains("nfs"), "{e}");
     }
 
     #[test]

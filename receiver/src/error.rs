@@ -93,6 +93,16 @@ impl ApiError {
         .retry_after(60)
     }
 
+    /// The object store failed or timed out: transient, the shipper retries.
+    pub fn store_unavailable(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            message,
+        )
+        .retry_after(5)
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }

@@ -19,8 +19,9 @@ use cis490_common::{headers, timefmt, validate_id, Commit};
 use crate::error::ApiError;
 use crate::gate::Admission;
 use crate::ingest::{self, Expect, Rejection};
+use crate::s3::StoreUnavailable;
 use crate::server::AppState;
-use crate::store::{CommitOutcome, IndexRow, QuarantineNote};
+use crate::store::{CommitOutcome, IndexRow, QuarantineNote, Store};
 
 pub const RECEIVER_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -169,7 +170,7 @@ async fn dispatch(
         (Route::Episode(h, e), Method::GET) => {
             let (h, e) = ids(h, e)?;
             same_host(caller, h)?;
-            match state.store.get(h, e) {
+            match state.store.find(h, e).await.map_err(store_error)? {
                 Some(row) => Ok(json_response(
                     StatusCode::OK,
                     serde_json::to_value(&row).map_err(|e| ApiError::internal(e.to_string()))?,
@@ -346,7 +347,7 @@ async fn precheck(
     }
     // Already stored with these bytes: 200 before the gate, so a shipper that crashed after
     // the 201 can still retire the episode once its commit has left the window.
-    let stored = state.store.get(host, ep);
+    let stored = state.store.find(host, ep).await.map_err(store_error)?;
     if let Some(row) = stored.as_ref().filter(|r| r.tar_sha256 == sha) {
         return Ok(Pre::Already(row.clone()));
     }
@@ -512,8 +513,9 @@ async fn put(
         max_uncompressed: state.cfg.limits.max_uncompressed_bytes,
     };
     let (h, e) = (host.to_string(), ep.to_string());
+    let (sha, commit_s, length) = (go.sha.clone(), go.commit.to_string(), go.length);
     let validator = tokio::task::spawn_blocking(move || -> io::Result<Finished> {
-        let mut upload = store.begin(&h, &e)?;
+        let mut upload = store.begin(&h, &e, &sha, &commit_s, length)?;
         let reader = ChannelReader {
             rx,
             cur: Bytes::new(),
@@ -602,6 +604,7 @@ async fn put(
         .map_err(|e| ApiError::internal(format!("validator task failed: {e}")))?;
     let finished = match finished {
         Ok(f) => f,
+        Err(e) if StoreUnavailable::is(&e) => return Err(store_error(e)),
         Err(e) if e.kind() == io::ErrorKind::StorageFull => {
             return Err(ApiError::insufficient_storage(format!(
                 "the store is full: {e}"
@@ -647,6 +650,7 @@ async fn put(
                 Rejection::TooLarge(limit) => {
                     ApiError::too_large(format!("the uncompressed episode exceeds {limit} bytes"))
                 }
+                Rejection::Sink(e) if StoreUnavailable::is(&e) => store_error(e),
                 Rejection::Sink(e) if e.kind() == io::ErrorKind::StorageFull => {
                     ApiError::insufficient_storage(format!("the store is full: {e}"))
                 }
@@ -667,10 +671,18 @@ async fn put(
 }
 
 async fn refresh_quarantine_gauge(state: &Arc<AppState>) {
-    let store = state.store.clone();
-    if let Ok(Ok(q)) = tokio::task::spawn_blocking(move || store.clean_quarantine()).await {
+    let held = match &state.store {
+        // The S3 quarantine applied its retention when it kept the upload.
+        Store::S3(s) => Some(s.quarantine_bytes()),
+        Store::Fs(_) => state.store.clean_quarantine().await.ok(),
+    };
+    if let Some(q) = held {
         state.metrics.quarantine_bytes.store(q, Ordering::Relaxed);
     }
+}
+
+fn store_error(e: impl std::fmt::Display) -> ApiError {
+    ApiError::store_unavailable(e.to_string())
 }
 
 struct InFlight(Arc<AppState>);

@@ -334,8 +334,17 @@ pub fn summarize_file(
     max_uncompressed: u64,
 ) -> Result<Validated, Rejection> {
     let f = std::fs::File::open(path).map_err(Rejection::Source)?;
+    summarize_reader(io::BufReader::new(f), episode_id, max_uncompressed)
+}
+
+/// Summarises a stored tarball read from anywhere (the S3 store streams it from the bucket).
+pub fn summarize_reader<R: Read>(
+    body: R,
+    episode_id: &str,
+    max_uncompressed: u64,
+) -> Result<Validated, Rejection> {
     validate(
-        io::BufReader::new(f),
+        body,
         io::sink(),
         &Expect {
             episode_id: episode_id.to_string(),

@@ -22,11 +22,13 @@ use tokio_util::sync::CancellationToken;
 use cis490_common::{notify, tls};
 
 use crate::auth::Tokens;
+use crate::config::StoreKind;
 use crate::config::{Config, ConfigError};
 use crate::gate::Gate;
 use crate::handlers;
 use crate::metrics::Metrics;
-use crate::store::{EpisodeStore, FsOptions, FsStore};
+use crate::s3::{S3Options, S3Store};
+use crate::store::{EpisodeStore, FsOptions, FsStore, Store};
 
 /// How often the work loops bump their heartbeat counters.
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
@@ -39,11 +41,69 @@ pub struct AppState {
     pub config_path: PathBuf,
     pub tls: ArcSwap<ServerConfig>,
     pub tokens: ArcSwap<Option<Tokens>>,
-    pub store: Arc<dyn EpisodeStore>,
+    pub store: Store,
     pub gate: Arc<Gate>,
     pub metrics: Arc<Metrics>,
     pub uploads: Arc<Semaphore>,
     pub accept_heartbeat: AtomicU64,
+}
+
+fn read_secret(cfg_path: &Path, key: &str, file: Option<&Path>) -> Result<String, ConfigError> {
+    let Some(file) = file else {
+        return Err(ConfigError::new(
+            cfg_path,
+            key,
+            "is required when store.kind = \"s3\"",
+        ));
+    };
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| ConfigError::new(cfg_path, key, format!("{}: {e}", file.display())))?;
+    let v = text.trim();
+    if v.is_empty() {
+        return Err(ConfigError::new(
+            cfg_path,
+            key,
+            format!("{} is empty", file.display()),
+        ));
+    }
+    Ok(v.to_string())
+}
+
+/// Builds the S3 store the config names (reads the key files; contacts nothing).
+pub fn open_s3(cfg: &Config, cfg_path: &Path) -> Result<S3Store, ConfigError> {
+    let st = &cfg.store;
+    let access_key = read_secret(
+        cfg_path,
+        "store.access_key_file",
+        st.access_key_file.as_deref(),
+    )?;
+    let secret_key = read_secret(
+        cfg_path,
+        "store.secret_key_file",
+        st.secret_key_file.as_deref(),
+    )?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let instance = format!(
+        "{}-{}",
+        if host.is_empty() { "receiver" } else { &host },
+        cfg.listen.port()
+    );
+    S3Store::new(S3Options {
+        endpoint: st.endpoint.clone().unwrap_or_default(),
+        region: st.region.clone().unwrap_or_else(|| "us-east-1".into()),
+        bucket: st.bucket.clone().unwrap_or_default(),
+        prefix: st.prefix.clone(),
+        access_key,
+        secret_key,
+        request_timeout: Duration::from_secs(10),
+        max_uncompressed: cfg.limits.max_uncompressed_bytes,
+        quarantine_keep_days: cfg.quarantine.keep_days,
+        quarantine_max_bytes: cfg.quarantine.max_bytes,
+        instance,
+    })
+    .map_err(|e| ConfigError::new(cfg_path, "store.endpoint", e))
 }
 
 /// A configured receiver, ready to serve on listeners the caller bound.
@@ -92,19 +152,27 @@ impl Receiver {
         cfg.validate(config_path)?;
         let tls_cfg = load_tls(&cfg, config_path)?;
         let tokens = load_tokens(&cfg, config_path)?;
-        let store = FsStore::open(
-            &cfg.store_dir,
-            &FsOptions {
-                max_uncompressed: cfg.limits.max_uncompressed_bytes,
-                quarantine_keep_days: cfg.quarantine.keep_days,
-                quarantine_max_bytes: cfg.quarantine.max_bytes,
-            },
-        )
-        .map_err(|e| ConfigError::new(config_path, "store_dir", e.to_string()))?;
         let metrics = Arc::new(Metrics::default());
-        if let Ok(q) = store.clean_quarantine() {
-            metrics.quarantine_bytes.store(q, Ordering::Relaxed);
-        }
+        let store = match cfg.store.kind {
+            StoreKind::Fs => {
+                let store = FsStore::open(
+                    &cfg.store_dir,
+                    &FsOptions {
+                        max_uncompressed: cfg.limits.max_uncompressed_bytes,
+                        quarantine_keep_days: cfg.quarantine.keep_days,
+                        quarantine_max_bytes: cfg.quarantine.max_bytes,
+                    },
+                )
+                .map_err(|e| ConfigError::new(config_path, "store_dir", e.to_string()))?;
+                if let Ok(q) = store.clean_quarantine() {
+                    metrics.quarantine_bytes.store(q, Ordering::Relaxed);
+                }
+                Store::Fs(store)
+            }
+            // Nothing is contacted here: a bucket that is down at start is answered 503 and
+            // shown by /healthz, like one that goes down later.
+            StoreKind::S3 => Store::S3(open_s3(&cfg, config_path)?),
+        };
         let gate = Arc::new(
             Gate::new(cfg.version_gate.clone())
                 .map_err(|(key, msg)| ConfigError::new(config_path, key, msg))?,
@@ -118,7 +186,7 @@ impl Receiver {
                 config_path: config_path.to_path_buf(),
                 tls: ArcSwap::from_pointee(tls_cfg),
                 tokens: ArcSwap::from_pointee(tokens),
-                store: Arc::new(store),
+                store,
                 gate,
                 metrics,
                 uploads,
@@ -136,8 +204,11 @@ impl Receiver {
         load_tokens(cfg, config_path)?;
         Gate::new(cfg.version_gate.clone())
             .map_err(|(key, msg)| ConfigError::new(config_path, key, msg))?;
-        FsStore::check(&cfg.store_dir)
-            .map_err(|e| ConfigError::new(config_path, "store_dir", e.to_string()))
+        match cfg.store.kind {
+            StoreKind::Fs => FsStore::check(&cfg.store_dir)
+                .map_err(|e| ConfigError::new(config_path, "store_dir", e.to_string())),
+            StoreKind::S3 => open_s3(cfg, config_path).map(|_| ()),
+        }
     }
 
     /// Re-reads certificates and tokens (SIGHUP); on error the old ones stay in force.
@@ -294,14 +365,24 @@ async fn watchdog(state: Arc<AppState>, every: Duration, stop: CancellationToken
 }
 
 async fn quarantine_janitor(state: Arc<AppState>, stop: CancellationToken) {
+    let mut first = true;
     loop {
+        // The fs store applied retention when it opened; the S3 one starts here.
+        let wait = if first && matches!(state.store, Store::S3(_)) {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(3600)
+        };
+        first = false;
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
-        let store = state.store.clone();
-        if let Ok(Ok(q)) = tokio::task::spawn_blocking(move || store.clean_quarantine()).await {
-            state.metrics.quarantine_bytes.store(q, Ordering::Relaxed);
+        match state.store.clean_quarantine().await {
+            Ok(q) => state.metrics.quarantine_bytes.store(q, Ordering::Relaxed),
+            Err(e) => {
+                tracing::warn!(error = %e, "failed to apply the receiver quarantine retention")
+            }
         }
     }
 }
@@ -348,15 +429,13 @@ async fn ops_response(state: &Arc<AppState>, path: &str) -> hyper::Response<Full
                     .unwrap_or_else(|| "not loaded yet".into());
                 problems.push(format!("version gate has no commit list: {why}"));
             }
-            let store = state.store.clone();
-            match tokio::task::spawn_blocking(move || store.probe_writable()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => problems.push(format!("store is not writable: {e}")),
-                Err(e) => problems.push(format!("store probe failed: {e}")),
+            if let Err(e) = state.store.probe().await {
+                problems.push(e);
             }
             let mut body = serde_json::json!({
                 "ok": problems.is_empty(),
                 "problems": problems,
+                "store": state.store.describe(),
                 "gate": state.gate.view(),
             });
             if !state.gate.enabled() {
@@ -373,6 +452,7 @@ async fn ops_response(state: &Arc<AppState>, path: &str) -> hyper::Response<Full
             let mut out = String::new();
             state.metrics.render(&mut out);
             state.gate.render_metrics(&mut out);
+            state.store.render_metrics(&mut out);
             text(200, "text/plain; version=0.0.4", out)
         }
         _ => text(404, "text/plain", "not found\n".into()),

@@ -593,6 +593,97 @@ pub fn export_index(root: &Path, out: &mut dyn Write) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The store a receiver serves from, as the request handlers see it.
+#[derive(Clone)]
+pub enum Store {
+    Fs(FsStore),
+    S3(crate::s3::S3Store),
+}
+
+impl Store {
+    /// The stored row of an id, if any (S3: decided from the bodies in the bucket).
+    pub async fn find(
+        &self,
+        host_id: &str,
+        episode_id: &str,
+    ) -> Result<Option<IndexRow>, crate::s3::StoreUnavailable> {
+        match self {
+            Store::Fs(s) => Ok(s.get(host_id, episode_id)),
+            Store::S3(s) => s.find(host_id, episode_id).await,
+        }
+    }
+
+    /// Opens an upload; called on a blocking thread (the S3 upload drives its requests from it).
+    pub fn begin(
+        &self,
+        host_id: &str,
+        episode_id: &str,
+        tar_sha256: &str,
+        commit: &str,
+        length: u64,
+    ) -> io::Result<Box<dyn Upload>> {
+        match self {
+            Store::Fs(s) => s.begin(host_id, episode_id),
+            Store::S3(s) => s.begin(host_id, episode_id, tar_sha256, commit, length),
+        }
+    }
+
+    pub fn free_bytes(&self) -> Option<u64> {
+        match self {
+            Store::Fs(s) => s.free_bytes(),
+            Store::S3(_) => None,
+        }
+    }
+
+    /// For `/healthz`: `Err` says why the store cannot take writes now.
+    pub async fn probe(&self) -> Result<(), String> {
+        match self {
+            Store::Fs(s) => {
+                let s = s.clone();
+                match tokio::task::spawn_blocking(move || s.probe_writable()).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(format!("store is not writable: {e}")),
+                    Err(e) => Err(format!("store probe failed: {e}")),
+                }
+            }
+            Store::S3(s) => s
+                .probe()
+                .await
+                .map_err(|e| format!("bucket is not writable: {e}")),
+        }
+    }
+
+    /// Quarantine retention; returns the bytes still held.
+    pub async fn clean_quarantine(&self) -> io::Result<u64> {
+        match self {
+            Store::Fs(s) => {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || s.clean_quarantine())
+                    .await
+                    .map_err(io::Error::other)?
+            }
+            Store::S3(s) => s
+                .clean_quarantine()
+                .await
+                .map_err(crate::s3::StoreUnavailable::into_io),
+        }
+    }
+
+    /// What `/healthz` names as the store.
+    pub fn describe(&self) -> String {
+        match self {
+            Store::Fs(s) => format!("fs {}", s.root().display()),
+            Store::S3(s) => s.describe(),
+        }
+    }
+
+    pub fn render_metrics(&self, out: &mut String) {
+        if let Store::S3(s) = self {
+            s.metrics().render(out);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -292,14 +292,50 @@ pub fn installed_commit(root: &Path) -> Option<String> {
 
 async fn ping(cfg: &Config, t: &Transport, commit: Option<String>) -> ExitCode {
     let commit = commit.or_else(|| installed_commit(Path::new(INSTALL_ROOT)));
-    let url = cfg.receiver.url.list().join(", ");
-    println!("receiver:   {url}");
+    let eps = t.endpoints();
     println!("host_id:    {} (from the config)", cfg.host_id);
-    let (status, body) = match t.ping(commit.as_deref()).await {
+    // Every receiver of the list is asked: a fleet that fails over must be able to reach each.
+    let (mut ok, mut failed, mut not_admitted) = (0, 0, 0);
+    for i in 0..eps.len() {
+        if eps.len() > 1 {
+            println!();
+        }
+        match ping_one(cfg, t, i, commit.as_deref()).await {
+            PingResult::Ok => ok += 1,
+            PingResult::Failed => failed += 1,
+            PingResult::NotAdmitted => not_admitted += 1,
+        }
+    }
+    if eps.len() > 1 {
+        println!();
+        println!("summary:    {ok} of {} receivers OK", eps.len());
+    }
+    if failed > 0 {
+        ExitCode::from(EXIT_FAILURE)
+    } else if not_admitted > 0 {
+        ExitCode::from(EXIT_NOT_ADMITTED)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+enum PingResult {
+    Ok,
+    Failed,
+    NotAdmitted,
+}
+
+async fn ping_one(cfg: &Config, t: &Transport, i: usize, commit: Option<&str>) -> PingResult {
+    let urls = cfg.receiver.url.list();
+    println!(
+        "receiver:   {}",
+        urls.get(i).map(String::as_str).unwrap_or("?")
+    );
+    let (status, body) = match t.ping_at(i, commit).await {
         Ok(x) => x,
         Err(e) => {
             println!("result:     UNREACHABLE: {e}");
-            return ExitCode::from(EXIT_FAILURE);
+            return PingResult::Failed;
         }
     };
     let body = body.unwrap_or_default();
@@ -309,7 +345,7 @@ async fn ping(cfg: &Config, t: &Transport, commit: Option<String>) -> ExitCode {
             body["error"].as_str().unwrap_or("?"),
             body["message"].as_str().unwrap_or("")
         );
-        return ExitCode::from(EXIT_FAILURE);
+        return PingResult::Failed;
     }
     println!(
         "identity:   {} (as the receiver sees this host)",
@@ -339,29 +375,29 @@ async fn ping(cfg: &Config, t: &Transport, commit: Option<String>) -> ExitCode {
             body["host_id"].as_str().unwrap_or(""),
             cfg.host_id
         );
-        return ExitCode::from(EXIT_FAILURE);
+        return PingResult::Failed;
     }
     match (commit, body["commit_accepted"].as_bool()) {
         (None, _) => {
             println!("commit:     (none given and {INSTALL_ROOT} is not a git checkout)");
-            ExitCode::SUCCESS
+            PingResult::Ok
         }
         (Some(c), Some(true)) => {
             println!("commit:     {c} ADMITTED");
-            ExitCode::SUCCESS
+            PingResult::Ok
         }
         (Some(c), Some(false)) => {
             println!("commit:     {c} NOT ADMITTED; to fix, run on this host:");
             for line in body["remediation"].as_str().unwrap_or("").lines() {
                 println!("    {line}");
             }
-            ExitCode::from(EXIT_NOT_ADMITTED)
+            PingResult::NotAdmitted
         }
         (Some(c), None) => {
             println!(
                 "commit:     {c} unknown: the receiver has no commit list yet (retry shortly)"
             );
-            ExitCode::from(EXIT_FAILURE)
+            PingResult::Failed
         }
     }
 }

@@ -290,50 +290,75 @@ pub async fn run(cfg: Result<(Config, PathBuf), String>, opts: &Options) -> Vec<
                 Err(e) => rows.push(row(Level::Red, "receiver", e.to_string(), None)),
                 Ok(t) => {
                     let commit = crate::cli::installed_commit(Path::new(crate::cli::INSTALL_ROOT));
-                    match t.ping(commit.as_deref()).await {
-                        Err(e) => rows.push(row(
-                            Level::Red,
-                            "receiver",
-                            format!("unreachable: {e}"),
-                            Some(format!(
-                                "check the network path to {} and that cis490-receiver runs there",
-                                cfg.receiver.url.list().join(", ")
-                            )),
-                        )),
-                        Ok((200, Some(body))) => {
-                            rows.push(row(
-                                Level::Green,
-                                "receiver",
-                                format!(
-                                    "reachable; it sees this host as {} (gate source {}, {} commits)",
-                                    body["host_id"].as_str().unwrap_or("?"),
-                                    body["gate"]["source"].as_str().unwrap_or("none"),
-                                    body["gate"]["commits"]
-                                ),
-                                None,
-                            ));
-                            if let Some(r) = body["remediation"].as_str() {
-                                fix_412 = r.to_string();
+                    let urls = cfg.receiver.url.list();
+                    let mut reachable = 0;
+                    let mut down = Vec::new();
+                    let mut commit_row = None;
+                    for (i, url) in urls.iter().enumerate() {
+                        let what = if urls.len() > 1 {
+                            format!("receiver {url}")
+                        } else {
+                            "receiver".to_string()
+                        };
+                        match t.ping_at(i, commit.as_deref()).await {
+                            Err(e) => down.push((what, format!("unreachable: {e}"), url.clone())),
+                            Ok((200, Some(body))) => {
+                                reachable += 1;
+                                rows.push(row(
+                                    Level::Green,
+                                    &what,
+                                    format!(
+                                        "reachable; it sees this host as {} (gate source {}, {} commits)",
+                                        body["host_id"].as_str().unwrap_or("?"),
+                                        body["gate"]["source"].as_str().unwrap_or("none"),
+                                        body["gate"]["commits"]
+                                    ),
+                                    None,
+                                ));
+                                if commit_row.is_some() {
+                                    continue;
+                                }
+                                if let Some(r) = body["remediation"].as_str() {
+                                    fix_412 = r.to_string();
+                                }
+                                commit_row = Some(match (&commit, body["commit_accepted"].as_bool()) {
+                                    (None, _) => row(Level::Yellow, "commit", format!("{} is not a git checkout; cannot tell which commit this host runs", crate::cli::INSTALL_ROOT), None),
+                                    (Some(c), Some(true)) => row(Level::Green, "commit", format!("{c} is admitted"), None),
+                                    (Some(c), Some(false)) => row(Level::Red, "commit", format!("{c} is NOT admitted: new episodes will be quarantined"), Some(fix_412.clone())),
+                                    (Some(c), None) => row(Level::Yellow, "commit", format!("{c}: the receiver has no commit list yet"), None),
+                                });
                             }
-                            rows.push(match (commit, body["commit_accepted"].as_bool()) {
-                                (None, _) => row(Level::Yellow, "commit", format!("{} is not a git checkout; cannot tell which commit this host runs", crate::cli::INSTALL_ROOT), None),
-                                (Some(c), Some(true)) => row(Level::Green, "commit", format!("{c} is admitted"), None),
-                                (Some(c), Some(false)) => row(Level::Red, "commit", format!("{c} is NOT admitted: new episodes will be quarantined"), Some(fix_412.clone())),
-                                (Some(c), None) => row(Level::Yellow, "commit", format!("{c}: the receiver has no commit list yet"), None),
-                            });
+                            Ok((status, body)) => rows.push(row(
+                                Level::Red,
+                                &what,
+                                format!(
+                                    "refused ping with {status}: {}",
+                                    body.as_ref()
+                                        .and_then(|b| b["message"].as_str())
+                                        .unwrap_or("")
+                                ),
+                                Some("check the certificate's host name and the token file".into()),
+                            )),
                         }
-                        Ok((status, body)) => rows.push(row(
-                            Level::Red,
-                            "receiver",
-                            format!(
-                                "refused ping with {status}: {}",
-                                body.as_ref()
-                                    .and_then(|b| b["message"].as_str())
-                                    .unwrap_or("")
-                            ),
-                            Some("check the certificate's host name and the token file".into()),
-                        )),
                     }
+                    // One receiver down while another answers: shipping continues (failover),
+                    // but the redundancy is gone, so yellow; all down is red.
+                    let level = if reachable > 0 {
+                        Level::Yellow
+                    } else {
+                        Level::Red
+                    };
+                    for (what, msg, url) in down {
+                        rows.push(row(
+                            level,
+                            &what,
+                            msg,
+                            Some(format!(
+                                "check the network path to {url} and that cis490-receiver runs there"
+                            )),
+                        ));
+                    }
+                    rows.extend(commit_row);
                 }
             }
             rows.extend(queue_rows(cfg));

@@ -475,7 +475,15 @@ impl Transport {
 
     /// `POST /v1/ping`, optionally asking about `commit`.
     pub async fn ping(&self, commit: Option<&str>) -> Result<(u16, Option<Value>), NetError> {
-        let i = self.endpoint_index();
+        self.ping_at(self.endpoint_index(), commit).await
+    }
+
+    /// `POST /v1/ping` to the receiver at position `i` of the URL list (no failover).
+    pub async fn ping_at(
+        &self,
+        i: usize,
+        commit: Option<&str>,
+    ) -> Result<(u16, Option<Value>), NetError> {
         let mut h = Vec::new();
         if let Some(c) = commit {
             h.push((headers::CODE_COMMIT, c.to_string()));

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod episode;
 pub mod forgejo;
+pub mod garage;
 pub mod git;
 pub mod harness;
 pub mod pki;

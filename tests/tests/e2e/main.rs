@@ -7,6 +7,7 @@ mod receiver_api;
 mod receiver_limits;
 mod receiver_process;
 mod receiver_tls;
+mod s3;
 mod scripts;
 mod shipper;
 mod shipper_process;

@@ -1,0 +1,879 @@
+//! The S3-compatible store of SPEC §5b: several receivers share one bucket and nothing else.
+//!
+//! Keys (all under the configured prefix):
+//! - `episodes/<host>/<id>/<tar_sha256>.tar.zst`: bodies, content-addressed, so two writers of
+//!   one key always write the same episode and no write replaces different bytes. Nothing here
+//!   relies on conditional writes (Garage ignores `If-None-Match`).
+//! - `index/<host>/<id>.json`: the index row of the episode, written after its body.
+//! - `quarantine/<host>/<stamp>-<id>-<rand>.{tar.zst,reason.json}`: rejected uploads.
+//! - `health/<instance>`: the writability probe of `/healthz`.
+//!
+//! When two different bodies of one id exist (two receivers raced), the episode is the one with
+//! the earlier LastModified, then the smaller SHA-256; every reader applies the same rule.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as Key;
+use object_store::{
+    Attribute, Attributes, BackoffConfig, ClientOptions, GetOptions, MultipartUpload, ObjectMeta,
+    ObjectStore, PutMultipartOptions, PutOptions, PutPayload, RetryConfig,
+};
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+
+use cis490_common::timefmt;
+
+use crate::ingest::{self, Validated};
+use crate::store::{CommitOutcome, IndexRow, QuarantineNote, Upload};
+
+/// Bodies up to this size go up in one PUT; larger ones as a multipart upload of parts this
+/// big (S3 wants at least 5 MiB for every part but the last). At most one part is in flight
+/// while the next one fills, so an upload holds at most two parts in memory.
+pub const PART_BYTES: usize = 5 << 20;
+
+/// A store request failed or timed out: the client should retry (503 `store_unavailable`).
+#[derive(Debug, thiserror::Error)]
+#[error("the object store is unavailable: {0}")]
+pub struct StoreUnavailable(pub String);
+
+impl StoreUnavailable {
+    pub fn into_io(self) -> io::Error {
+        io::Error::other(self)
+    }
+
+    /// Whether an I/O error carries a store failure (as opposed to a local one).
+    pub fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|i| i.is::<StoreUnavailable>())
+    }
+}
+
+fn unavailable(op: &str, e: object_store::Error) -> StoreUnavailable {
+    StoreUnavailable(format!("{op}: {e}"))
+}
+
+pub struct S3Options {
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub access_key: String,
+    pub secret_key: String,
+    /// Bound on one store request, retries included.
+    pub request_timeout: Duration,
+    pub max_uncompressed: u64,
+    pub quarantine_keep_days: u64,
+    pub quarantine_max_bytes: u64,
+    /// Names this receiver's health-probe object.
+    pub instance: String,
+}
+
+/// Latency and error counts per kind of store request, for `/metrics`.
+#[derive(Default)]
+pub struct StoreMetrics {
+    ops: Mutex<BTreeMap<&'static str, OpStats>>,
+}
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+#[derive(Default, Clone)]
+struct OpStats {
+    ok: u64,
+    errors: u64,
+    sum_s: f64,
+    buckets: [u64; BUCKETS.len()],
+}
+
+impl StoreMetrics {
+    fn record(&self, op: &'static str, took: Duration, ok: bool) {
+        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        let s = ops.entry(op).or_default();
+        if ok {
+            s.ok += 1;
+        } else {
+            s.errors += 1;
+        }
+        let secs = took.as_secs_f64();
+        s.sum_s += secs;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                s.buckets[i] += 1;
+            }
+        }
+    }
+
+    pub fn render(&self, out: &mut String) {
+        let ops = self.ops.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        out.push_str("# HELP cis490_store_requests_total Object store requests by operation and result.\n# TYPE cis490_store_requests_total counter\n");
+        for (op, s) in &ops {
+            let _ = writeln!(
+                out,
+                "cis490_store_requests_total{{op=\"{op}\",result=\"ok\"}} {}",
+                s.ok
+            );
+            let _ = writeln!(
+                out,
+                "cis490_store_requests_total{{op=\"{op}\",result=\"error\"}} {}",
+                s.errors
+            );
+        }
+        out.push_str("# HELP cis490_store_request_duration_seconds Object store request latency, retries included.\n# TYPE cis490_store_request_duration_seconds histogram\n");
+        for (op, s) in &ops {
+            for (i, b) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "cis490_store_request_duration_seconds_bucket{{op=\"{op}\",le=\"{b}\"}} {}",
+                    s.buckets[i]
+                );
+            }
+            let n = s.ok + s.errors;
+            let _ = writeln!(
+                out,
+                "cis490_store_request_duration_seconds_bucket{{op=\"{op}\",le=\"+Inf\"}} {n}"
+            );
+            let _ = writeln!(
+                out,
+                "cis490_store_request_duration_seconds_sum{{op=\"{op}\"}} {:.6}",
+                s.sum_s
+            );
+            let _ = writeln!(
+                out,
+                "cis490_store_request_duration_seconds_count{{op=\"{op}\"}} {n}"
+            );
+        }
+    }
+}
+
+struct Inner {
+    os: Arc<AmazonS3>,
+    prefix: String,
+    bucket: String,
+    endpoint: String,
+    timeout: Duration,
+    max_uncompressed: u64,
+    keep_days: u64,
+    max_quarantine_bytes: u64,
+    instance: String,
+    metrics: StoreMetrics,
+    quarantine_bytes: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct S3Store {
+    inner: Arc<Inner>,
+}
+
+/// One stored body of an episode, as a listing shows it.
+#[derive(Debug, Clone)]
+pub struct Body {
+    pub key: String,
+    pub sha: String,
+    pub bytes: u64,
+    pub last_modified: SystemTime,
+}
+
+/// The rule every reader applies when an id has several bodies: earliest first, then by SHA.
+fn episode_order(a: &Body, b: &Body) -> std::cmp::Ordering {
+    (a.last_modified, &a.sha).cmp(&(b.last_modified, &b.sha))
+}
+
+fn meta_attr(name: &'static str, value: String) -> (Attribute, object_store::AttributeValue) {
+    (Attribute::Metadata(name.into()), value.into())
+}
+
+impl S3Store {
+    pub fn new(o: S3Options) -> Result<S3Store, String> {
+        let client = ClientOptions::new()
+            .with_allow_http(o.endpoint.starts_with("http://"))
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(o.request_timeout);
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(2),
+                base: 2.0,
+            },
+            max_retries: 3,
+            retry_timeout: o.request_timeout,
+        };
+        let os = AmazonS3Builder::new()
+            .with_endpoint(o.endpoint.trim_end_matches('/'))
+            .with_region(&o.region)
+            .with_bucket_name(&o.bucket)
+            .with_access_key_id(&o.access_key)
+            .with_secret_access_key(&o.secret_key)
+            .with_virtual_hosted_style_request(false)
+            .with_client_options(client)
+            .with_retry(retry)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(S3Store {
+            inner: Arc::new(Inner {
+                os: Arc::new(os),
+                prefix: o.prefix,
+                bucket: o.bucket,
+                endpoint: o.endpoint,
+                timeout: o.request_timeout,
+                max_uncompressed: o.max_uncompressed,
+                keep_days: o.quarantine_keep_days,
+                max_quarantine_bytes: o.quarantine_max_bytes,
+                instance: o.instance,
+                metrics: StoreMetrics::default(),
+                quarantine_bytes: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "s3 bucket {:?} at {} (prefix {:?})",
+            self.inner.bucket, self.inner.endpoint, self.inner.prefix
+        )
+    }
+
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.inner.metrics
+    }
+
+    fn key(&self, rel: &str) -> Result<Key, StoreUnavailable> {
+        Key::parse(format!("{}{rel}", self.inner.prefix))
+            .map_err(|e| StoreUnavailable(format!("bad object key {rel:?}: {e}")))
+    }
+
+    fn body_key(&self, host: &str, ep: &str, sha: &str) -> Result<Key, StoreUnavailable> {
+        self.key(&format!("episodes/{host}/{ep}/{sha}.tar.zst"))
+    }
+
+    fn index_key(&self, host: &str, ep: &str) -> Result<Key, StoreUnavailable> {
+        self.key(&format!("index/{host}/{ep}.json"))
+    }
+
+    /// Runs one store request with the latency/error bookkeeping and an overall deadline.
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        fut: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> Result<T, object_store::Error> {
+        let start = Instant::now();
+        let r = match tokio::time::timeout(self.inner.timeout + Duration::from_secs(1), fut).await {
+            Ok(r) => r,
+            Err(_) => Err(object_store::Error::Generic {
+                store: "S3",
+                source: format!("no answer within {}s", self.inner.timeout.as_secs()).into(),
+            }),
+        };
+        let ok = matches!(r, Ok(_) | Err(object_store::Error::NotFound { .. }));
+        self.inner.metrics.record(op, start.elapsed(), ok);
+        r
+    }
+
+    async fn list(&self, op: &'static str, rel: &str) -> Result<Vec<ObjectMeta>, StoreUnavailable> {
+        let prefix = self.key(rel)?;
+        let os = self.inner.os.clone();
+        let fut = async move {
+            let mut out = Vec::new();
+            let mut s = os.list(Some(&prefix));
+            while let Some(m) = s.next().await {
+                out.push(m?);
+            }
+            Ok(out)
+        };
+        self.timed(op, fut).await.map_err(|e| unavailable(op, e))
+    }
+
+    /// Every body stored for an id, in episode order (the first is the episode).
+    pub async fn bodies(&self, host: &str, ep: &str) -> Result<Vec<Body>, StoreUnavailable> {
+        let metas = self.list("list", &format!("episodes/{host}/{ep}")).await?;
+        let mut v: Vec<Body> = metas.into_iter().filter_map(|m| self.body_of(&m)).collect();
+        v.sort_by(episode_order);
+        Ok(v)
+    }
+
+    /// Parses `…episodes/<host>/<id>/<sha>.tar.zst` out of a listing entry.
+    fn body_of(&self, m: &ObjectMeta) -> Option<Body> {
+        let key = m.location.to_string();
+        let name = key.rsplit('/').next()?;
+        let sha = name.strip_suffix(".tar.zst")?;
+        if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        Some(Body {
+            sha: sha.to_string(),
+            bytes: m.size,
+            last_modified: SystemTime::from(m.last_modified),
+            key,
+        })
+    }
+
+    async fn get_bytes(
+        &self,
+        op: &'static str,
+        key: &Key,
+    ) -> Result<Option<Bytes>, StoreUnavailable> {
+        let os = self.inner.os.clone();
+        let k = key.clone();
+        let r = self
+            .timed(op, async move { os.get(&k).await?.bytes().await })
+            .await;
+        match r {
+            Ok(b) => Ok(Some(b)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(unavailable(op, e)),
+        }
+    }
+
+    async fn put(
+        &self,
+        op: &'static str,
+        key: &Key,
+        data: Bytes,
+        attrs: Attributes,
+    ) -> Result<(), StoreUnavailable> {
+        let os = self.inner.os.clone();
+        let k = key.clone();
+        let opts = PutOptions::from(attrs);
+        self.timed(op, async move {
+            os.put_opts(&k, PutPayload::from(data), opts).await
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| unavailable(op, e))
+    }
+
+    async fn delete(&self, key: &Key) -> Result<(), StoreUnavailable> {
+        let os = self.inner.os.clone();
+        let k = key.clone();
+        match self
+            .timed("delete", async move { os.delete(&k).await })
+            .await
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(unavailable("delete", e)),
+        }
+    }
+
+    /// The stored row of an id, from its index object, else rebuilt from the body (and the
+    /// index object written: an episode whose receiver died between body and row gets its row
+    /// from the next receiver that looks at it).
+    pub async fn find(&self, host: &str, ep: &str) -> Result<Option<IndexRow>, StoreUnavailable> {
+        let bodies = self.bodies(host, ep).await?;
+        let Some(first) = bodies.first() else {
+            return Ok(None);
+        };
+        if let Some(row) = self.read_row(host, ep).await? {
+            if row.tar_sha256 == first.sha {
+                return Ok(Some(row));
+            }
+        }
+        let row = self.row_from_body(host, ep, first).await?;
+        self.write_row(&row).await?;
+        tracing::warn!(host = %host, episode = %ep, "wrote the missing index object of a stored episode");
+        Ok(Some(row))
+    }
+
+    async fn read_row(&self, host: &str, ep: &str) -> Result<Option<IndexRow>, StoreUnavailable> {
+        let key = self.index_key(host, ep)?;
+        Ok(self
+            .get_bytes("get_index", &key)
+            .await?
+            .and_then(|b| serde_json::from_slice::<IndexRow>(&b).ok()))
+    }
+
+    async fn write_row(&self, row: &IndexRow) -> Result<(), StoreUnavailable> {
+        let key = self.index_key(&row.host_id, &row.episode_id)?;
+        let json = serde_json::to_vec(row).map_err(|e| StoreUnavailable(e.to_string()))?;
+        self.put("put_index", &key, Bytes::from(json), Attributes::new())
+            .await
+    }
+
+    /// Builds a row from a body's object metadata, or by reading the body when the metadata
+    /// lacks what only the end of the upload knew (multipart bodies).
+    async fn row_from_body(
+        &self,
+        host: &str,
+        ep: &str,
+        b: &Body,
+    ) -> Result<IndexRow, StoreUnavailable> {
+        let key = Key::parse(&b.key).map_err(|e| StoreUnavailable(e.to_string()))?;
+        let os = self.inner.os.clone();
+        let k = key.clone();
+        let head = self
+            .timed("head", async move {
+                os.get_opts(
+                    &k,
+                    GetOptions {
+                        head: true,
+                        ..Default::default()
+                    },
+                )
+                .await
+            })
+            .await
+            .map_err(|e| unavailable("head", e))?;
+        let meta = |name: &'static str| {
+            head.attributes
+                .get(&Attribute::Metadata(name.into()))
+                .map(|v| v.as_ref().to_string())
+        };
+        let parsed = (
+            meta("commit"),
+            meta("uncompressed-bytes").and_then(|v| v.parse::<u64>().ok()),
+            meta("files").and_then(|v| v.parse::<u64>().ok()),
+        );
+        let (commit, uncompressed, files) = match parsed {
+            (Some(c), Some(u), Some(f)) => (c, u, f),
+            _ => {
+                let v = self.summarize(&key, ep).await?;
+                (v.commit.to_string(), v.uncompressed_bytes, v.files)
+            }
+        };
+        Ok(IndexRow {
+            ts: timefmt::rfc3339(b.last_modified),
+            host_id: host.to_string(),
+            episode_id: ep.to_string(),
+            path: b.key.clone(),
+            bytes: b.bytes,
+            tar_sha256: b.sha.clone(),
+            uncompressed_bytes: uncompressed,
+            files,
+            commit,
+        })
+    }
+
+    /// Streams a stored body through the validator (nothing kept) to learn its summary.
+    async fn summarize(&self, key: &Key, ep: &str) -> Result<Validated, StoreUnavailable> {
+        let os = self.inner.os.clone();
+        let k = key.clone();
+        let get = self
+            .timed("get", async move { os.get(&k).await })
+            .await
+            .map_err(|e| unavailable("get", e))?;
+        let stream = get.into_stream().map(|r| r.map_err(io::Error::other));
+        let reader = tokio_util::io::StreamReader::new(stream);
+        let ep = ep.to_string();
+        let max = self.inner.max_uncompressed;
+        let key_s = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            let sync = tokio_util::io::SyncIoBridge::new(reader);
+            ingest::summarize_reader(io::BufReader::new(sync), &ep, max)
+        })
+        .await
+        .map_err(|e| StoreUnavailable(e.to_string()))?
+        .map_err(|r| StoreUnavailable(format!("{key_s} cannot be summarised: {r}")))
+    }
+
+    /// `/healthz`: writes this receiver's probe object.
+    pub async fn probe(&self) -> Result<(), String> {
+        let key = self
+            .key(&format!("health/{}", self.inner.instance))
+            .map_err(|e| e.to_string())?;
+        let now = timefmt::now_rfc3339();
+        self.put("put_health", &key, Bytes::from(now), Attributes::new())
+            .await
+            .map_err(|e| format!("{}: {e}", self.describe()))
+    }
+
+    pub fn quarantine_bytes(&self) -> u64 {
+        self.inner.quarantine_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Quarantine retention (`keep_days`, `max_bytes`), shared by all receivers on the bucket:
+    /// each may trim what another wrote. Returns the bytes still held.
+    pub async fn clean_quarantine(&self) -> Result<u64, StoreUnavailable> {
+        let metas = self.list("list", "quarantine").await?;
+        // One entry per upload: its body (if kept) and its reason, grouped by base name.
+        let mut entries: BTreeMap<String, (SystemTime, u64, Vec<Key>)> = BTreeMap::new();
+        for m in metas {
+            let key = m.location.to_string();
+            let base = key
+                .strip_suffix(".tar.zst")
+                .or_else(|| key.strip_suffix(".reason.json"))
+                .unwrap_or(&key)
+                .to_string();
+            let e =
+                entries
+                    .entry(base)
+                    .or_insert((SystemTime::from(m.last_modified), 0, Vec::new()));
+            e.0 = e.0.min(SystemTime::from(m.last_modified));
+            e.1 += m.size;
+            e.2.push(m.location);
+        }
+        let mut items: Vec<_> = entries.into_iter().collect();
+        items.sort_by(|a, b| (a.1 .0, &a.0).cmp(&(b.1 .0, &b.0)));
+        let mut total: u64 = items.iter().map(|i| i.1 .1).sum();
+        let keep = Duration::from_secs(self.inner.keep_days * 86_400);
+        let now = SystemTime::now();
+        for (base, (when, len, keys)) in items {
+            let expired =
+                self.inner.keep_days > 0 && now.duration_since(when).unwrap_or_default() > keep;
+            let over =
+                self.inner.max_quarantine_bytes > 0 && total > self.inner.max_quarantine_bytes;
+            if !(expired || over) {
+                continue;
+            }
+            for k in &keys {
+                self.delete(k).await?;
+            }
+            total -= len;
+            tracing::info!(event = "cleanup", file = %base, bytes = len, expired, "removed a receiver quarantine entry from the bucket");
+        }
+        self.inner.quarantine_bytes.store(total, Ordering::Relaxed);
+        Ok(total)
+    }
+
+    /// Opens an upload whose body will be stored under its content address.
+    pub fn begin(
+        &self,
+        host: &str,
+        ep: &str,
+        sha: &str,
+        commit: &str,
+        length: u64,
+    ) -> io::Result<Box<dyn Upload>> {
+        let key = self
+            .body_key(host, ep, sha)
+            .map_err(StoreUnavailable::into_io)?;
+        Ok(Box::new(S3Upload {
+            store: self.clone(),
+            rt: Handle::current(),
+            host: host.to_string(),
+            ep: ep.to_string(),
+            sha: sha.to_string(),
+            commit: commit.to_string(),
+            key,
+            buf: Vec::with_capacity((length as usize).min(PART_BYTES)),
+            multipart: None,
+            in_flight: None,
+        }))
+    }
+
+    /// `reindex`: writes the index object of every episode whose row is missing or names
+    /// another body; reports ids with several bodies on stderr. Returns (rows ok, skipped).
+    pub async fn reindex(&self) -> anyhow::Result<(usize, usize)> {
+        let (groups, _) = self.all_bodies().await?;
+        let (mut ok, mut bad) = (0, 0);
+        for ((host, ep), bodies) in groups {
+            report_conflict(&host, &ep, &bodies);
+            let first = &bodies[0];
+            let current = self.read_row(&host, &ep).await?;
+            if current.as_ref().is_some_and(|r| r.tar_sha256 == first.sha) {
+                ok += 1;
+                continue;
+            }
+            match self.row_from_body(&host, &ep, first).await {
+                Ok(row) => {
+                    self.write_row(&row).await?;
+                    ok += 1;
+                }
+                Err(e) => {
+                    eprintln!("{}: skipped: {e}", first.key);
+                    bad += 1;
+                }
+            }
+        }
+        Ok((ok, bad))
+    }
+
+    /// `export-index`: every index row as a JSON line, in key order; conflicts and bodies
+    /// without a row are reported on stderr.
+    pub async fn export_index(&self, out: &mut dyn Write) -> anyhow::Result<()> {
+        let (groups, _) = self.all_bodies().await?;
+        let rows = self.list("list", "index").await?;
+        let mut indexed = std::collections::HashSet::new();
+        for m in rows {
+            let key = m.location.clone();
+            let Some(bytes) = self.get_bytes("get_index", &key).await? else {
+                continue;
+            };
+            match serde_json::from_slice::<IndexRow>(&bytes) {
+                Ok(row) => {
+                    writeln!(out, "{}", serde_json::to_string(&row)?)?;
+                    indexed.insert((row.host_id, row.episode_id));
+                }
+                Err(e) => eprintln!("{key}: unreadable index row: {e}"),
+            }
+        }
+        for ((host, ep), bodies) in &groups {
+            report_conflict(host, ep, bodies);
+            if !indexed.contains(&(host.clone(), ep.clone())) {
+                eprintln!(
+                    "{host}/{ep}: stored without an index row (run `cis490-receiver reindex`)"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Every body in the bucket grouped by (host, id), each group in episode order.
+    async fn all_bodies(
+        &self,
+    ) -> Result<(BTreeMap<(String, String), Vec<Body>>, usize), StoreUnavailable> {
+        let metas = self.list("list", "episodes").await?;
+        let n = metas.len();
+        let mut groups: BTreeMap<(String, String), Vec<Body>> = BTreeMap::new();
+        let strip = format!("{}episodes/", self.inner.prefix);
+        for m in metas {
+            let Some(b) = self.body_of(&m) else { continue };
+            let rest = b.key.strip_prefix(&strip).unwrap_or(&b.key);
+            let mut parts = rest.split('/');
+            let (Some(host), Some(ep)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            groups
+                .entry((host.to_string(), ep.to_string()))
+                .or_default()
+                .push(b);
+        }
+        for v in groups.values_mut() {
+            v.sort_by(episode_order);
+        }
+        Ok((groups, n))
+    }
+}
+
+fn report_conflict(host: &str, ep: &str, bodies: &[Body]) {
+    if bodies.len() > 1 {
+        let others: Vec<&str> = bodies[1..].iter().map(|b| b.sha.as_str()).collect();
+        eprintln!(
+            "{host}/{ep}: conflict: {} bodies stored; the episode is {} (earliest), also kept: {}",
+            bodies.len(),
+            bodies[0].sha,
+            others.join(", ")
+        );
+    }
+}
+
+/// An upload on its way into the bucket: buffered up to one part, then multipart.
+struct S3Upload {
+    store: S3Store,
+    rt: Handle,
+    host: String,
+    ep: String,
+    sha: String,
+    commit: String,
+    key: Key,
+    buf: Vec<u8>,
+    multipart: Option<Box<dyn MultipartUpload>>,
+    in_flight: Option<JoinHandle<object_store::Result<()>>>,
+}
+
+impl S3Upload {
+    fn wait_in_flight(&mut self) -> io::Result<()> {
+        if let Some(h) = self.in_flight.take() {
+            let start = Instant::now();
+            let r = self
+                .rt
+                .block_on(h)
+                .map_err(|e| StoreUnavailable(format!("part upload task: {e}")).into_io())?;
+            self.store
+                .inner
+                .metrics
+                .record("put_part", start.elapsed(), r.is_ok());
+            r.map_err(|e| unavailable("put_part", e).into_io())?;
+        }
+        Ok(())
+    }
+
+    /// Sends the buffer as the next part (opening the multipart upload first if needed).
+    fn send_part(&mut self) -> io::Result<()> {
+        if self.multipart.is_none() {
+            let attrs: Attributes = [
+                meta_attr("tar-sha256", self.sha.clone()),
+                meta_attr("commit", self.commit.clone()),
+            ]
+            .into_iter()
+            .collect();
+            let os = self.store.inner.os.clone();
+            let key = self.key.clone();
+            let mp = self
+                .rt
+                .block_on(self.store.timed("create_multipart", async move {
+                    os.put_multipart_opts(&key, PutMultipartOptions::from(attrs))
+                        .await
+                }))
+                .map_err(|e| unavailable("create_multipart", e).into_io())?;
+            self.multipart = Some(mp);
+        }
+        self.wait_in_flight()?;
+        let data = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(PART_BYTES),
+        ));
+        if let Some(mp) = self.multipart.as_mut() {
+            let fut = mp.put_part(PutPayload::from(data));
+            let timeout = self.store.inner.timeout + Duration::from_secs(1);
+            self.in_flight = Some(self.rt.spawn(async move {
+                match tokio::time::timeout(timeout, fut).await {
+                    Ok(r) => r,
+                    Err(_) => Err(object_store::Error::Generic {
+                        store: "S3",
+                        source: "part upload timed out".into(),
+                    }),
+                }
+            }));
+        }
+        Ok(())
+    }
+
+    fn abort(&mut self) {
+        if let Some(mut mp) = self.multipart.take() {
+            if let Some(h) = self.in_flight.take() {
+                h.abort();
+            }
+            let store = self.store.clone();
+            // Detached: an abandoned multipart upload is invisible under episodes/ either way;
+            // aborting just frees its parts sooner.
+            self.rt.spawn(async move {
+                if let Err(e) = store.timed("abort_multipart", mp.abort()).await {
+                    tracing::warn!(error = %e, "failed to abort a multipart upload; the bucket's lifecycle rules will reclaim it");
+                }
+            });
+        }
+    }
+
+    fn row(&self, v: &Validated, bytes: u64) -> IndexRow {
+        IndexRow {
+            ts: timefmt::now_rfc3339(),
+            host_id: self.host.clone(),
+            episode_id: self.ep.clone(),
+            path: self.key.to_string(),
+            bytes,
+            tar_sha256: v.tar_sha256.clone(),
+            uncompressed_bytes: v.uncompressed_bytes,
+            files: v.files,
+            commit: v.commit.to_string(),
+        }
+    }
+}
+
+impl Write for S3Upload {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = PART_BYTES - self.buf.len();
+        let n = data.len().min(room);
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == PART_BYTES {
+            self.send_part()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Upload for S3Upload {
+    fn commit(mut self: Box<Self>, v: &Validated) -> io::Result<CommitOutcome> {
+        // The validator checked the body against the header's SHA, which names the key.
+        if v.tar_sha256 != self.sha {
+            self.abort();
+            return Err(io::Error::other(
+                "validated SHA-256 differs from the upload key",
+            ));
+        }
+        let bytes = v.compressed_bytes;
+        if self.multipart.is_some() {
+            if !self.buf.is_empty() {
+                self.send_part()?;
+            }
+            self.wait_in_flight()?;
+            let store = self.store.clone();
+            if let Some(mp) = self.multipart.as_mut() {
+                let r = self
+                    .rt
+                    .block_on(store.timed("complete_multipart", mp.complete()));
+                if let Err(e) = r {
+                    self.abort();
+                    return Err(unavailable("complete_multipart", e).into_io());
+                }
+            }
+            self.multipart = None;
+        } else {
+            let attrs: Attributes = [
+                meta_attr("tar-sha256", self.sha.clone()),
+                meta_attr("commit", v.commit.to_string()),
+                meta_attr("uncompressed-bytes", v.uncompressed_bytes.to_string()),
+                meta_attr("files", v.files.to_string()),
+            ]
+            .into_iter()
+            .collect();
+            let data = Bytes::from(std::mem::take(&mut self.buf));
+            self.rt
+                .block_on(self.store.put("put", &self.key, data, attrs))
+                .map_err(StoreUnavailable::into_io)?;
+        }
+        // Decide from what is stored now: a different body may have raced in through another
+        // receiver; the earlier one is the episode and the other answer is 409.
+        let row = self.row(v, bytes);
+        let store = self.store.clone();
+        let (host, ep) = (self.host.clone(), self.ep.clone());
+        self.rt
+            .block_on(async move {
+                let bodies = store.bodies(&host, &ep).await?;
+                match bodies.first() {
+                    Some(first) if first.sha != row.tar_sha256 => {
+                        let winner = match store.read_row(&host, &ep).await? {
+                            Some(r) if r.tar_sha256 == first.sha => r,
+                            _ => store.row_from_body(&host, &ep, first).await?,
+                        };
+                        Ok(CommitOutcome::Conflict(winner))
+                    }
+                    _ => {
+                        store.write_row(&row).await?;
+                        Ok(CommitOutcome::Stored(row))
+                    }
+                }
+            })
+            .map_err(StoreUnavailable::into_io)
+    }
+
+    fn quarantine(mut self: Box<Self>, note: &QuarantineNote) -> io::Result<()> {
+        // A body still in the buffer is kept; one already partly sent is aborted (S3 cannot
+        // move it) and only its reason is kept.
+        let kept_body = self.multipart.is_none();
+        self.abort();
+        let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
+            .to_string()
+            .replace([':', '-'], "");
+        let base = format!(
+            "quarantine/{}/{stamp}-{}-{}",
+            note.host_id,
+            note.episode_id,
+            rand::random::<u32>()
+        );
+        let store = self.store.clone();
+        let body = Bytes::from(std::mem::take(&mut self.buf));
+        let mut reason = serde_json::to_value(note).map_err(io::Error::other)?;
+        reason["body_kept"] = kept_body.into();
+        let reason = serde_json::to_vec_pretty(&reason).map_err(io::Error::other)?;
+        self.rt
+            .block_on(async move {
+                if kept_body {
+                    let k = store.key(&format!("{base}.tar.zst"))?;
+                    store
+                        .put("put_quarantine", &k, body, Attributes::new())
+                        .await?;
+                }
+                let k = store.key(&format!("{base}.reason.json"))?;
+                store
+                    .put("put_quarantine", &k, Bytes::from(reason), Attributes::new())
+                    .await?;
+                store.clean_quarantine().await.map(|_| ())
+            })
+            .map_err(StoreUnavailable::into_io)
+    }
+}
+
+impl Drop for S3Upload {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
