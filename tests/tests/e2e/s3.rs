@@ -626,6 +626,114 @@ async fn killing_receivers_on_garage_loses_and_duplicates_nothing() {
     );
 }
 
+/// A receiver SIGKILLed in the middle of an upload: the shipper moves to the second URL and
+/// the episode is stored once, through the survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_killed_mid_upload_fails_over_to_the_other() {
+    let w = World::new(2);
+    let g = Garage::start(&w.path().join("garage"));
+    let b = g.bucket();
+    let cfg = setup(&w, &g, None, "");
+    let mut ra = Process::start(&cfg, &[]);
+    let rb = Process::start(&cfg, &[]);
+    let scfg = w.shipper_config(
+        HOST,
+        &format!(
+            "[\"https://localhost:{}\", \"https://localhost:{}\"]",
+            ra.addr.port(),
+            rb.addr.port()
+        ),
+        // 24 MB at 48 Mbit/s: about 4 s on the wire, time to kill A mid-body.
+        "[shipping]\nbandwidth_limit_mbps = 48\nconcurrency = 1\n",
+    );
+    let eps = w.data_dir(HOST).join("episodes");
+    std::fs::create_dir_all(&eps).unwrap();
+    let gen = w.path().join("gen");
+    let e = episode::body(&gen, "ep-long", &w.commits[1], 24_000_000);
+    std::fs::rename(gen.join("ep-long"), eps.join("ep-long")).unwrap();
+    let mut ship = spawn_shipper(&scfg);
+    // Kill A once it has read some of the body.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, m) = cis490_tests::harness::ops_get(ra.ops_addr, "/metrics").await;
+        if metric(&m, "cis490_receiver_body_bytes_read_total").unwrap_or(0.0) > 2e6 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upload never reached receiver A"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ra.child.kill().unwrap();
+    let _ = ra.child.wait();
+    let shipped = w.data_dir(HOST).join("shipped/ep-long");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !shipped.exists() {
+        assert!(Instant::now() < deadline, "not shipped through receiver B");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = ship.kill();
+    let _ = ship.wait();
+    assert!(
+        rb.log_text().contains("episode stored"),
+        "receiver B stored it: {}",
+        rb.log_text()
+    );
+    assert_eq!(
+        b.keys(&format!("episodes/{HOST}/ep-long")).await,
+        vec![body_key("ep-long", &e.sha)]
+    );
+    let stored = b.get(&body_key("ep-long", &e.sha)).await.unwrap();
+    assert!(stored.to_vec() == e.bytes, "the body as packed");
+    assert!(b
+        .json(&format!("index/{HOST}/ep-long.json"))
+        .await
+        .is_some());
+}
+
+#[test]
+fn s3_config_errors_exit_2_naming_the_key() {
+    let w = World::new(1);
+    let base = "[store]\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"b\"\n";
+    let key = w.path().join("ak");
+    std::fs::write(&key, "GK1\n").unwrap();
+    let empty = w.path().join("empty");
+    std::fs::write(&empty, "  \n").unwrap();
+    let cases = [
+        (
+            format!("{base}secret_key_file = \"{}\"\n", key.display()),
+            "store.access_key_file: is required",
+        ),
+        (
+            format!(
+                "{base}access_key_file = \"{}\"\nsecret_key_file = \"/nonexistent/sk\"\n",
+                key.display()
+            ),
+            "store.secret_key_file: /nonexistent/sk: No such file",
+        ),
+        (
+            format!(
+                "{base}access_key_file = \"{}\"\nsecret_key_file = \"{}\"\n",
+                empty.display(),
+                key.display()
+            ),
+            "store.access_key_file:",
+        ),
+    ];
+    for (section, want) in cases {
+        let cfg = w.config(&section);
+        for cmd in ["check-config", "serve", "export-index"] {
+            let (code, _, err) = receiver_cmd(&cfg, cmd);
+            assert_eq!(code, 2, "{cmd}: {err}");
+            assert!(
+                err.contains(want) && err.lines().count() == 1,
+                "{cmd}: {err}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_and_doctor_report_every_receiver() {
     let w = World::new(2);
