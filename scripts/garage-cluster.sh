@@ -12,6 +12,7 @@
 # GARAGE_KEY_ID, GARAGE_SECRET) on stdout and writes them to DIR/env; the key is also written
 # to DIR/access_key and DIR/secret_key for a receiver's [store] section.
 # Node N listens on BASE_PORT+10*(N-1): +0 S3 API, +1 RPC, +3 admin API.
+# Nodes fsync metadata and data (GARAGE_FSYNC=false turns both off, as Garage's defaults do).
 set -euo pipefail
 
 GARAGE=${GARAGE:-garage}
@@ -83,8 +84,8 @@ start)
 metadata_dir = "$dir/node$n/meta"
 data_dir = "$dir/node$n/data"
 db_engine = "sqlite"
-metadata_fsync = true
-data_fsync = true
+metadata_fsync = ${GARAGE_FSYNC:-true}
+data_fsync = ${GARAGE_FSYNC:-true}
 replication_factor = 3
 rpc_bind_addr = "127.0.0.1:$((p + 1))"
 rpc_public_addr = "127.0.0.1:$((p + 1))"

@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
 mod compare;
+mod scaleout;
 
 use cis490_tests::episode;
 use cis490_tests::harness::{bin, Process, World};
@@ -650,6 +651,10 @@ async fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(3);
         compare::run(reps, scale);
+        return;
+    }
+    if which == "s3" {
+        scaleout::run(scale).await;
         return;
     }
     if which == "soak" {
