@@ -27,6 +27,7 @@ use object_store::{
     ObjectStore, PutMultipartOptions, PutOptions, PutPayload, RetryConfig,
 };
 use tokio::runtime::Handle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use cis490_common::timefmt;
@@ -38,6 +39,14 @@ use crate::store::{CommitOutcome, IndexRow, QuarantineNote, Upload};
 /// big (S3 wants at least 5 MiB for every part but the last). At most one part is in flight
 /// while the next one fills, so an upload holds at most two parts in memory.
 pub const PART_BYTES: usize = 5 << 20;
+
+/// Body bytes all uploads together may hold in memory (buffers being filled and parts in
+/// flight); an upload that would exceed it waits, which slows its sender instead of growing
+/// the receiver. Counted in KiB permits.
+pub const BUFFER_BUDGET: usize = 64 << 20;
+
+/// How long an upload waits for buffer memory before it is answered 503.
+const BUFFER_WAIT: Duration = Duration::from_secs(30);
 
 /// A store request failed or timed out: the client should retry (503 `store_unavailable`).
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +173,7 @@ struct Inner {
     instance: String,
     metrics: StoreMetrics,
     quarantine_bytes: AtomicU64,
+    buffers: Arc<Semaphore>,
 }
 
 #[derive(Clone)]
@@ -228,6 +238,7 @@ impl S3Store {
                 instance: o.instance,
                 metrics: StoreMetrics::default(),
                 quarantine_bytes: AtomicU64::new(0),
+                buffers: Arc::new(Semaphore::new(BUFFER_BUDGET / 1024)),
             }),
         })
     }
@@ -541,15 +552,19 @@ impl S3Store {
         let key = self
             .body_key(host, ep, sha)
             .map_err(StoreUnavailable::into_io)?;
+        let cap = (length as usize).clamp(1, PART_BYTES);
+        let rt = Handle::current();
+        let permit = Some(reserve(&rt, &self.inner.buffers, cap)?);
         Ok(Box::new(S3Upload {
             store: self.clone(),
-            rt: Handle::current(),
+            rt,
+            permit,
             host: host.to_string(),
             ep: ep.to_string(),
             sha: sha.to_string(),
             commit: commit.to_string(),
             key,
-            buf: Vec::with_capacity((length as usize).min(PART_BYTES)),
+            buf: Vec::with_capacity(cap),
             multipart: None,
             in_flight: None,
         }))
@@ -651,10 +666,29 @@ fn report_conflict(host: &str, ep: &str, bodies: &[Body]) {
     }
 }
 
+/// Takes `bytes` of the shared buffer budget, waiting at most [`BUFFER_WAIT`].
+fn reserve(rt: &Handle, sem: &Arc<Semaphore>, bytes: usize) -> io::Result<OwnedSemaphorePermit> {
+    let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+    let sem = sem.clone();
+    rt.block_on(async move {
+        match tokio::time::timeout(BUFFER_WAIT, sem.acquire_many_owned(kib)).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(StoreUnavailable("buffer budget closed".into()).into_io()),
+            Err(_) => Err(StoreUnavailable(format!(
+                "no upload buffer memory free for {}s (too many large uploads in flight)",
+                BUFFER_WAIT.as_secs()
+            ))
+            .into_io()),
+        }
+    })
+}
+
 /// An upload on its way into the bucket: buffered up to one part, then multipart.
 struct S3Upload {
     store: S3Store,
     rt: Handle,
+    /// The budget `buf` holds; a sent part takes it along until the part is stored.
+    permit: Option<OwnedSemaphorePermit>,
     host: String,
     ep: String,
     sha: String,
@@ -683,7 +717,7 @@ impl S3Upload {
     }
 
     /// Sends the buffer as the next part (opening the multipart upload first if needed).
-    fn send_part(&mut self) -> io::Result<()> {
+    fn send_part(&mut self, last: bool) -> io::Result<()> {
         if self.multipart.is_none() {
             let attrs: Attributes = [
                 meta_attr("tar-sha256", self.sha.clone()),
@@ -703,14 +737,23 @@ impl S3Upload {
             self.multipart = Some(mp);
         }
         self.wait_in_flight()?;
+        // The next buffer's memory first (unless this is the last part): waiting here holds
+        // only the part in flight, whose memory comes back when it is stored.
+        let next = if last {
+            None
+        } else {
+            Some(reserve(&self.rt, &self.store.inner.buffers, PART_BYTES)?)
+        };
+        let held = std::mem::replace(&mut self.permit, next);
         let data = Bytes::from(std::mem::replace(
             &mut self.buf,
-            Vec::with_capacity(PART_BYTES),
+            Vec::with_capacity(if last { 0 } else { PART_BYTES }),
         ));
         if let Some(mp) = self.multipart.as_mut() {
             let fut = mp.put_part(PutPayload::from(data));
             let timeout = self.store.inner.timeout + Duration::from_secs(1);
             self.in_flight = Some(self.rt.spawn(async move {
+                let _held = held;
                 match tokio::time::timeout(timeout, fut).await {
                     Ok(r) => r,
                     Err(_) => Err(object_store::Error::Generic {
@@ -760,7 +803,7 @@ impl Write for S3Upload {
         let n = data.len().min(room);
         self.buf.extend_from_slice(&data[..n]);
         if self.buf.len() == PART_BYTES {
-            self.send_part()?;
+            self.send_part(false)?;
         }
         Ok(n)
     }
@@ -782,7 +825,7 @@ impl Upload for S3Upload {
         let bytes = v.compressed_bytes;
         if self.multipart.is_some() {
             if !self.buf.is_empty() {
-                self.send_part()?;
+                self.send_part(true)?;
             }
             self.wait_in_flight()?;
             let store = self.store.clone();

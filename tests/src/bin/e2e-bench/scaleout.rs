@@ -138,11 +138,19 @@ pub async fn run(scale: usize) {
             );
             if kind == "s3" {
                 // Where the time goes: mean latency per kind of store request, first receiver.
-                let (_, m) = cis490_tests::harness::ops_get(receivers[0].ops_addr, "/metrics").await;
+                let (_, m) =
+                    cis490_tests::harness::ops_get(receivers[0].ops_addr, "/metrics").await;
                 let mut parts = Vec::new();
-                for l in m.lines().filter(|l| l.starts_with("cis490_store_request_duration_seconds_sum{")) {
+                for l in m
+                    .lines()
+                    .filter(|l| l.starts_with("cis490_store_request_duration_seconds_sum{"))
+                {
                     let op = l.split('"').nth(1).unwrap_or("?");
-                    let sum: f64 = l.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+                    let sum: f64 = l
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0.0);
                     let count = cis490_tests::harness::metric(
                         &m,
                         &format!("cis490_store_request_duration_seconds_count{{op=\"{op}\"}}"),
