@@ -161,8 +161,18 @@ impl StoreMetrics {
     }
 }
 
+/// What only the end of an upload knows, kept beside a multipart body.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Summary {
+    commit: String,
+    uncompressed_bytes: u64,
+    files: u64,
+}
+
 struct Inner {
     os: Arc<AmazonS3>,
+    /// Same credentials without the per-request deadline, for streaming whole bodies.
+    os_stream: Arc<AmazonS3>,
     prefix: String,
     bucket: String,
     endpoint: String,
@@ -214,20 +224,25 @@ impl S3Store {
             max_retries: 3,
             retry_timeout: o.request_timeout,
         };
-        let os = AmazonS3Builder::new()
-            .with_endpoint(o.endpoint.trim_end_matches('/'))
-            .with_region(&o.region)
-            .with_bucket_name(&o.bucket)
-            .with_access_key_id(&o.access_key)
-            .with_secret_access_key(&o.secret_key)
-            .with_virtual_hosted_style_request(false)
-            .with_client_options(client)
-            .with_retry(retry)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let build = |client: ClientOptions| {
+            AmazonS3Builder::new()
+                .with_endpoint(o.endpoint.trim_end_matches('/'))
+                .with_region(&o.region)
+                .with_bucket_name(&o.bucket)
+                .with_access_key_id(&o.access_key)
+                .with_secret_access_key(&o.secret_key)
+                .with_virtual_hosted_style_request(false)
+                .with_client_options(client)
+                .with_retry(retry.clone())
+                .build()
+                .map_err(|e| e.to_string())
+        };
+        let os = build(client.clone())?;
+        let os_stream = build(client.with_timeout_disabled())?;
         Ok(S3Store {
             inner: Arc::new(Inner {
                 os: Arc::new(os),
+                os_stream: Arc::new(os_stream),
                 prefix: o.prefix,
                 bucket: o.bucket,
                 endpoint: o.endpoint,
@@ -288,16 +303,30 @@ impl S3Store {
 
     async fn list(&self, op: &'static str, rel: &str) -> Result<Vec<ObjectMeta>, StoreUnavailable> {
         let prefix = self.key(rel)?;
-        let os = self.inner.os.clone();
-        let fut = async move {
-            let mut out = Vec::new();
-            let mut s = os.list(Some(&prefix));
-            while let Some(m) = s.next().await {
-                out.push(m?);
+        let mut s = self.inner.os.list(Some(&prefix));
+        let mut out = Vec::new();
+        // The deadline is per page of the listing, not for all of it: a large bucket takes
+        // many pages, each of which must answer in time.
+        loop {
+            let page = self
+                .timed(op, async {
+                    let mut got = Vec::new();
+                    while let Some(m) = s.next().await {
+                        got.push(m?);
+                        if got.len() == 1000 {
+                            break;
+                        }
+                    }
+                    Ok(got)
+                })
+                .await
+                .map_err(|e| unavailable(op, e))?;
+            let done = page.len() < 1000;
+            out.extend(page);
+            if done {
+                return Ok(out);
             }
-            Ok(out)
-        };
-        self.timed(op, fut).await.map_err(|e| unavailable(op, e))
+        }
     }
 
     /// Every body stored for an id, in episode order (the first is the episode).
@@ -441,10 +470,13 @@ impl S3Store {
         );
         let (commit, uncompressed, files) = match parsed {
             (Some(c), Some(u), Some(f)) => (c, u, f),
-            _ => {
-                let v = self.summarize(&key, ep).await?;
-                (v.commit.to_string(), v.uncompressed_bytes, v.files)
-            }
+            _ => match self.read_summary(host, ep, &b.sha).await? {
+                Some(s) => (s.commit, s.uncompressed_bytes, s.files),
+                None => {
+                    let v = self.summarize(&key, ep).await?;
+                    (v.commit.to_string(), v.uncompressed_bytes, v.files)
+                }
+            },
         };
         Ok(IndexRow {
             ts: timefmt::rfc3339(b.last_modified),
@@ -459,15 +491,57 @@ impl S3Store {
         })
     }
 
-    /// Streams a stored body through the validator (nothing kept) to learn its summary.
+    async fn write_summary(
+        &self,
+        host: &str,
+        ep: &str,
+        sha: &str,
+        s: &Summary,
+    ) -> Result<(), StoreUnavailable> {
+        let key = self.key(&format!("summaries/{host}/{ep}/{sha}.json"))?;
+        let json = serde_json::to_vec(s).map_err(|e| StoreUnavailable(e.to_string()))?;
+        self.put("put_summary", &key, Bytes::from(json), Attributes::new())
+            .await
+    }
+
+    async fn read_summary(
+        &self,
+        host: &str,
+        ep: &str,
+        sha: &str,
+    ) -> Result<Option<Summary>, StoreUnavailable> {
+        let key = self.key(&format!("summaries/{host}/{ep}/{sha}.json"))?;
+        Ok(self
+            .get_bytes("get_summary", &key)
+            .await?
+            .and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    /// Streams a stored body through the validator (nothing kept) to learn its summary: the
+    /// last resort for a body stored without its summary object (e.g. copied in by hand).
+    /// No overall deadline (a large body takes long); each chunk must arrive within 30 s.
     async fn summarize(&self, key: &Key, ep: &str) -> Result<Validated, StoreUnavailable> {
-        let os = self.inner.os.clone();
+        let os = self.inner.os_stream.clone();
         let k = key.clone();
         let get = self
             .timed("get", async move { os.get(&k).await })
             .await
             .map_err(|e| unavailable("get", e))?;
-        let stream = get.into_stream().map(|r| r.map_err(io::Error::other));
+        let chunks = get.into_stream();
+        let stream = futures_util::stream::unfold(chunks, |mut chunks| async move {
+            match tokio::time::timeout(Duration::from_secs(30), chunks.next()).await {
+                Ok(Some(r)) => Some((r.map_err(io::Error::other), chunks)),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no body bytes for 30s",
+                    )),
+                    chunks,
+                )),
+            }
+        });
+        let stream = Box::pin(stream);
         let reader = tokio_util::io::StreamReader::new(stream);
         let ep = ep.to_string();
         let max = self.inner.max_uncompressed;
@@ -552,13 +626,16 @@ impl S3Store {
         let key = self
             .body_key(host, ep, sha)
             .map_err(StoreUnavailable::into_io)?;
-        let cap = (length as usize).clamp(1, PART_BYTES);
+        // S3 allows 10,000 parts: bodies over ~45 GiB get larger parts.
+        let part = PART_BYTES.max((length as usize).div_ceil(9_000).next_multiple_of(1 << 20));
+        let cap = (length as usize).clamp(1, part);
         let rt = Handle::current();
         let permit = Some(reserve(&rt, &self.inner.buffers, cap)?);
         Ok(Box::new(S3Upload {
             store: self.clone(),
             rt,
             permit,
+            part,
             host: host.to_string(),
             ep: ep.to_string(),
             sha: sha.to_string(),
@@ -668,7 +745,8 @@ fn report_conflict(host: &str, ep: &str, bodies: &[Body]) {
 
 /// Takes `bytes` of the shared buffer budget, waiting at most [`BUFFER_WAIT`].
 fn reserve(rt: &Handle, sem: &Arc<Semaphore>, bytes: usize) -> io::Result<OwnedSemaphorePermit> {
-    let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+    // A part larger than the whole budget waits for all of it rather than forever.
+    let kib = bytes.div_ceil(1024).min(BUFFER_BUDGET / 1024) as u32;
     let sem = sem.clone();
     rt.block_on(async move {
         match tokio::time::timeout(BUFFER_WAIT, sem.acquire_many_owned(kib)).await {
@@ -689,6 +767,8 @@ struct S3Upload {
     rt: Handle,
     /// The budget `buf` holds; a sent part takes it along until the part is stored.
     permit: Option<OwnedSemaphorePermit>,
+    /// Bytes per part (at least [`PART_BYTES`]).
+    part: usize,
     host: String,
     ep: String,
     sha: String,
@@ -702,15 +782,10 @@ struct S3Upload {
 impl S3Upload {
     fn wait_in_flight(&mut self) -> io::Result<()> {
         if let Some(h) = self.in_flight.take() {
-            let start = Instant::now();
             let r = self
                 .rt
                 .block_on(h)
                 .map_err(|e| StoreUnavailable(format!("part upload task: {e}")).into_io())?;
-            self.store
-                .inner
-                .metrics
-                .record("put_part", start.elapsed(), r.is_ok());
             r.map_err(|e| unavailable("put_part", e).into_io())?;
         }
         Ok(())
@@ -737,31 +812,22 @@ impl S3Upload {
             self.multipart = Some(mp);
         }
         self.wait_in_flight()?;
-        // The next buffer's memory first (unless this is the last part): waiting here holds
-        // only the part in flight, whose memory comes back when it is stored.
-        let next = if last {
-            None
-        } else {
-            Some(reserve(&self.rt, &self.store.inner.buffers, PART_BYTES)?)
-        };
-        let held = std::mem::replace(&mut self.permit, next);
-        let data = Bytes::from(std::mem::replace(
-            &mut self.buf,
-            Vec::with_capacity(if last { 0 } else { PART_BYTES }),
-        ));
+        // The part goes out with the memory it holds; only then is memory for the next buffer
+        // taken, so a waiting upload always has a part in flight that will give memory back.
+        let held = self.permit.take();
+        let next_cap = if last { 0 } else { self.part };
+        let data = Bytes::from(std::mem::replace(&mut self.buf, Vec::new()));
         if let Some(mp) = self.multipart.as_mut() {
             let fut = mp.put_part(PutPayload::from(data));
-            let timeout = self.store.inner.timeout + Duration::from_secs(1);
+            let store = self.store.clone();
             self.in_flight = Some(self.rt.spawn(async move {
                 let _held = held;
-                match tokio::time::timeout(timeout, fut).await {
-                    Ok(r) => r,
-                    Err(_) => Err(object_store::Error::Generic {
-                        store: "S3",
-                        source: "part upload timed out".into(),
-                    }),
-                }
+                store.timed("put_part", fut).await
             }));
+        }
+        if !last {
+            self.permit = Some(reserve(&self.rt, &self.store.inner.buffers, next_cap)?);
+            self.buf = Vec::with_capacity(next_cap);
         }
         Ok(())
     }
@@ -799,10 +865,10 @@ impl S3Upload {
 
 impl Write for S3Upload {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let room = PART_BYTES - self.buf.len();
+        let room = self.part - self.buf.len();
         let n = data.len().min(room);
         self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == PART_BYTES {
+        if self.buf.len() == self.part {
             self.send_part(false)?;
         }
         Ok(n)
@@ -829,6 +895,16 @@ impl Upload for S3Upload {
             }
             self.wait_in_flight()?;
             let store = self.store.clone();
+            // What the multipart body's metadata cannot carry (known only now), written before
+            // the body becomes visible so a lost index row never needs the body re-read.
+            let summary = Summary {
+                commit: v.commit.to_string(),
+                uncompressed_bytes: v.uncompressed_bytes,
+                files: v.files,
+            };
+            self.rt
+                .block_on(store.write_summary(&self.host, &self.ep, &self.sha, &summary))
+                .map_err(StoreUnavailable::into_io)?;
             if let Some(mp) = self.multipart.as_mut() {
                 let r = self
                     .rt
@@ -853,23 +929,26 @@ impl Upload for S3Upload {
                 .block_on(self.store.put("put", &self.key, data, attrs))
                 .map_err(StoreUnavailable::into_io)?;
         }
-        // Decide from what is stored now: a different body may have raced in through another
-        // receiver; the earlier one is the episode and the other answer is 409.
+        // Decide from what is stored now: if a different body of this id is there too (two
+        // receivers raced with two bodies), this upload is answered 409 and writes no row,
+        // whichever body is older. A multipart body's LastModified is its start, so a body
+        // stored and answered 201 meanwhile can be "younger" than this one; answering 201 here
+        // too would retire two different bodies. Both are kept; readers apply the order rule.
         let row = self.row(v, bytes);
         let store = self.store.clone();
         let (host, ep) = (self.host.clone(), self.ep.clone());
         self.rt
             .block_on(async move {
                 let bodies = store.bodies(&host, &ep).await?;
-                match bodies.first() {
-                    Some(first) if first.sha != row.tar_sha256 => {
-                        let winner = match store.read_row(&host, &ep).await? {
-                            Some(r) if r.tar_sha256 == first.sha => r,
-                            _ => store.row_from_body(&host, &ep, first).await?,
-                        };
-                        Ok(CommitOutcome::Conflict(winner))
+                match bodies.iter().find(|b| b.sha != row.tar_sha256) {
+                    Some(other) => {
+                        let mut seen = row.clone();
+                        seen.tar_sha256 = other.sha.clone();
+                        seen.path = other.key.clone();
+                        seen.bytes = other.bytes;
+                        Ok(CommitOutcome::Conflict(seen))
                     }
-                    _ => {
+                    None => {
                         store.write_row(&row).await?;
                         Ok(CommitOutcome::Stored(row))
                     }
@@ -909,7 +988,12 @@ impl Upload for S3Upload {
                 store
                     .put("put_quarantine", &k, Bytes::from(reason), Attributes::new())
                     .await?;
-                store.clean_quarantine().await.map(|_| ())
+                // The upload is kept either way: a failed retention pass is only a warning
+                // (the janitor tries again).
+                if let Err(e) = store.clean_quarantine().await {
+                    tracing::warn!(error = %e, "failed to apply the receiver quarantine retention");
+                }
+                Ok::<(), StoreUnavailable>(())
             })
             .map_err(StoreUnavailable::into_io)
     }

@@ -220,6 +220,41 @@ async fn large_bodies_stream_as_multipart_and_a_failed_one_leaves_nothing() {
         assert_eq!(rebuilt[k], row[k], "{k}");
     }
     assert!(b.json(&format!("index/{HOST}/big.json")).await.is_some());
+    let summary_key = format!("summaries/{HOST}/big/{}.json", big.sha);
+    let summary = b
+        .json(&summary_key)
+        .await
+        .expect("summary object beside the multipart body");
+    assert_eq!(summary["uncompressed_bytes"], tar_len);
+    let (_, m) = ops(&rb, "/metrics").await;
+    assert_eq!(
+        metric(&m, "cis490_store_requests_total{op=\"get\",result=\"ok\"}"),
+        None,
+        "rebuilt from the summary, without reading the body"
+    );
+    // Without the summary either (a body copied in by hand): the body itself is read.
+    b.delete(&format!("index/{HOST}/big.json")).await;
+    b.delete(&summary_key).await;
+    let got = cb
+        .request("GET", &format!("/v1/episodes/{HOST}/big"), &[], vec![])
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200);
+    for k in [
+        "path",
+        "bytes",
+        "tar_sha256",
+        "uncompressed_bytes",
+        "files",
+        "commit",
+    ] {
+        assert_eq!(got.json()[k], row[k], "{k}");
+    }
+    let (_, m) = ops(&rb, "/metrics").await;
+    assert_eq!(
+        metric(&m, "cis490_store_requests_total{op=\"get\",result=\"ok\"}"),
+        Some(1.0)
+    );
 
     // A large body whose SHA-256 is wrong is found out after its parts went up: the multipart
     // upload is aborted, nothing appears under episodes/, the reason is kept.
@@ -282,6 +317,35 @@ async fn raced_bodies_are_both_kept_the_earlier_wins_and_tools_report_it() {
     assert_eq!(code, 0);
     assert_eq!(out.lines().count(), 1);
     assert!(err.contains("conflict"), "{err}");
+
+    // A different body landing while an upload streams (another receiver won the race): the
+    // streaming upload sees it after its own body is in, answers 409 and writes no row.
+    let slow = episode::body(&w.path().join("g3"), "ep-s", &w.commits[1], 30_000_000);
+    let rival = episode::body(&w.path().join("g4"), "ep-s", &w.commits[1], 5_000);
+    let c2 = w.client(r.addr, HOST);
+    let up = tokio::spawn(async move { c2.put(HOST, &slow).await });
+    let before = crate::support::metric_value(&r, "cis490_receiver_body_bytes_read_total").await;
+    while crate::support::metric_value(&r, "cis490_receiver_body_bytes_read_total").await
+        < before + 1e6
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    b.put(&body_key("ep-s", &rival.sha), rival.bytes.clone())
+        .await;
+    let reply = up.await.unwrap();
+    assert_eq!(
+        reply.status,
+        409,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.json()["stored_tar_sha256"], rival.sha.as_str());
+    assert_eq!(
+        b.keys(&format!("episodes/{HOST}/ep-s")).await.len(),
+        2,
+        "both kept"
+    );
+    assert!(b.json(&format!("index/{HOST}/ep-s.json")).await.is_none());
     r.stop().await;
 }
 
@@ -312,7 +376,21 @@ async fn missing_rows_come_back_through_already_stored_and_reindex() {
 
     let r0 = c.put(HOST, &eps[0]).await;
     assert_eq!(r0.status, 200);
-    assert_eq!(b.json(&format!("index/{HOST}/ep-0.json")).await, before[0]);
+    let back = b.json(&format!("index/{HOST}/ep-0.json")).await.unwrap();
+    let want = before[0].clone().unwrap();
+    // `ts` becomes the body's LastModified (the original said when 201 was sent).
+    for k in [
+        "host_id",
+        "episode_id",
+        "path",
+        "bytes",
+        "tar_sha256",
+        "uncompressed_bytes",
+        "files",
+        "commit",
+    ] {
+        assert_eq!(back[k], want[k], "{k}");
+    }
     let (code, out, err) = receiver_cmd(&cfg, "reindex");
     assert_eq!(code, 0, "{err}");
     assert!(
