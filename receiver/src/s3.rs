@@ -816,7 +816,7 @@ impl S3Upload {
         // taken, so a waiting upload always has a part in flight that will give memory back.
         let held = self.permit.take();
         let next_cap = if last { 0 } else { self.part };
-        let data = Bytes::from(std::mem::replace(&mut self.buf, Vec::new()));
+        let data = Bytes::from(std::mem::take(&mut self.buf));
         if let Some(mp) = self.multipart.as_mut() {
             let fut = mp.put_part(PutPayload::from(data));
             let store = self.store.clone();
