@@ -545,3 +545,42 @@ async fn a_second_shipping_process_on_one_data_dir_is_refused() {
         "free again once the daemon stopped (nothing queued: exit 0)"
     );
 }
+
+/// Every state change takes `data_dir/.lock`: while another process (a CLI command) holds it,
+/// the daemon uploads but moves nothing; once it is released, the move happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_moves_wait_for_the_data_dir_lock() {
+    let w = World::new(2);
+    let r = start(&w, "").await;
+    let cfg = w.shipper_config(HOST, &format!("https://localhost:{}", r.addr.port()), "");
+    let data = w.data_dir(HOST);
+    let eps = data.join("episodes");
+    episode::write(&eps, "held", &w.commits[1], &[("d", b"payload")]);
+    let held = cis490_common::lock::exclusive(&data).unwrap();
+    let mut once = Command::new(shipper_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("once")
+        .env("CIS490_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        eps.join("held").is_dir(),
+        "nothing moves while the lock is held"
+    );
+    assert!(!data.join("shipped/held").exists());
+    assert!(
+        once.try_wait().unwrap().is_none(),
+        "once waits for the lock"
+    );
+    drop(held);
+    assert_eq!(wait_exit(&mut once, Duration::from_secs(20)), Some(0));
+    assert!(data.join("shipped/held").is_dir());
+    assert!(!eps.join("held").exists());
+    assert_eq!(index_rows(&w.store_dir()).len(), 1);
+    r.stop().await;
+}

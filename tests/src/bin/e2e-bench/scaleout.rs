@@ -78,8 +78,13 @@ fn ship_all(cfgs: &[PathBuf], receivers: &[&Process]) -> (f64, Vec<f64>) {
     (secs, rss)
 }
 
+/// `CIS490_BENCH_CONCURRENCY` (default 2) uploads at once per lab host.
 fn shipping(extra: &str) -> String {
-    format!("[shipping]\nconcurrency = 2\nzstd_threads = 1\n{extra}")
+    let c: usize = std::env::var("CIS490_BENCH_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    format!("[shipping]\nconcurrency = {c}\nzstd_threads = 1\n{extra}")
 }
 
 pub async fn run(scale: usize) {
@@ -95,7 +100,12 @@ pub async fn run(scale: usize) {
             size: 16 * 1024,
         },
     ];
-    for wl in &workloads {
+    // CIS490_BENCH_ONLY=small (or large, or concurrent) runs one part.
+    let only = std::env::var("CIS490_BENCH_ONLY").unwrap_or_default();
+    for wl in workloads
+        .iter()
+        .filter(|w| only.is_empty() || only == w.name)
+    {
         for kind in ["fs", "s3"] {
             let w = World::new(3);
             let commit = w.commits[2].clone();
@@ -129,9 +139,10 @@ pub async fn run(scale: usize) {
             let (secs, rss) = tokio::task::block_in_place(|| ship_all(&cfgs, &refs));
             let rss_s: Vec<String> = rss.iter().map(|r| format!("{r:.1}")).collect();
             println!(
-                "scaleout.{} store={kind} receivers={} hosts=2 episodes={n} tar_bytes={total} seconds={secs:.2} MBps={:.1} episodes_per_s={:.0} receiver_peak_rss_MiB={}",
+                "scaleout.{} store={kind} receivers={} hosts=2 {} episodes={n} tar_bytes={total} seconds={secs:.2} MBps={:.1} episodes_per_s={:.0} receiver_peak_rss_MiB={}",
                 wl.name,
                 receivers.len(),
+                shipping("").lines().nth(1).unwrap_or(""),
                 total as f64 / 1e6 / secs,
                 n as f64 / secs,
                 rss_s.join("/")
@@ -166,6 +177,9 @@ pub async fn run(scale: usize) {
         }
     }
 
+    if !(only.is_empty() || only == "concurrent") {
+        return;
+    }
     // 64 concurrent uploads of 16 MiB into the bucket: each streams as multipart.
     let w = World::new(3);
     let garage = Garage::start(&w.path().join("garage"));
