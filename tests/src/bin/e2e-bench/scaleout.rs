@@ -142,7 +142,7 @@ pub async fn run(scale: usize) {
                 "scaleout.{} store={kind} receivers={} hosts=2 {} episodes={n} tar_bytes={total} seconds={secs:.2} MBps={:.1} episodes_per_s={:.0} receiver_peak_rss_MiB={}",
                 wl.name,
                 receivers.len(),
-                shipping("").lines().nth(1).unwrap_or(""),
+                shipping("").lines().nth(1).unwrap_or("").replace(" = ", "="),
                 total as f64 / 1e6 / secs,
                 n as f64 / secs,
                 rss_s.join("/")
