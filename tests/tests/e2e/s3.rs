@@ -438,7 +438,8 @@ async fn an_unreachable_bucket_is_503_and_shipping_resumes_when_it_returns() {
     let g = Garage::start(&w.path().join("garage"));
     let b = g.bucket();
     let proxy = Proxy::start(g.addr()).await;
-    let cfg = setup(&w, &g, Some(&proxy.endpoint()), "");
+    // Through a proxy, and under a prefix (as a lab sharing a bucket would).
+    let cfg = w.config(&g.store_section(&proxy.endpoint(), "lab1/"));
     let r = InProcess::start(&cfg).await;
     let c = w.client(r.addr, HOST);
     assert_eq!(ops(&r, "/healthz").await.0, 200);
@@ -485,9 +486,21 @@ async fn an_unreachable_bucket_is_503_and_shipping_resumes_when_it_returns() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(std::fs::read_dir(&eps).unwrap().count(), 0);
     for i in 0..4 {
-        assert_eq!(b.keys(&format!("episodes/{HOST}/s-{i}")).await.len(), 1);
-        assert!(b.json(&format!("index/{HOST}/s-{i}.json")).await.is_some());
+        assert_eq!(
+            b.keys(&format!("lab1/episodes/{HOST}/s-{i}")).await.len(),
+            1
+        );
+        let row = b
+            .json(&format!("lab1/index/{HOST}/s-{i}.json"))
+            .await
+            .unwrap();
+        assert!(row["path"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("lab1/episodes/{HOST}/s-{i}/")));
     }
+    assert!(b.keys("episodes").await.is_empty() && b.keys("index").await.is_empty());
+    assert!(!b.keys("lab1/health").await.is_empty());
     r.stop().await;
 }
 
