@@ -2,41 +2,17 @@
 //! processes, both SIGKILLed at seeded random instants and restarted until the backlog drains.
 //! CI runs 50 kills; `CIS490_CRASH_KILLS=1000` runs the long version (`--ignored` not needed).
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cis490_tests::episode;
-use cis490_tests::harness::{shipper_bin, Process, World};
+use cis490_tests::harness::{Process, World};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sha2::Digest;
 
-use crate::support::{files_under, index_rows};
+use crate::support::{files_under, free_port, index_rows, spawn_shipper};
 
 const HOST: &str = "labhost-01";
-
-fn shipper(cfg: &Path) -> Child {
-    Command::new(shipper_bin())
-        .arg("--config")
-        .arg(cfg)
-        .arg("run")
-        .env("CIS490_LOG", "warn")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_shipper_and_receiver_loses_and_duplicates_nothing() {
@@ -80,7 +56,7 @@ async fn killing_shipper_and_receiver_loses_and_duplicates_nothing() {
     }
 
     let mut receiver = Some(Process::start(&rcfg, &[]));
-    let mut ship = Some(shipper(&scfg));
+    let mut ship = Some(spawn_shipper(&scfg));
     let (mut kills, mut receiver_kills, mut shipper_kills) = (0usize, 0usize, 0usize);
     let started = Instant::now();
     let budget = Duration::from_secs(60 + kills_wanted as u64 * 2);
@@ -106,7 +82,7 @@ async fn killing_shipper_and_receiver_loses_and_duplicates_nothing() {
             receiver = Some(Process::start(&rcfg, &[]));
         }
         if ship.is_none() {
-            ship = Some(shipper(&scfg));
+            ship = Some(spawn_shipper(&scfg));
         }
         assert!(started.elapsed() < budget, "crash loop ran past {budget:?}");
     }

@@ -3,14 +3,14 @@
 //! export-index, quarantine, a node down, the bucket unreachable, and the crash loop.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cis490_tests::episode::{self, Body};
 use cis490_tests::garage::{Garage, Proxy};
-use cis490_tests::harness::{
-    metric, receiver_bin, shipper, shipper_bin, InProcess, Process, World,
-};
+
+use crate::support::{free_port, spawn_shipper};
+use cis490_tests::harness::{metric, receiver_bin, shipper, InProcess, Process, World};
 use nix::sys::signal::Signal;
 use sha2::Digest;
 
@@ -26,6 +26,23 @@ fn setup(w: &World, g: &Garage, endpoint: Option<&str>, extra: &str) -> std::pat
         .map(str::to_string)
         .unwrap_or_else(|| g.endpoint.clone());
     w.config(&format!("{}\n{extra}", g.store_section(&ep, "")))
+}
+
+/// Two index rows name the same stored episode (`ts` may differ: a rebuilt row takes the
+/// body's LastModified).
+fn same_row(a: &serde_json::Value, b: &serde_json::Value) {
+    for k in [
+        "host_id",
+        "episode_id",
+        "path",
+        "bytes",
+        "tar_sha256",
+        "uncompressed_bytes",
+        "files",
+        "commit",
+    ] {
+        assert_eq!(a[k], b[k], "{k}");
+    }
 }
 
 fn receiver_cmd(cfg: &Path, cmd: &str) -> (i32, String, String) {
@@ -209,16 +226,7 @@ async fn large_bodies_stream_as_multipart_and_a_failed_one_leaves_nothing() {
         .unwrap();
     assert_eq!(got.status, 200);
     let rebuilt = got.json();
-    for k in [
-        "path",
-        "bytes",
-        "tar_sha256",
-        "uncompressed_bytes",
-        "files",
-        "commit",
-    ] {
-        assert_eq!(rebuilt[k], row[k], "{k}");
-    }
+    same_row(&rebuilt, &row);
     assert!(b.json(&format!("index/{HOST}/big.json")).await.is_some());
     let summary_key = format!("summaries/{HOST}/big/{}.json", big.sha);
     let summary = b
@@ -240,16 +248,7 @@ async fn large_bodies_stream_as_multipart_and_a_failed_one_leaves_nothing() {
         .await
         .unwrap();
     assert_eq!(got.status, 200);
-    for k in [
-        "path",
-        "bytes",
-        "tar_sha256",
-        "uncompressed_bytes",
-        "files",
-        "commit",
-    ] {
-        assert_eq!(got.json()[k], row[k], "{k}");
-    }
+    same_row(&got.json(), &row);
     let (_, m) = ops(&rb, "/metrics").await;
     assert_eq!(
         metric(&m, "cis490_store_requests_total{op=\"get\",result=\"ok\"}"),
@@ -379,18 +378,7 @@ async fn missing_rows_come_back_through_already_stored_and_reindex() {
     let back = b.json(&format!("index/{HOST}/ep-0.json")).await.unwrap();
     let want = before[0].clone().unwrap();
     // `ts` becomes the body's LastModified (the original said when 201 was sent).
-    for k in [
-        "host_id",
-        "episode_id",
-        "path",
-        "bytes",
-        "tar_sha256",
-        "uncompressed_bytes",
-        "files",
-        "commit",
-    ] {
-        assert_eq!(back[k], want[k], "{k}");
-    }
+    same_row(&back, &want);
     let (code, out, err) = receiver_cmd(&cfg, "reindex");
     assert_eq!(code, 0, "{err}");
     assert!(
@@ -399,16 +387,7 @@ async fn missing_rows_come_back_through_already_stored_and_reindex() {
     );
     let after = b.json(&format!("index/{HOST}/ep-1.json")).await.unwrap();
     let want = before[1].clone().unwrap();
-    for k in [
-        "path",
-        "bytes",
-        "tar_sha256",
-        "uncompressed_bytes",
-        "files",
-        "commit",
-    ] {
-        assert_eq!(after[k], want[k], "{k}");
-    }
+    same_row(&after, &want);
 
     // Quarantine retention on the bucket: max_bytes keeps the newest entries only.
     for i in 0..3 {
@@ -540,28 +519,6 @@ async fn a_garage_node_down_does_not_stop_uploads() {
     let e = episode::body(&gen, "after", &w.commits[1], 5_000);
     assert_eq!(c.put(HOST, &e).await.status, 201);
     r.stop().await;
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn_shipper(cfg: &Path) -> Child {
-    Command::new(shipper_bin())
-        .arg("--config")
-        .arg(cfg)
-        .arg("run")
-        .env("CIS490_LOG", "warn")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
 }
 
 /// The crash oracle on the bucket: two receivers and the shipper SIGKILLed at seeded instants;

@@ -39,3 +39,27 @@ pub async fn metric_value(r: &InProcess, series: &str) -> f64 {
 pub async fn start(world: &World, extra: &str) -> InProcess {
     InProcess::start(&world.config(extra)).await
 }
+
+/// A loopback port free right now (for configs that need a fixed port across restarts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `e2e-shipper run` as a quiet child process, for tests that SIGKILL it.
+pub fn spawn_shipper(cfg: &Path) -> std::process::Child {
+    std::process::Command::new(cis490_tests::harness::shipper_bin())
+        .arg("--config")
+        .arg(cfg)
+        .arg("run")
+        .env("CIS490_LOG", "warn")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}

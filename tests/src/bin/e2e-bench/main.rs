@@ -208,6 +208,11 @@ async fn receiver_benches(scale: usize) {
     // 3. 64 concurrent uploads: the receiver's peak memory.
     let w = World::new(3);
     let p = Process::start(&w.config("[limits]\nmax_concurrent_uploads = 64\n"), &[]);
+    concurrent_64(&w, &p, scale, "receiver.concurrent_64").await;
+}
+
+/// 64 connections each PUT a 16 MiB (÷ scale) episode at once; prints the receiver's peak RSS.
+async fn concurrent_64(w: &World, p: &Process, scale: usize, label: &str) {
     let commit = w.commits[2].clone();
     let bodies: Vec<episode::Body> = (0..64)
         .map(|i| {
@@ -226,14 +231,14 @@ async fn receiver_benches(scale: usize) {
     let t = Instant::now();
     let mut tasks = Vec::new();
     for b in bodies {
-        let mut c = connect(&w, p.addr).await;
+        let mut c = connect(w, p.addr).await;
         tasks.push(tokio::spawn(async move { put(&mut c, &b).await }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), 201);
     }
     println!(
-        "receiver.concurrent_64 each_tar_MiB={} seconds={:.2} rss_before_MiB={:.1} receiver_peak_rss_MiB={:.1}",
+        "{label} each_tar_MiB={} seconds={:.2} rss_before_MiB={:.1} receiver_peak_rss_MiB={:.1}",
         16 / scale.max(1),
         t.elapsed().as_secs_f64(),
         before as f64 / 1024.0,

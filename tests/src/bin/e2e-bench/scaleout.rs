@@ -10,7 +10,7 @@ use std::time::Instant;
 use cis490_tests::garage::Garage;
 use cis490_tests::harness::{bin, Process, World};
 
-use crate::{body_from, connect, data, put, rss_kib};
+use crate::{concurrent_64, data, rss_kib};
 
 const HOSTS: [&str; 2] = ["labhost-01", "labhost-02"];
 
@@ -188,37 +188,5 @@ pub async fn run(scale: usize) {
         garage.store_section(&garage.endpoint, "")
     ));
     let p = Process::start(&cfg, &[]);
-    let commit = w.commits[2].clone();
-    let bodies: Vec<cis490_tests::episode::Body> = (0..64)
-        .map(|i| {
-            let d = w.path().join("mid").join(format!("ep-{i:02}"));
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(
-                d.join("meta.json"),
-                format!(r#"{{"code_version":{{"commit":"{commit}"}}}}"#),
-            )
-            .unwrap();
-            std::fs::write(d.join("data.bin"), data((16 << 20) / scale, i as u64 + 99)).unwrap();
-            body_from(&d, &format!("ep-{i:02}"), &commit)
-        })
-        .collect();
-    let before = rss_kib(p.child.id(), "VmRSS:");
-    let t = Instant::now();
-    let mut tasks = Vec::new();
-    for b in bodies {
-        let mut c = connect(&w, p.addr).await;
-        tasks.push(tokio::spawn(async move { put(&mut c, &b).await }));
-    }
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.push(t.await.unwrap());
-    }
-    let ok = statuses.iter().filter(|s| **s == 201).count();
-    println!(
-        "scaleout.concurrent_64 store=s3 each_tar_MiB={} stored={ok}/64 seconds={:.2} rss_before_MiB={:.1} receiver_peak_rss_MiB={:.1}",
-        16 / scale.max(1),
-        t.elapsed().as_secs_f64(),
-        before as f64 / 1024.0,
-        rss_kib(p.child.id(), "VmHWM:") as f64 / 1024.0
-    );
+    concurrent_64(&w, &p, scale, "scaleout.concurrent_64 store=s3").await;
 }
