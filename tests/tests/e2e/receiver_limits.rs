@@ -319,3 +319,37 @@ async fn an_early_answer_reaches_a_client_still_sending_its_body() {
     assert!(files_under(&w.store_dir().join("tmp")).is_empty());
     r.stop().await;
 }
+
+/// The load harness in CI, bounded: 64 connections uploading for 5 s beside 16 slowloris
+/// clients; every request answered, none failed, file descriptors back down afterwards.
+#[test]
+fn held_load_with_slowloris_clients_has_no_errors() {
+    let out = std::process::Command::new(cis490_tests::harness::bin("e2e-bench"))
+        .args(["load", "5"])
+        .env("CIS490_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("load "))
+        .expect("a load line");
+    println!("{line}");
+    let field = |name: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+    };
+    assert_eq!(field("errors"), 0.0, "{line}");
+    assert!(field("stored") >= 64.0, "{line}");
+    assert!(
+        field("open_fds_after") < 64.0,
+        "slow and finished connections are closed: {line}"
+    );
+}
