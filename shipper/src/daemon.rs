@@ -82,7 +82,14 @@ pub struct Shipper {
     /// The last listing of episodes/, consumed front to back between listings so that a large
     /// backlog is listed once per scan interval, not once per upload.
     pending: Mutex<(std::collections::VecDeque<Candidate>, Option<Instant>)>,
+    /// At most `concurrency` packs and `concurrency` uploads at once, but up to twice that many
+    /// episodes in hand: the next episodes are packed while the current ones are on the wire.
+    pack_slots: Arc<tokio::sync::Semaphore>,
+    upload_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Episodes in hand per upload slot: one uploading, one packed (or packing) behind it.
+const IN_HAND_PER_SLOT: usize = 2;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Invariant: every critical section below is a plain map update that cannot panic midway.
@@ -92,7 +99,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Shipper {
     pub fn new(cfg: Config, transport: Transport) -> Shipper {
         let layout = Layout::new(&cfg.data_dir);
+        let conc = cfg.shipping.concurrency.max(1);
         Shipper {
+            pack_slots: Arc::new(tokio::sync::Semaphore::new(conc)),
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(conc)),
             cfg,
             layout,
             transport: Arc::new(transport),
@@ -247,6 +257,9 @@ impl Shipper {
         let (sha, len) = match existing {
             Some(x) => x,
             None => {
+                let Ok(_packing) = self.pack_slots.clone().acquire_owned().await else {
+                    return Verdict::Kept;
+                };
                 let me = self.clone();
                 let cc = c.clone();
                 let packed =
@@ -286,6 +299,9 @@ impl Shipper {
             tarball: self.layout.tarball(&id),
             len,
             progress: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        };
+        let Ok(_uploading) = self.upload_slots.clone().acquire_owned().await else {
+            return Verdict::Kept;
         };
         lock(&self.uploads).insert(id.clone(), (shipment.progress.clone(), 0, Instant::now()));
         let outcome = self.transport.ship(&shipment).await;
@@ -447,7 +463,7 @@ impl Shipper {
         let mut kept = 0usize;
         let mut set = JoinSet::new();
         let mut ids = HashMap::new();
-        let conc = self.cfg.shipping.concurrency;
+        let conc = self.cfg.shipping.concurrency * IN_HAND_PER_SLOT;
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -500,7 +516,7 @@ impl Shipper {
         });
         let mut set = JoinSet::new();
         let mut ids = HashMap::new();
-        let conc = self.cfg.shipping.concurrency;
+        let conc = self.cfg.shipping.concurrency * IN_HAND_PER_SLOT;
         let scan_every = Duration::from_secs(self.cfg.shipping.scan_interval_s);
         let mut next_scan = Instant::now();
         loop {
