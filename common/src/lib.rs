@@ -7,6 +7,7 @@ pub mod headers;
 pub mod ids;
 pub mod lock;
 pub mod logging;
+pub mod memory;
 pub mod meta;
 pub mod notify;
 pub mod timefmt;

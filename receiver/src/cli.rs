@@ -58,6 +58,7 @@ fn load(cli: &Cli) -> Result<(Config, PathBuf), ConfigError> {
 }
 
 pub fn main() -> ExitCode {
+    cis490_common::memory::limit_malloc_arenas();
     let cli = Cli::parse();
     cis490_common::logging::init();
     let (cfg, path) = match load(&cli) {

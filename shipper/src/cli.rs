@@ -132,6 +132,7 @@ pub fn transport(cfg: &Config, path: &Path) -> Result<Transport, ConfigError> {
 }
 
 pub fn main() -> ExitCode {
+    cis490_common::memory::limit_malloc_arenas();
     let cli = Cli::parse_from(normalise_args(std::env::args_os()));
     cis490_common::logging::init();
     if let Some(Command::Doctor {
