@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead as _, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime};
@@ -58,13 +58,13 @@ pub trait Upload: Write + Send {
 
 /// What the HTTP layer needs from a store.
 pub trait EpisodeStore: Send + Sync {
-    fn get(&self, host_id: &str, episode_id: &str) -> Option<IndexRow>;
+    /// The stored row of an id; `Err` when the index cannot be read back.
+    fn get(&self, host_id: &str, episode_id: &str) -> io::Result<Option<IndexRow>>;
     fn begin(&self, host_id: &str, episode_id: &str) -> io::Result<Box<dyn Upload>>;
     /// Bytes free for new uploads, if the store can tell.
     fn free_bytes(&self) -> Option<u64>;
     /// Proves the store accepts writes right now (for `/healthz`).
     fn probe_writable(&self) -> io::Result<()>;
-    fn rows(&self) -> Vec<IndexRow>;
     /// Applies quarantine retention; returns the bytes still held.
     fn clean_quarantine(&self) -> io::Result<u64>;
 }
@@ -84,12 +84,49 @@ fn at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 
 type Key = (String, String);
 
+/// Where an episode's row sits in `index.jsonl`. The receiver keeps only this per stored
+/// episode in memory (about 70 bytes with its id, against ~1.4 KB for a parsed row) and reads
+/// the row itself from the file when asked, so 10^7 episodes fit in well under a GiB.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    offset: u64,
+    len: u32,
+}
+
+/// Stored episodes by host, then by id (hosts are few: their names are kept once).
+#[derive(Default)]
+struct Slots(HashMap<Box<str>, HashMap<Box<str>, Slot>>);
+
+impl Slots {
+    fn get(&self, host: &str, ep: &str) -> Option<Slot> {
+        self.0.get(host)?.get(ep).copied()
+    }
+
+    fn insert(&mut self, host: &str, ep: &str, slot: Slot) {
+        match self.0.get_mut(host) {
+            Some(m) => {
+                m.insert(ep.into(), slot);
+            }
+            None => {
+                self.0
+                    .insert(host.into(), HashMap::from([(ep.into(), slot)]));
+            }
+        }
+    }
+
+    fn contains(&self, host: &str, ep: &str) -> bool {
+        self.get(host, ep).is_some()
+    }
+}
+
 struct FsInner {
     root: PathBuf,
     /// What is stored, for lookups from request handlers (never held across I/O).
-    rows: RwLock<HashMap<Key, IndexRow>>,
+    rows: RwLock<Slots>,
     /// The append handle of `index.jsonl`; holding it serialises commits.
     writer: Mutex<File>,
+    /// A read handle of `index.jsonl` for positioned reads of single rows (no lock needed).
+    reader: File,
     keep_days: u64,
     max_quarantine_bytes: u64,
     max_uncompressed: u64,
@@ -130,13 +167,19 @@ impl FsStore {
             r.map_err(at(&p))?;
         }
         let index_path = root.join("index.jsonl");
-        let rows = load_index(&index_path).map_err(at(&index_path))?;
+        let mut rows = Slots::default();
+        scan_index(&index_path, |row, slot| {
+            rows.insert(&row.host_id, &row.episode_id, slot)
+        })
+        .map_err(at(&index_path))?;
         let file = durable::open_append(&index_path).map_err(at(&index_path))?;
+        let reader = File::open(&index_path).map_err(at(&index_path))?;
         let store = FsStore {
             inner: Arc::new(FsInner {
                 root: root.to_path_buf(),
                 rows: RwLock::new(rows),
                 writer: Mutex::new(file),
+                reader,
                 keep_days: opts.quarantine_keep_days,
                 max_quarantine_bytes: opts.quarantine_max_bytes,
                 max_uncompressed: opts.max_uncompressed,
@@ -144,6 +187,8 @@ impl FsStore {
             }),
         };
         store.repair(opts.max_uncompressed)?;
+        // Loading and repairing a large index leaves freed buffers behind; give them back.
+        cis490_common::memory::release_free_memory();
         Ok(store)
     }
 
@@ -178,13 +223,13 @@ impl FsStore {
         &self.inner.root
     }
 
-    fn rows_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Key, IndexRow>> {
+    fn rows_read(&self) -> std::sync::RwLockReadGuard<'_, Slots> {
         // Invariant: rows are inserted only after their line is durable and no code panics
         // while holding the lock, so a poisoned lock still guards consistent data.
         self.inner.rows.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn rows_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Key, IndexRow>> {
+    fn rows_write(&self) -> std::sync::RwLockWriteGuard<'_, Slots> {
         self.inner.rows.write().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -192,55 +237,93 @@ impl FsStore {
         self.inner.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends a row durably; on failure the index is cut back so no torn line stays behind.
+    /// Appends a row durably and records where it is; on failure the index is cut back so no
+    /// torn line stays behind.
     fn append_row(&self, w: &mut File, row: &IndexRow) -> io::Result<()> {
         let line = serde_json::to_string(row).map_err(io::Error::other)?;
+        let len =
+            u32::try_from(line.len()).map_err(|_| io::Error::other("index row over 4 GiB"))?;
         let before = w.metadata()?.len();
         if let Err(e) = durable::append_line(w, &line) {
             let _ = w.set_len(before);
             let _ = w.sync_all();
             return Err(e);
         }
+        self.rows_write().insert(
+            &row.host_id,
+            &row.episode_id,
+            Slot {
+                offset: before,
+                len,
+            },
+        );
         Ok(())
+    }
+
+    /// The stored row of an id, read back from `index.jsonl`.
+    pub fn lookup(&self, host_id: &str, episode_id: &str) -> io::Result<Option<IndexRow>> {
+        let Some(slot) = self.rows_read().get(host_id, episode_id) else {
+            return Ok(None);
+        };
+        let mut buf = vec![0; slot.len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&self.inner.reader, &mut buf, slot.offset)?;
+        let row: IndexRow = serde_json::from_slice(&buf).map_err(|e| {
+            io::Error::other(format!(
+                "index.jsonl at byte {}: unreadable row: {e}",
+                slot.offset
+            ))
+        })?;
+        Ok(Some(row))
     }
 
     /// Adds index rows for stored files that have none (a crash between link and append).
     /// On a large store this reads every such file, so systemd's start timeout is extended.
     fn repair(&self, max_uncompressed: u64) -> Result<(), StoreError> {
-        let stored = list_stored(&self.inner.root)?;
-        let on_disk: std::collections::HashSet<Key> = stored
-            .iter()
-            .map(|(h, e, _)| (h.clone(), e.clone()))
-            .collect();
-        self.rows_write().retain(|k, row| {
-            let keep = on_disk.contains(k);
-            if !keep {
-                tracing::warn!(host = %k.0, episode = %k.1, path = %row.path, "index row names a file that is gone; ignoring it");
-            }
-            keep
-        });
+        // One host directory at a time, so a store of millions of episodes never has them all
+        // listed in memory at once.
         let index_path = self.inner.root.join("index.jsonl");
         let mut w = self.writer();
         let mut last_extend: Option<std::time::Instant> = None;
-        for (host, ep, path) in stored {
-            if self.rows_read().contains_key(&(host.clone(), ep.clone())) {
-                continue;
+        let mut hosts_seen = std::collections::HashSet::new();
+        for (host, hp) in stored_hosts(&self.inner.root)? {
+            let eps = stored_in(&hp)?;
+            if let Some(m) = self.rows_write().0.get_mut(host.as_str()) {
+                m.retain(|ep, _| {
+                    let keep = eps.binary_search_by(|e| e.as_str().cmp(ep)).is_ok();
+                    if !keep {
+                        tracing::warn!(host = %host, episode = %ep, "index row names a file that is gone; ignoring it");
+                    }
+                    keep
+                });
             }
-            if last_extend.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10)) {
-                cis490_common::notify::extend_timeout(std::time::Duration::from_secs(30));
-                last_extend = Some(std::time::Instant::now());
-            }
-            match row_for_file(&self.inner.root, &host, &ep, &path, max_uncompressed, None) {
-                Ok(row) => {
-                    self.append_row(&mut w, &row).map_err(at(&index_path))?;
-                    tracing::warn!(host = %host, episode = %ep, "added the missing index row of a stored episode");
-                    self.rows_write().insert((host, ep), row);
+            for ep in eps {
+                if self.rows_read().contains(&host, &ep) {
+                    continue;
                 }
-                Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "stored file cannot be summarised; leaving it out of the index");
+                if last_extend.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10)) {
+                    cis490_common::notify::extend_timeout(std::time::Duration::from_secs(30));
+                    last_extend = Some(std::time::Instant::now());
+                }
+                let path = hp.join(format!("{ep}.tar.zst"));
+                match row_for_file(&self.inner.root, &host, &ep, &path, max_uncompressed, None) {
+                    Ok(row) => {
+                        self.append_row(&mut w, &row).map_err(at(&index_path))?;
+                        tracing::warn!(host = %host, episode = %ep, "added the missing index row of a stored episode");
+                    }
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "stored file cannot be summarised; leaving it out of the index");
+                    }
                 }
             }
+            hosts_seen.insert(host);
         }
+        self.rows_write().0.retain(|host, eps| {
+            let keep = hosts_seen.contains(host.as_ref());
+            if !keep {
+                tracing::warn!(host = %host, rows = eps.len(), "index rows name a host directory that is gone; ignoring them");
+            }
+            keep
+        });
         Ok(())
     }
 }
@@ -263,59 +346,87 @@ fn lock_store(root: &Path) -> Result<cis490_common::lock::DirLock, StoreError> {
     }
 }
 
-/// Reads `index.jsonl`; a torn last line (crash mid-append) is cut off so appends stay aligned.
-fn load_index(path: &Path) -> io::Result<HashMap<Key, IndexRow>> {
-    let mut rows = HashMap::new();
-    let bytes = match fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(rows),
+/// Reads `index.jsonl` row by row (streamed: the file may be gigabytes), giving each parsed row
+/// and where its line is; a torn last line (crash mid-append) is cut off so appends stay aligned.
+fn scan_index(path: &Path, mut each: impl FnMut(IndexRow, Slot)) -> io::Result<()> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    let good_len = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    if good_len < bytes.len() {
-        tracing::warn!(path = %path.display(), bytes = bytes.len() - good_len, "cutting a torn last line off the index");
-        let f = fs::OpenOptions::new().write(true).open(path)?;
-        f.set_len(good_len as u64)?;
-        f.sync_all()?;
-    }
-    for (n, line) in bytes[..good_len].lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
+    let mut r = io::BufReader::with_capacity(1 << 20, file);
+    let mut line = Vec::with_capacity(512);
+    let (mut offset, mut n) = (0u64, 0usize);
+    loop {
+        line.clear();
+        let got = r.read_until(b'\n', &mut line)?;
+        if got == 0 {
+            return Ok(());
         }
-        match serde_json::from_str::<IndexRow>(&line) {
-            Ok(row) => {
-                rows.insert((row.host_id.clone(), row.episode_id.clone()), row);
-            }
-            Err(e) => {
-                tracing::warn!(path = %path.display(), line = n + 1, error = %e, "skipping an unreadable index row")
-            }
+        if line.last() != Some(&b'\n') {
+            tracing::warn!(path = %path.display(), bytes = got, "cutting a torn last line off the index");
+            let f = fs::OpenOptions::new().write(true).open(path)?;
+            f.set_len(offset)?;
+            f.sync_all()?;
+            return Ok(());
         }
-    }
-    Ok(rows)
-}
-
-/// Every `episodes/<host>/<id>.tar.zst` in the store.
-pub fn list_stored(root: &Path) -> Result<Vec<(String, String, PathBuf)>, StoreError> {
-    let mut out = Vec::new();
-    let episodes = root.join("episodes");
-    for host in fs::read_dir(&episodes).map_err(at(&episodes))? {
-        let host = host.map_err(at(&episodes))?;
-        if !host.file_type().map_err(at(&episodes))?.is_dir() {
-            continue;
-        }
-        let host_name = host.file_name().to_string_lossy().into_owned();
-        let hp = host.path();
-        for f in fs::read_dir(&hp).map_err(at(&hp))? {
-            let f = f.map_err(at(&hp))?;
-            let name = f.file_name().to_string_lossy().into_owned();
-            if let Some(ep) = name.strip_suffix(".tar.zst") {
-                if cis490_common::validate_id(ep).is_ok()
-                    && f.file_type().map_err(at(&hp))?.is_file()
-                {
-                    out.push((host_name.clone(), ep.to_string(), f.path()));
+        n += 1;
+        let body = &line[..line.len() - 1];
+        if !body.iter().all(u8::is_ascii_whitespace) {
+            match serde_json::from_slice::<IndexRow>(body) {
+                Ok(row) => match u32::try_from(body.len()) {
+                    Ok(len) => each(row, Slot { offset, len }),
+                    Err(_) => {
+                        tracing::warn!(path = %path.display(), line = n, "skipping an index row over 4 GiB")
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), line = n, error = %e, "skipping an unreadable index row")
                 }
             }
+        }
+        offset += got as u64;
+    }
+}
+
+/// Every `episodes/<host>/<id>.tar.zst` in the store, sorted.
+pub fn list_stored(root: &Path) -> Result<Vec<(String, String, PathBuf)>, StoreError> {
+    let mut out = Vec::new();
+    for (host, hp) in stored_hosts(root)? {
+        for ep in stored_in(&hp)? {
+            let path = hp.join(format!("{ep}.tar.zst"));
+            out.push((host.clone(), ep, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The host directories under `episodes/`.
+fn stored_hosts(root: &Path) -> Result<Vec<(String, PathBuf)>, StoreError> {
+    let episodes = root.join("episodes");
+    let mut out = Vec::new();
+    for host in fs::read_dir(&episodes).map_err(at(&episodes))? {
+        let host = host.map_err(at(&episodes))?;
+        if host.file_type().map_err(at(&episodes))?.is_dir() {
+            out.push((host.file_name().to_string_lossy().into_owned(), host.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The episode ids stored in one host directory, sorted.
+fn stored_in(hp: &Path) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    for f in fs::read_dir(hp).map_err(at(hp))? {
+        let f = f.map_err(at(hp))?;
+        let name = f.file_name();
+        let Some(ep) = name.to_str().and_then(|n| n.strip_suffix(".tar.zst")) else {
+            continue;
+        };
+        if cis490_common::validate_id(ep).is_ok() && f.file_type().map_err(at(hp))?.is_file() {
+            out.push(ep.to_string());
         }
     }
     out.sort();
@@ -362,11 +473,14 @@ pub fn reindex(root: &Path, max_uncompressed: u64) -> anyhow::Result<(usize, usi
     // A serving receiver appends to the index it holds open: never replace it under its feet.
     let _lock = lock_store(root)?;
     let index_path = root.join("index.jsonl");
-    let old = load_index(&index_path)?;
+    let mut old: HashMap<Key, String> = HashMap::new();
+    scan_index(&index_path, |row, _| {
+        old.insert((row.host_id, row.episode_id), row.ts);
+    })?;
     let mut out = String::new();
     let (mut ok, mut bad) = (0, 0);
     for (host, ep, path) in list_stored(root)? {
-        let ts = old.get(&(host.clone(), ep.clone())).map(|r| r.ts.clone());
+        let ts = old.remove(&(host.clone(), ep.clone()));
         match row_for_file(root, &host, &ep, &path, max_uncompressed, ts) {
             Ok(row) => {
                 out.push_str(&serde_json::to_string(&row)?);
@@ -413,10 +527,9 @@ impl Upload for FsUpload {
         let host_dir = root.join("episodes").join(&host_id);
         durable::create_dir_durable(&host_dir)?;
         let dest = host_dir.join(format!("{episode_id}.tar.zst"));
-        let key = (host_id.clone(), episode_id.clone());
         let mut w = store.writer();
-        if let Some(row) = store.rows_read().get(&key) {
-            return Ok(judge(row, v));
+        if let Some(row) = store.lookup(&host_id, &episode_id)? {
+            return Ok(judge(&row, v));
         }
         match file.commit(&dest, Existing::Keep) {
             Ok(()) => {}
@@ -435,7 +548,6 @@ impl Upload for FsUpload {
                     io::Error::other(format!("{} exists but cannot be read: {r}", dest.display()))
                 })?;
                 store.append_row(&mut w, &existing)?;
-                store.rows_write().insert(key, existing.clone());
                 return Ok(judge(&existing, v));
             }
             Err(e) => return Err(e),
@@ -457,7 +569,6 @@ impl Upload for FsUpload {
             let _ = durable::fsync_dir(&host_dir);
             return Err(e);
         }
-        store.rows_write().insert(key, row.clone());
         Ok(CommitOutcome::Stored(row))
     }
 
@@ -494,10 +605,8 @@ fn judge(row: &IndexRow, v: &Validated) -> CommitOutcome {
 }
 
 impl EpisodeStore for FsStore {
-    fn get(&self, host_id: &str, episode_id: &str) -> Option<IndexRow> {
-        self.rows_read()
-            .get(&(host_id.to_string(), episode_id.to_string()))
-            .cloned()
+    fn get(&self, host_id: &str, episode_id: &str) -> io::Result<Option<IndexRow>> {
+        self.lookup(host_id, episode_id)
     }
 
     fn begin(&self, host_id: &str, episode_id: &str) -> io::Result<Box<dyn Upload>> {
@@ -520,12 +629,6 @@ impl EpisodeStore for FsStore {
         f.write_all(b"ok")?;
         drop(f);
         Ok(())
-    }
-
-    fn rows(&self) -> Vec<IndexRow> {
-        let mut v: Vec<_> = self.rows_read().values().cloned().collect();
-        v.sort_by(|a, b| (&a.host_id, &a.episode_id).cmp(&(&b.host_id, &b.episode_id)));
-        v
     }
 
     fn clean_quarantine(&self) -> io::Result<u64> {
@@ -608,7 +711,10 @@ impl Store {
         episode_id: &str,
     ) -> Result<Option<IndexRow>, crate::s3::StoreUnavailable> {
         match self {
-            Store::Fs(s) => Ok(s.get(host_id, episode_id)),
+            Store::Fs(s) => s.get(host_id, episode_id).map_err(|e| {
+                tracing::error!(error = %e, "failed to read a row back from index.jsonl");
+                crate::s3::StoreUnavailable(format!("index.jsonl: {e}"))
+            }),
             Store::S3(s) => s.find(host_id, episode_id).await,
         }
     }
@@ -736,12 +842,12 @@ mod tests {
         let a = body(b"first");
         std::fs::create_dir_all(d.path().join("episodes/h")).unwrap();
         std::fs::write(d.path().join("episodes/h/ep.tar.zst"), &a).unwrap();
-        assert!(store.get("h", "ep").is_none());
+        assert!(store.get("h", "ep").unwrap().is_none());
         match upload(&store, &a).unwrap() {
             CommitOutcome::AlreadyStored(row) => assert_eq!(row.episode_id, "ep"),
             other => panic!("{other:?}"),
         }
-        assert!(store.get("h", "ep").is_some(), "the row was added");
+        assert!(store.get("h", "ep").unwrap().is_some(), "the row was added");
         assert!(matches!(
             upload(&store, &body(b"second")).unwrap(),
             CommitOutcome::Conflict(_)

@@ -7,6 +7,9 @@ use serde::Deserialize;
 
 pub const DEFAULT_PATH: &str = "/etc/cis490/lab-host.toml";
 pub const ENV_PATH: &str = "CIS490_SHIPPER_CONFIG";
+/// Upper bound on `[shipping] concurrency`: far above what one host's disk and link can use,
+/// and low enough that the slot semaphores and the in-hand queue stay small.
+pub const MAX_CONCURRENCY: usize = 256;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -143,8 +146,11 @@ impl Config {
         if s.scan_interval_s == 0 {
             return err("shipping.scan_interval_s", "must be greater than 0".into());
         }
-        if s.concurrency == 0 {
-            return err("shipping.concurrency", "must be greater than 0".into());
+        if s.concurrency == 0 || s.concurrency > MAX_CONCURRENCY {
+            return err(
+                "shipping.concurrency",
+                format!("must be between 1 and {MAX_CONCURRENCY}"),
+            );
         }
         if !(1..=22).contains(&s.zstd_level) {
             return err(
@@ -241,6 +247,23 @@ key_file = "/k.pem"
         let t = format!("{MIN}\n[shipping]\nconcurrancy = 3\n");
         let e = Config::parse(Path::new("l.toml"), &t).unwrap_err();
         assert!(e.to_string().contains("concurrancy"), "{e}");
+        for bad in ["0", "257", "100000000000000000"] {
+            let t = format!("{MIN}\n[shipping]\nconcurrency = {bad}\n");
+            let e = Config::parse(Path::new("l.toml"), &t).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "l.toml: shipping.concurrency: must be between 1 and 256",
+                "{bad}"
+            );
+        }
+        let t = format!("{MIN}\n[shipping]\nconcurrency = 256\n");
+        assert_eq!(
+            Config::parse(Path::new("l.toml"), &t)
+                .unwrap()
+                .shipping
+                .concurrency,
+            256
+        );
         let t = MIN.replace("labhost-01", "../x");
         let e = Config::parse(Path::new("l.toml"), &t).unwrap_err();
         assert!(e.to_string().contains("host_id"), "{e}");

@@ -242,33 +242,37 @@ impl Shipper {
                 return self.quarantine(&id, "unstamped", None, None, None);
             }
         };
-        let cached = lock(&self.packed).get(&id).cloned();
-        let existing = match cached {
-            Some(x) if self.layout.tarball(&id).exists() => Some(x),
-            _ => {
-                let me = self.clone();
-                let id2 = id.clone();
-                tokio::task::spawn_blocking(move || me.layout.existing_tarball(&id2))
-                    .await
-                    .ok()
-                    .flatten()
-            }
-        };
-        let (sha, len) = match existing {
+        let cached = lock(&self.packed)
+            .get(&id)
+            .cloned()
+            .filter(|_| self.layout.tarball(&id).exists());
+        let (sha, len) = match cached {
             Some(x) => x,
             None => {
-                let Ok(_packing) = self.pack_slots.clone().acquire_owned().await else {
-                    return Verdict::Kept;
-                };
+                // Re-hashing a tarball left by an earlier run costs as much disk and CPU as a
+                // pack, so it takes a pack slot too (after a restart every episode in hand may
+                // have one).
+                let _packing = self
+                    .pack_slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("invariant: the pack semaphore is never closed");
                 let me = self.clone();
                 let cc = c.clone();
                 let packed =
-                    tokio::task::spawn_blocking(move || me.layout.pack(&cc, me.compression()))
-                        .await;
+                    tokio::task::spawn_blocking(move || match me.layout.existing_tarball(&cc.id) {
+                        Some(x) => Ok(x),
+                        None => me
+                            .layout
+                            .pack(&cc, me.compression())
+                            .map(|(p, len)| (p.tar_sha256, len)),
+                    })
+                    .await;
                 match packed {
-                    Ok(Ok((p, len))) => {
-                        lock(&self.packed).insert(id.clone(), (p.tar_sha256.clone(), len));
-                        (p.tar_sha256, len)
+                    Ok(Ok((sha, len))) => {
+                        lock(&self.packed).insert(id.clone(), (sha.clone(), len));
+                        (sha, len)
                     }
                     Ok(Err(PackError::Unsupported { path, kind })) => {
                         tracing::error!(event = "ship_rejected", episode = %id, reason = "unsupported_entry", path = %path.display(), kind, "episode holds an entry that cannot be shipped");
@@ -300,9 +304,12 @@ impl Shipper {
             len,
             progress: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
-        let Ok(_uploading) = self.upload_slots.clone().acquire_owned().await else {
-            return Verdict::Kept;
-        };
+        let _uploading = self
+            .upload_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("invariant: the upload semaphore is never closed");
         lock(&self.uploads).insert(id.clone(), (shipment.progress.clone(), 0, Instant::now()));
         let outcome = self.transport.ship(&shipment).await;
         lock(&self.uploads).remove(&id);

@@ -353,3 +353,28 @@ fn held_load_with_slowloris_clients_has_no_errors() {
         "slow and finished connections are closed: {line}"
     );
 }
+
+/// Sixteen lab hosts as sixteen real shipper daemons (own certificates, own data dirs) against
+/// one receiver that admits 4 uploads at a time: the surplus is refused 503 and retried, and in
+/// the end every episode is shipped once, stored once, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_shipper_processes_drains_through_a_busy_receiver() {
+    let w = World::new(2);
+    let r = cis490_tests::fleet::run(
+        &w,
+        16,
+        8,
+        "[limits]\nmax_concurrent_uploads = 4\n",
+        cis490_tests::harness::crash_seed(),
+        Duration::from_secs(150),
+    )
+    .await;
+    println!("{r}");
+    assert_eq!(
+        (r.lost, r.duplicated, r.corrupted, r.quarantined),
+        (0, 0, 0, 0),
+        "{r}"
+    );
+    assert!(r.refused_busy > 0, "the upload limit was reached: {r}");
+    assert!(r.receiver_fds_after < 64, "{r}");
+}

@@ -556,6 +556,66 @@ async fn load_bench(secs: u64) {
     drop(slow);
 }
 
+/// The receiver's start-up time and resident memory with `rows` stored episodes (16 hosts;
+/// the stored files are empty stand-ins: only the index and the directory walk are measured),
+/// and a sample of rows read back through `GET`.
+async fn index_bench(rows: usize) {
+    let w = World::new(2);
+    let store = w.store_dir();
+    let mut index = std::io::BufWriter::new(
+        std::fs::File::create({
+            std::fs::create_dir_all(store.join("episodes")).unwrap();
+            store.join("index.jsonl")
+        })
+        .unwrap(),
+    );
+    let t = Instant::now();
+    for i in 0..rows {
+        use std::io::Write;
+        let host = format!("labhost-{:02}", i % 16);
+        let ep = format!("episode-{i:09}");
+        let dir = store.join("episodes").join(&host);
+        if i < 16 {
+            std::fs::create_dir_all(&dir).unwrap();
+        }
+        std::fs::File::create(dir.join(format!("{ep}.tar.zst"))).unwrap();
+        let sha = format!("{:064x}", i as u128 * 0x9E37_79B9_7F4A_7C15);
+        writeln!(
+            index,
+            r#"{{"ts":"2026-11-28T12:00:00Z","host_id":"{host}","episode_id":"{ep}","path":"episodes/{host}/{ep}.tar.zst","bytes":{i},"tar_sha256":"{sha}","uncompressed_bytes":{},"files":3,"commit":"{}"}}"#,
+            i * 3,
+            w.commits[1]
+        )
+        .unwrap();
+    }
+    drop(index);
+    let made = t.elapsed();
+    let t = Instant::now();
+    let p = Process::start(&w.config(""), &[]);
+    let start_s = t.elapsed().as_secs_f64();
+    let rss = rss_kib(p.child.id(), "VmRSS:") as f64 / 1024.0;
+    let hwm = rss_kib(p.child.id(), "VmHWM:") as f64 / 1024.0;
+    let mut checked = 0;
+    for k in 0..20 {
+        let i = (k * 7919 + 13) % rows;
+        let host = format!("labhost-{:02}", i % 16);
+        let ep = format!("episode-{i:09}");
+        let reply = w
+            .client(p.addr, &host)
+            .request("GET", &format!("/v1/episodes/{host}/{ep}"), &[], Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.error());
+        assert_eq!(reply.json()["bytes"], i as u64);
+        checked += 1;
+    }
+    println!(
+        "index rows={rows} made_in_s={:.1} receiver_start_s={start_s:.2} receiver_rss_MiB={rss:.1} receiver_peak_rss_MiB={hwm:.1} bytes_per_row={:.0} rows_read_back={checked}",
+        made.as_secs_f64(),
+        rss * 1024.0 * 1024.0 / rows as f64,
+    );
+}
+
 /// Soak: the daemon pair under a steady trickle of episodes for `minutes`; samples RSS and open
 /// file descriptors of both every minute, to show growth (or its absence).
 async fn soak(minutes: u64) {
@@ -660,6 +720,28 @@ async fn main() {
     }
     if which == "s3" {
         scaleout::run(scale).await;
+        return;
+    }
+    if which == "index" {
+        let rows = std::env::args()
+            .nth(2)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
+        index_bench(rows).await;
+        return;
+    }
+    if which == "fleet" {
+        let arg = |n: usize, d: usize| -> usize {
+            std::env::args()
+                .nth(n)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        let (hosts, per_host) = (arg(2, 64), arg(3, 20));
+        let w = World::new(2);
+        let r =
+            cis490_tests::fleet::run(&w, hosts, per_host, "", 1, Duration::from_secs(900)).await;
+        println!("{r}");
         return;
     }
     if which == "soak" {
