@@ -860,6 +860,72 @@ mod tests {
         assert_eq!(rows.lines().count(), 1);
     }
 
+    fn row(host: &str, ep: &str, bytes: u64) -> IndexRow {
+        IndexRow {
+            ts: "2026-11-28T12:00:00Z".into(),
+            host_id: host.into(),
+            episode_id: ep.into(),
+            path: format!("episodes/{host}/{ep}.tar.zst"),
+            bytes,
+            tar_sha256: format!("{bytes:064x}"),
+            uncompressed_bytes: bytes * 2,
+            files: 2,
+            commit: C.into(),
+        }
+    }
+
+    /// Rows are read back from their place in index.jsonl: blank, unreadable and repeated
+    /// lines, a host whose directory is gone and a torn last line must not shift any of them.
+    #[test]
+    fn rows_are_read_back_from_where_the_index_holds_them() {
+        let d = tempfile::tempdir().unwrap();
+        let mut text = String::new();
+        let mut want = Vec::new();
+        for i in 0..40u64 {
+            let (host, ep) = (format!("h{}", i % 3), format!("ep-{i}"));
+            std::fs::create_dir_all(d.path().join("episodes").join(&host)).unwrap();
+            std::fs::write(d.path().join(format!("episodes/{host}/{ep}.tar.zst")), b"").unwrap();
+            let r = row(&host, &ep, i);
+            text.push_str(&serde_json::to_string(&r).unwrap());
+            text.push('\n');
+            match i % 7 {
+                0 => text.push_str("\n"),
+                1 => text.push_str("{not json\n"),
+                _ => {}
+            }
+            want.push(r);
+        }
+        // A later row for the same id wins, as it did when the index was read whole.
+        let newer = row("h1", "ep-1", 1000);
+        text.push_str(&serde_json::to_string(&newer).unwrap());
+        text.push('\n');
+        want[1] = newer;
+        // Rows of a host whose directory is gone are ignored; a torn last line is cut off.
+        text.push_str(&serde_json::to_string(&row("gone", "x", 1)).unwrap());
+        text.push_str("\n{\"ts\":\"2026");
+        std::fs::write(d.path().join("index.jsonl"), &text).unwrap();
+        let store = FsStore::open(d.path(), &opts()).unwrap();
+        for r in &want {
+            assert_eq!(
+                store.get(&r.host_id, &r.episode_id).unwrap().as_ref(),
+                Some(r)
+            );
+        }
+        assert!(store.get("gone", "x").unwrap().is_none());
+        assert!(store.get("h0", "ep-1").unwrap().is_none(), "ep-1 is h1's");
+        let on_disk = std::fs::read_to_string(d.path().join("index.jsonl")).unwrap();
+        assert!(on_disk.ends_with("}\n"), "the torn line was cut");
+        // A row appended now is found at its place too.
+        std::fs::create_dir_all(d.path().join("episodes/h")).unwrap();
+        match upload(&store, &body(b"new")).unwrap() {
+            CommitOutcome::Stored(r) => {
+                assert_eq!(store.get("h", "ep").unwrap(), Some(r));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(store.get("h2", "ep-2").unwrap().as_ref(), Some(&want[2]));
+    }
+
     #[test]
     fn a_second_store_on_the_same_directory_is_refused() {
         let d = tempfile::tempdir().unwrap();

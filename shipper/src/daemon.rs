@@ -15,7 +15,7 @@ use cis490_common::notify;
 
 use crate::config::Config;
 use crate::pack::{Compression, PackError};
-use crate::queue::{self, Candidate, Layout, Stamp};
+use crate::queue::{self, Candidate, Layout, Stamp, Tarball};
 use crate::transport::{Outcome, Shipment, Transport};
 
 /// Exponential backoff with full jitter, capped, never shorter than the server's Retry-After.
@@ -245,8 +245,12 @@ impl Shipper {
         let cached = lock(&self.packed)
             .get(&id)
             .cloned()
-            .filter(|_| self.layout.tarball(&id).exists());
-        let (sha, len) = match cached {
+            .filter(|_| self.layout.tarball(&id).exists())
+            .map(|(sha, len)| {
+                let path = self.layout.tarball(&id);
+                (sha, Tarball::File { path, len })
+            });
+        let (sha, tarball) = match cached {
             Some(x) => x,
             None => {
                 // Re-hashing a tarball left by an earlier run costs as much disk and CPU as a
@@ -262,17 +266,24 @@ impl Shipper {
                 let cc = c.clone();
                 let packed =
                     tokio::task::spawn_blocking(move || match me.layout.existing_tarball(&cc.id) {
-                        Some(x) => Ok(x),
+                        Some((sha, len)) => {
+                            let path = me.layout.tarball(&cc.id);
+                            Ok((sha, Tarball::File { path, len }))
+                        }
                         None => me
                             .layout
                             .pack(&cc, me.compression())
-                            .map(|(p, len)| (p.tar_sha256, len)),
+                            .map(|(p, t)| (p.tar_sha256, t)),
                     })
                     .await;
                 match packed {
-                    Ok(Ok((sha, len))) => {
-                        lock(&self.packed).insert(id.clone(), (sha.clone(), len));
-                        (sha, len)
+                    Ok(Ok((sha, tarball))) => {
+                        // Only outbox files are worth remembering: a retry of an in-memory
+                        // tarball packs the (small) episode again.
+                        if let Tarball::File { len, .. } = &tarball {
+                            lock(&self.packed).insert(id.clone(), (sha.clone(), *len));
+                        }
+                        (sha, tarball)
                     }
                     Ok(Err(PackError::Unsupported { path, kind })) => {
                         tracing::error!(event = "ship_rejected", episode = %id, reason = "unsupported_entry", path = %path.display(), kind, "episode holds an entry that cannot be shipped");
@@ -300,8 +311,7 @@ impl Shipper {
             episode_id: id.clone(),
             commit: commit.clone(),
             tar_sha256: sha,
-            tarball: self.layout.tarball(&id),
-            len,
+            tarball,
             progress: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
         let _uploading = self
@@ -360,7 +370,7 @@ impl Shipper {
                 Ok(dest) => {
                     lock(&self.retries).remove(id);
                     lock(&self.packed).remove(id);
-                    tracing::info!(event = "shipped", episode = %id, status, bytes = s.len, tar_sha256 = %s.tar_sha256, dir = %dest.display(), "episode shipped");
+                    tracing::info!(event = "shipped", episode = %id, status, bytes = s.tarball.len(), tar_sha256 = %s.tar_sha256, dir = %dest.display(), "episode shipped");
                     Verdict::Shipped
                 }
                 Err(e) => {

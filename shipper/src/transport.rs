@@ -151,8 +151,7 @@ pub struct Shipment {
     pub episode_id: String,
     pub commit: String,
     pub tar_sha256: String,
-    pub tarball: std::path::PathBuf,
-    pub len: u64,
+    pub tarball: crate::queue::Tarball,
     /// Body bytes sent for this episode: its idle timer and the watchdog watch it.
     pub progress: Arc<AtomicU64>,
 }
@@ -413,9 +412,10 @@ impl Transport {
             (headers::TAR_SHA256, s.tar_sha256.clone()),
             ("content-type", headers::CONTENT_TYPE_ZSTD.to_string()),
         ];
-        if s.len > CHECK_THRESHOLD {
+        let len = s.tarball.len();
+        if len > CHECK_THRESHOLD {
             let mut h = hdrs.clone();
-            h.push((headers::UPLOAD_LENGTH, s.len.to_string()));
+            h.push((headers::UPLOAD_LENGTH, len.to_string()));
             match self
                 .exchange(
                     i,
@@ -440,19 +440,22 @@ impl Transport {
                 Err(e) => return self.net_outcome(i, e),
             }
         }
-        let file = match tokio::fs::File::open(&s.tarball).await {
-            Ok(f) => f,
-            Err(e) => {
-                return Outcome::Transient {
-                    detail: format!("failed to open {}: {e}", s.tarball.display()),
-                    retry_after: None,
-                };
-            }
+        let source: Box<dyn AsyncRead + Send + Unpin> = match &s.tarball {
+            crate::queue::Tarball::Memory(b) => Box::new(std::io::Cursor::new(b.clone())),
+            crate::queue::Tarball::File { path, .. } => match tokio::fs::File::open(path).await {
+                Ok(f) => Box::new(f),
+                Err(e) => {
+                    return Outcome::Transient {
+                        detail: format!("failed to open {}: {e}", path.display()),
+                        retry_after: None,
+                    };
+                }
+            },
         };
-        hdrs.push(("content-length", s.len.to_string()));
+        hdrs.push(("content-length", len.to_string()));
         let body = UploadBody::file(
-            file,
-            s.len,
+            source,
+            len,
             vec![s.progress.clone(), self.sent.clone()],
             self.limiter.clone(),
         );
@@ -519,7 +522,7 @@ enum BodyKind {
 }
 
 struct FileState {
-    file: tokio::fs::File,
+    file: Box<dyn AsyncRead + Send + Unpin>,
     remaining: u64,
     counters: Vec<Arc<AtomicU64>>,
     limiter: Option<Arc<RateLimiter>>,
@@ -574,7 +577,7 @@ impl UploadBody {
     }
 
     pub fn file(
-        file: tokio::fs::File,
+        file: Box<dyn AsyncRead + Send + Unpin>,
         len: u64,
         counters: Vec<Arc<AtomicU64>>,
         limiter: Option<Arc<RateLimiter>>,

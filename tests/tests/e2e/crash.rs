@@ -97,7 +97,17 @@ async fn killing_shipper_and_receiver_loses_and_duplicates_nothing() {
     let _ = s.wait();
     let mut r = receiver.take().unwrap();
     r.signal(Signal::SIGTERM);
-    assert_eq!(r.wait_exit(Duration::from_secs(10)), Some(0));
+    let t = Instant::now();
+    let code = r.wait_exit(Duration::from_secs(10));
+    let log = r.log_text();
+    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+    assert_eq!(
+        code,
+        Some(0),
+        "receiver exit after SIGTERM ({:.1} s); its last log lines, newest first:\n{}",
+        t.elapsed().as_secs_f64(),
+        tail.join("\n")
+    );
 
     // The oracle.
     let shipped = w.data_dir(HOST).join("shipped");

@@ -446,13 +446,14 @@ async fn a_full_disk_while_packing_leaves_no_corrupt_tarball_and_recovers() {
         &format!("https://localhost:{}", r.addr.port()),
         "[shipping]\nzstd_level = 1\n",
     );
-    // 700 KB of noise: the episode fits in 1 MiB, its tarball next to it does not.
-    let noise = episode::body(&w.path().join("n"), "n", &w.commits[0], 700_000);
+    // 1.5 MB of noise: over the 1 MiB a tarball may stay in memory, so it is packed to the
+    // outbox; the episode fits in 2 MiB, its tarball next to it does not.
+    let noise = episode::body(&w.path().join("n"), "n", &w.commits[0], 1_500_000);
     let src = episode::write(
         &w.path().join("src"),
         "ep-big",
         &w.commits[0],
-        &[("noise", &noise.bytes[..700_000.min(noise.bytes.len())])],
+        &[("noise", &noise.bytes[..1_500_000.min(noise.bytes.len())])],
     );
     let report = w.path().join("report.txt");
     let script = w.path().join("small-disk.sh");
@@ -462,7 +463,7 @@ async fn a_full_disk_while_packing_leaves_no_corrupt_tarball_and_recovers() {
             r#"#!/bin/sh
 set -u
 mount --make-rprivate / 2>/dev/null || true
-mount -t tmpfs -o size=1m tmpfs '{data}'
+mount -t tmpfs -o size=2m tmpfs '{data}'
 mkdir -p '{data}/episodes' && cp -a '{src}' '{data}/episodes/'
 sha_before=$(cd '{data}/episodes/ep-big' && cat meta.json noise | sha256sum)
 '{bin}' --config '{cfg}' once 2>'{logdir}/full.log'; echo "first_exit=$?" >>'{report}'
