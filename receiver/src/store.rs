@@ -889,7 +889,7 @@ mod tests {
             text.push_str(&serde_json::to_string(&r).unwrap());
             text.push('\n');
             match i % 7 {
-                0 => text.push_str("\n"),
+                0 => text.push('\n'),
                 1 => text.push_str("{not json\n"),
                 _ => {}
             }
