@@ -282,10 +282,15 @@ impl Layout {
         let target = self.free_name(&self.shipped_dir(), id);
         let dest = self.shipped_dir().join(&target);
         let src = self.episodes_dir().join(id);
-        // Stamped (durably) just before the move: a rename leaves a directory's mtime alone, so
-        // retention counts from this moment and a crash cannot leave an old mtime behind.
-        touch(&src)?;
-        durable::rename_durable(&src, &dest)?;
+        // Stamped just before the move: a rename leaves a directory's mtime alone, so retention
+        // counts from this moment. The directory itself is fsynced before its parents, so once
+        // the move is durable its new mtime is too (and on a journalling filesystem the three
+        // fsyncs share one commit).
+        File::open(&src)?.set_modified(SystemTime::now())?;
+        fs::rename(&src, &dest)?;
+        durable::fsync_dir(&dest)?;
+        durable::fsync_dir(&self.shipped_dir())?;
+        durable::fsync_dir(&self.episodes_dir())?;
         Ok(dest)
     }
 
