@@ -185,6 +185,14 @@ async fn serve(cfg: Config, path: PathBuf) -> ExitCode {
         Ok(r) => r,
         Err(e) => return config_fail(&e),
     };
+    // Installed before anything announces the receiver as up: a SIGTERM that follows the
+    // "receiver listening" line (or READY=1) is always a clean, drained stop, never the
+    // default action's abrupt exit.
+    let shutdown = CancellationToken::new();
+    if let Err(e) = spawn_signals(receiver.clone(), shutdown.clone()) {
+        eprintln!("cis490-receiver: failed to install signal handlers: {e}");
+        return ExitCode::from(EXIT_FAILURE);
+    }
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -211,11 +219,6 @@ async fn serve(cfg: Config, path: PathBuf) -> ExitCode {
         version = env!("CARGO_PKG_VERSION"),
         "receiver listening"
     );
-    let shutdown = CancellationToken::new();
-    if let Err(e) = spawn_signals(receiver.clone(), shutdown.clone()) {
-        eprintln!("cis490-receiver: failed to install signal handlers: {e}");
-        return ExitCode::from(EXIT_FAILURE);
-    }
     notify::ready();
     let result = receiver.serve(listener, Some(ops), shutdown).await;
     match result {

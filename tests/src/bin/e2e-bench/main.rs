@@ -710,55 +710,28 @@ async fn main() {
     if which == "all" || which == "receiver" {
         receiver_benches(scale).await;
     }
-    if which == "compare" {
-        let reps = std::env::args()
-            .nth(2)
+    // The mode's numeric arguments, positional after its name.
+    let arg = |n: usize, default: u64| -> u64 {
+        std::env::args()
+            .nth(n)
             .and_then(|v| v.parse().ok())
-            .unwrap_or(3);
-        compare::run(reps, scale);
-        return;
-    }
-    if which == "s3" {
-        scaleout::run(scale).await;
-        return;
-    }
-    if which == "index" {
-        let rows = std::env::args()
-            .nth(2)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1_000_000);
-        index_bench(rows).await;
-        return;
-    }
-    if which == "fleet" {
-        let arg = |n: usize, d: usize| -> usize {
-            std::env::args()
-                .nth(n)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(d)
-        };
-        let (hosts, per_host) = (arg(2, 64), arg(3, 20));
-        let w = World::new(2);
-        let r =
-            cis490_tests::fleet::run(&w, hosts, per_host, "", 1, Duration::from_secs(900)).await;
-        println!("{r}");
-        return;
-    }
-    if which == "soak" {
-        let minutes = std::env::args()
-            .nth(2)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(30);
-        soak(minutes).await;
-        return;
-    }
-    if which == "load" {
-        let secs = std::env::args()
-            .nth(2)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(60);
-        load_bench(secs).await;
-        return;
+            .unwrap_or(default)
+    };
+    match which.as_str() {
+        "compare" => return compare::run(arg(2, 3) as usize, scale),
+        "s3" => return scaleout::run(scale).await,
+        "index" => return index_bench(arg(2, 1_000_000) as usize).await,
+        "soak" => return soak(arg(2, 30)).await,
+        "load" => return load_bench(arg(2, 60)).await,
+        "fleet" => {
+            let (hosts, per_host) = (arg(2, 64) as usize, arg(3, 20) as usize);
+            let w = World::new(2);
+            let limit = Duration::from_secs(900);
+            let r = cis490_tests::fleet::run(&w, hosts, per_host, "", 1, limit).await;
+            println!("{r}");
+            return;
+        }
+        _ => {}
     }
     if which == "all" || which == "gate" {
         gate_benches().await;
