@@ -80,15 +80,7 @@ impl DurableFile {
     }
 
     /// Fsyncs the data, moves it to `dest` and fsyncs `dest`'s directory.
-    pub fn commit(self, dest: &Path, existing: Existing) -> io::Result<()> {
-        self.commit_unsynced_dir(dest, existing)?;
-        fsync_dir(parent_of(dest))
-    }
-
-    /// Like [`DurableFile::commit`] but leaves the fsync of `dest`'s directory to the caller,
-    /// who can then share one journal commit between it and other writes (an index row). Until
-    /// that fsync the new name may not survive a power cut; the data under it does.
-    pub fn commit_unsynced_dir(mut self, dest: &Path, existing: Existing) -> io::Result<()> {
+    pub fn commit(mut self, dest: &Path, existing: Existing) -> io::Result<()> {
         let file = self
             .file
             .take()
@@ -103,7 +95,7 @@ impl DurableFile {
                     fs::remove_file(&self.temp)?;
                 }
             }
-            Ok(())
+            fsync_dir(parent_of(dest))
         })();
         if result.is_err() {
             let _ = fs::remove_file(&self.temp);
@@ -140,6 +132,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut f = DurableFile::create_in(parent_of(path), &format!(".{stem}"))?;
     f.write_all(bytes)?;
     f.commit(path, Existing::Replace)
+}
+
+/// Appends one line to an append-only log and fsyncs it before returning.
+pub fn append_line(file: &mut File, line: &str) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(line.len() + 1);
+    buf.extend_from_slice(line.as_bytes());
+    buf.push(b'\n');
+    file.write_all(&buf)?;
+    file.sync_data()
 }
 
 /// Opens (creating if needed) an append-only file and fsyncs its directory when it is new.
@@ -209,5 +210,15 @@ mod tests {
         assert!(tmp.exists());
         drop(f);
         assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn append_line_appends() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("index.jsonl");
+        let mut f = open_append(&p).unwrap();
+        append_line(&mut f, "a").unwrap();
+        append_line(&mut f, "b").unwrap();
+        assert_eq!(fs::read_to_string(&p).unwrap(), "a\nb\n");
     }
 }

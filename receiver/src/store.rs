@@ -240,27 +240,11 @@ impl FsStore {
     /// Appends a row durably and records where it is; on failure the index is cut back so no
     /// torn line stays behind.
     fn append_row(&self, w: &mut File, row: &IndexRow) -> io::Result<()> {
-        self.append_row_with(w, row, || Ok(()))
-    }
-
-    /// [`FsStore::append_row`] with `before_sync` run between writing the line and fsyncing
-    /// the index (to fsync what the row refers to in the same journal commit).
-    fn append_row_with(
-        &self,
-        w: &mut File,
-        row: &IndexRow,
-        before_sync: impl FnOnce() -> io::Result<()>,
-    ) -> io::Result<()> {
-        let mut line = serde_json::to_vec(row).map_err(io::Error::other)?;
+        let line = serde_json::to_string(row).map_err(io::Error::other)?;
         let len =
             u32::try_from(line.len()).map_err(|_| io::Error::other("index row over 4 GiB"))?;
-        line.push(b'\n');
         let before = w.metadata()?.len();
-        let written = w
-            .write_all(&line)
-            .and_then(|()| before_sync())
-            .and_then(|()| w.sync_data());
-        if let Err(e) = written {
+        if let Err(e) = durable::append_line(w, &line) {
             let _ = w.set_len(before);
             let _ = w.sync_all();
             return Err(e);
@@ -547,7 +531,7 @@ impl Upload for FsUpload {
         if let Some(row) = store.lookup(&host_id, &episode_id)? {
             return Ok(judge(&row, v));
         }
-        match file.commit_unsynced_dir(&dest, Existing::Keep) {
+        match file.commit(&dest, Existing::Keep) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 // A stored file without an index row (an append that failed, or a file start-up
@@ -579,12 +563,7 @@ impl Upload for FsUpload {
             files: v.files,
             commit: v.commit.to_string(),
         };
-        // The row is written first and both are then made durable together: the directory's
-        // fsync and the index's share one journal commit on ext4/xfs (each is still fsynced
-        // after its last change, so any POSIX filesystem gets the same guarantee). A crash
-        // before both fsyncs end leaves a file without a row (indexed at the next start) or a
-        // row without its file (dropped at the next start); either way no 201 was sent.
-        if let Err(e) = store.append_row_with(&mut w, &row, || durable::fsync_dir(&host_dir)) {
+        if let Err(e) = store.append_row(&mut w, &row) {
             // No row, no file: the client gets an error (507 when the disk is full) and retries.
             let _ = fs::remove_file(&dest);
             let _ = durable::fsync_dir(&host_dir);
