@@ -904,7 +904,14 @@ mod tests {
         text.push_str(&serde_json::to_string(&row("gone", "x", 1)).unwrap());
         text.push_str("\n{\"ts\":\"2026");
         std::fs::write(d.path().join("index.jsonl"), &text).unwrap();
+        // One stored file of a host that is still there disappears: its row is dropped.
+        std::fs::remove_file(d.path().join("episodes/h2/ep-5.tar.zst")).unwrap();
+        let gone = want.remove(5);
         let store = FsStore::open(d.path(), &opts()).unwrap();
+        assert!(store
+            .get(&gone.host_id, &gone.episode_id)
+            .unwrap()
+            .is_none());
         for r in &want {
             assert_eq!(
                 store.get(&r.host_id, &r.episode_id).unwrap().as_ref(),
@@ -924,6 +931,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(store.get("h2", "ep-2").unwrap().as_ref(), Some(&want[2]));
+        assert_eq!(
+            store.get("h2", "ep-8").unwrap().as_ref(),
+            want.iter().find(|r| r.episode_id == "ep-8")
+        );
     }
 
     #[test]

@@ -220,7 +220,10 @@ impl Layout {
         };
         let (packed, out) = pack::pack(&c.dir, &c.id, out, compression)?;
         let Some(file) = out.file else {
-            return Ok((packed, Tarball::Memory(bytes::Bytes::from(out.mem))));
+            // Bytes keeps a Vec's spare capacity: give it back so a held tarball costs its size.
+            let mut mem = out.mem;
+            mem.shrink_to_fit();
+            return Ok((packed, Tarball::Memory(bytes::Bytes::from(mem))));
         };
         let dest = self.tarball(&c.id);
         file.commit(&dest, Existing::Replace)

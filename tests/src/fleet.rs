@@ -13,6 +13,8 @@ use crate::harness::{metric, ops_get, shipper_bin, Lcg, Process, World};
 /// What a fleet run measured and what the oracle found.
 #[derive(Debug, Default)]
 pub struct Report {
+    /// The seed of the episode sizes (replay with `CIS490_CRASH_SEED`).
+    pub seed: u64,
     pub hosts: usize,
     pub episodes: usize,
     pub bytes: u64,
@@ -35,7 +37,8 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "fleet hosts={} episodes={} MB={:.1} seconds={:.1} episodes_per_s={:.0} lost={} duplicated={} corrupted={} quarantined={} busy_503={} receiver_peak_rss_MiB={:.1} shipper_peak_rss_MiB_max={:.1} receiver_fds_after={}",
+            "fleet seed={} hosts={} episodes={} MB={:.1} seconds={:.1} episodes_per_s={:.0} lost={} duplicated={} corrupted={} quarantined={} busy_503={} receiver_peak_rss_MiB={:.1} shipper_peak_rss_MiB_max={:.1} receiver_fds_after={}",
+            self.seed,
             self.hosts,
             self.episodes,
             self.bytes as f64 / 1e6,
@@ -84,6 +87,7 @@ pub async fn run(
     let url = format!("https://localhost:{}", receiver.addr.port());
     let mut rng = Lcg(seed);
     let mut report = Report {
+        seed,
         hosts,
         episodes: hosts * per_host,
         ..Default::default()
