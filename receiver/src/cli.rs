@@ -219,7 +219,10 @@ async fn serve(cfg: Config, path: PathBuf) -> ExitCode {
         version = env!("CARGO_PKG_VERSION"),
         "receiver listening"
     );
-    notify::ready();
+    // A stop requested while starting up is not followed by READY=1 (systemd has STOPPING=1).
+    if !shutdown.is_cancelled() {
+        notify::ready();
+    }
     let result = receiver.serve(listener, Some(ops), shutdown).await;
     match result {
         Ok(()) => {
