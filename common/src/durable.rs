@@ -37,6 +37,8 @@ pub enum Existing {
 pub struct DurableFile {
     file: Option<File>,
     temp: PathBuf,
+    /// Nothing written since the last [`DurableFile::sync`]: `commit` need not fsync again.
+    synced: bool,
 }
 
 impl DurableFile {
@@ -51,6 +53,7 @@ impl DurableFile {
         Ok(DurableFile {
             file: Some(file),
             temp,
+            synced: false,
         })
     }
 
@@ -65,6 +68,7 @@ impl DurableFile {
         Ok(DurableFile {
             file: Some(file),
             temp: temp.to_path_buf(),
+            synced: false,
         })
     }
 
@@ -73,20 +77,38 @@ impl DurableFile {
     }
 
     pub fn file(&mut self) -> &mut File {
-        // Invariant: `file` is only taken by `commit`/`into_parts`, which consume self.
+        // Handing out the File may mean writes this type does not see.
+        self.synced = false;
+        self.file_ref()
+    }
+
+    fn file_ref(&mut self) -> &mut File {
+        // Invariant: `file` is only taken by `commit`, which consumes self.
         self.file
             .as_mut()
             .expect("invariant: file present until commit")
     }
 
-    /// Fsyncs the data, moves it to `dest` and fsyncs `dest`'s directory.
+    /// Fsyncs what was written so far, ahead of `commit` (which then skips its own data fsync:
+    /// every fsync is a disk cache flush, even one with nothing to write).
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.file_ref().sync_all()?;
+        self.synced = true;
+        Ok(())
+    }
+
+    /// Fsyncs the data (unless [`DurableFile::sync`] already did and nothing was written since),
+    /// moves it to `dest` and fsyncs `dest`'s directory.
     pub fn commit(mut self, dest: &Path, existing: Existing) -> io::Result<()> {
         let file = self
             .file
             .take()
             .expect("invariant: file present until commit");
+        let synced = self.synced;
         let result = (|| {
-            file.sync_all()?;
+            if !synced {
+                file.sync_all()?;
+            }
             drop(file);
             match existing {
                 Existing::Replace => fs::rename(&self.temp, dest)?,
@@ -108,10 +130,11 @@ impl DurableFile {
 
 impl Write for DurableFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file().write(buf)
+        self.synced = false;
+        self.file_ref().write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.file().flush()
+        self.file_ref().flush()
     }
 }
 
@@ -199,6 +222,24 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(fs::read(&p).unwrap(), b"first");
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1, "temp removed");
+    }
+
+    #[test]
+    fn an_early_sync_is_forgotten_by_a_later_write() {
+        let d = tempfile::tempdir().unwrap();
+        let mut f = DurableFile::create_in(d.path(), "s").unwrap();
+        f.write_all(b"one").unwrap();
+        assert!(!f.synced);
+        f.sync().unwrap();
+        assert!(f.synced, "commit may skip its data fsync");
+        f.write_all(b"two").unwrap();
+        assert!(!f.synced, "bytes after the sync must be fsynced by commit");
+        f.sync().unwrap();
+        let _ = f.file();
+        assert!(!f.synced, "the raw File may have been written");
+        let p = d.path().join("s");
+        f.commit(&p, Existing::Keep).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"onetwo");
     }
 
     #[test]

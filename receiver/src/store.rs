@@ -522,7 +522,7 @@ impl Upload for FsUpload {
             mut file,
         } = *self;
         // The data fsync is the slow part: do it before taking the index lock.
-        file.file().sync_all()?;
+        file.sync()?;
         let root = &store.inner.root;
         let host_dir = root.join("episodes").join(&host_id);
         durable::create_dir_durable(&host_dir)?;

@@ -91,6 +91,10 @@ pub struct Shipper {
 /// Episodes in hand per upload slot: one uploading, one packed (or packing) behind it.
 const IN_HAND_PER_SLOT: usize = 2;
 
+/// How long a retire may wait for the fsync that makes it durable (`Layout::sync_retired`); a
+/// power cut inside that window means re-shipping those episodes, answered with already_stored.
+const RETIRE_SYNC_EVERY: Duration = Duration::from_secs(1);
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Invariant: every critical section below is a plain map update that cannot panic midway.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -472,10 +476,43 @@ impl Shipper {
         }
     }
 
+    async fn sync_retired(&self) {
+        let layout = self.layout.clone();
+        match tokio::task::spawn_blocking(move || layout.sync_retired()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "failed to fsync shipped/ after retiring; will try again")
+            }
+            Err(e) => tracing::error!(error = %e, "retire sync task failed; will try again"),
+        }
+    }
+
+    /// Makes retires durable in batches until `stop`, then once more for the last ones.
+    fn spawn_retire_syncer(
+        self: &Arc<Self>,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(RETIRE_SYNC_EVERY) => {}
+                }
+                if me.layout.retired_unsynced() {
+                    me.sync_retired().await;
+                }
+            }
+            me.sync_retired().await;
+        })
+    }
+
     /// `once`: every ready episode gets one attempt. Returns true when nothing is left to retry.
     pub async fn run_once(self: &Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<bool> {
         self.layout.prepare()?;
         self.housekeeping();
+        let stop_syncer = CancellationToken::new();
+        let syncer = self.spawn_retire_syncer(stop_syncer.clone());
         let mut attempted = HashSet::new();
         let mut kept = 0usize;
         let mut set = JoinSet::new();
@@ -512,6 +549,11 @@ impl Shipper {
         }
         set.abort_all();
         while set.join_next().await.is_some() {}
+        stop_syncer.cancel();
+        let _ = syncer.await;
+        if self.layout.retired_unsynced() {
+            anyhow::bail!("could not make the retired episodes durable (fsync of shipped/ failed)");
+        }
         Ok(kept == 0 && !shutdown.is_cancelled())
     }
 
@@ -531,16 +573,23 @@ impl Shipper {
             let stop = shutdown.clone();
             tokio::spawn(async move { me.watchdog(every, stop).await })
         });
+        let stop_syncer = CancellationToken::new();
+        let syncer = self.spawn_retire_syncer(stop_syncer.clone());
         let mut set = JoinSet::new();
         let mut ids = HashMap::new();
         let conc = self.cfg.shipping.concurrency * IN_HAND_PER_SLOT;
         let scan_every = Duration::from_secs(self.cfg.shipping.scan_interval_s);
         let mut next_scan = Instant::now();
+        let mut refill = false;
         loop {
             *lock(&self.loop_tick) = Instant::now();
             if Instant::now() >= next_scan {
                 self.housekeeping();
                 next_scan = Instant::now() + scan_every;
+                refill = true;
+            }
+            if refill {
+                refill = false;
                 let free = conc.saturating_sub(set.len());
                 for c in self.ready(free, &HashSet::new()) {
                     let id = c.id.clone();
@@ -560,8 +609,8 @@ impl Shipper {
                     self.finished(r, &ids);
                     // Forget the task's id too, or a months-long run grows by one entry an episode.
                     ids.remove(&tid);
-                    // A slot freed: look for more work right away.
-                    next_scan = Instant::now();
+                    // A slot freed: take more work right away (the sweep waits for the next scan).
+                    refill = true;
                 }
                 _ = tokio::time::sleep(wait) => {}
             }
@@ -575,6 +624,8 @@ impl Shipper {
             while set.join_next().await.is_some() {}
         })
         .await;
+        stop_syncer.cancel();
+        let _ = syncer.await;
         if let Some(w) = watchdog {
             w.abort();
         }

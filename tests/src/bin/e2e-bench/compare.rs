@@ -236,9 +236,28 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Resets state between runs without deleting: the run's directory moves into `trash/`, emptied
+/// once per workload ([`empty_trash`]). On ext4 without a journal (this machine's root), creating
+/// a file within 30 s of deleting thousands scans past every recently freed inode
+/// (`recently_deleted`), which charged up to a quarter of the next run's receiver CPU to
+/// whichever side ran after a cleanup.
+fn discard(w: &World, path: &Path) {
+    if !path.exists() {
+        return;
+    }
+    let trash = w.path().join("trash");
+    std::fs::create_dir_all(&trash).unwrap();
+    let n = std::fs::read_dir(&trash).unwrap().count();
+    std::fs::rename(path, trash.join(n.to_string())).unwrap();
+}
+
+fn empty_trash(w: &World) {
+    let _ = std::fs::remove_dir_all(w.path().join("trash"));
+}
+
 fn run_peer(w: &World, wl: &Workload, parallel: usize) -> Sample {
     let dir = w.path().join("nginx");
-    let _ = std::fs::remove_dir_all(&dir);
+    discard(w, &dir);
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
     let conf = nginx_conf(w, &dir, port);
@@ -310,7 +329,7 @@ fn run_cis490(w: &World, wl: &Workload, round: usize) -> Sample {
     std::fs::write(&cfg, text).unwrap();
     let p = Process::start(&cfg, &[]);
     let data = w.path().join(format!("lab-{round}"));
-    let _ = std::fs::remove_dir_all(&data);
+    discard(w, &data);
     std::fs::create_dir_all(data.join("episodes")).unwrap();
     // Hard links: the shipper moves directories, never rewrites files.
     let st = Command::new("sh")
@@ -363,8 +382,8 @@ fn run_cis490(w: &World, wl: &Workload, round: usize) -> Sample {
         wl.episodes
     );
     drop(p);
-    let _ = std::fs::remove_dir_all(&store);
-    let _ = std::fs::remove_dir_all(&data);
+    discard(w, &store);
+    discard(w, &data);
     Sample {
         wall,
         client_cpu: cpu1 - cpu0,
@@ -448,7 +467,9 @@ fn machine_limits(w: &World) {
 
 pub fn run(reps: usize, scale: usize) {
     let w = World::new(3);
-    machine_limits(&w);
+    if std::env::var("CIS490_COMPARE_PEERS").map_or(true, |v| v != "0") {
+        machine_limits(&w);
+    }
     let large = make_workload(
         w.path(),
         "large",
@@ -466,11 +487,19 @@ pub fn run(reps: usize, scale: usize) {
         &w.commits[2],
     );
     let only = std::env::var("CIS490_COMPARE_ONLY").unwrap_or_default();
+    // For profiling cis490 alone: `CIS490_COMPARE_PEERS=0` skips the peer runs and the ratios.
+    let peers = std::env::var("CIS490_COMPARE_PEERS").map_or(true, |v| v != "0");
     for wl in [&large, &small] {
         if !only.is_empty() && only != wl.name {
             continue;
         }
         let (mut a, mut b1, mut b2) = (Vec::new(), Vec::new(), Vec::new());
+        if !peers {
+            let a: Vec<Sample> = (0..reps).map(|r| run_cis490(&w, wl, r)).collect();
+            report(wl, "cis490", &a);
+            empty_trash(&w);
+            continue;
+        }
         for round in 0..reps {
             // Alternate which side goes first so neither always gets the warm cache.
             if round % 2 == 0 {
@@ -483,6 +512,7 @@ pub fn run(reps: usize, scale: usize) {
                 a.push(run_cis490(&w, wl, round));
             }
         }
+        empty_trash(&w);
         let (wa, ca, ea) = report(wl, "cis490", &a);
         let (w1, c1, e1) = report(wl, "tar|zstd|curl>nginx sequential", &b1);
         let (w2, c2, e2) = report(wl, "tar|zstd|curl>nginx 2-way", &b2);
