@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use sha2::{Digest, Sha256};
+use std::sync::Mutex;
+use zstd::zstd_safe::{CCtx, CParameter, ResetDirective};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
@@ -75,6 +77,61 @@ impl Default for Compression {
     }
 }
 
+/// Compression contexts kept between packs. A new level-3 context allocates and clears over a
+/// MiB of match tables; a reused one does neither (zstd treats the old entries as stale), and
+/// that was the largest share of the shipper's CPU for a 16 KB episode (docs/BENCHMARKS.md).
+static CONTEXTS: Mutex<Vec<CCtx<'static>>> = Mutex::new(Vec::new());
+
+/// Contexts kept at most; one more pack at once than this simply makes a fresh one.
+const KEPT_CONTEXTS: usize = 4;
+
+/// A context taken from [`CONTEXTS`] (or new), given back when dropped.
+struct PooledContext(Option<CCtx<'static>>);
+
+fn zstd_error(code: usize) -> io::Error {
+    io::Error::other(format!("zstd: {}", zstd::zstd_safe::get_error_name(code)))
+}
+
+impl PooledContext {
+    fn take(level: i32, threads: u32) -> io::Result<PooledContext> {
+        let pooled = CONTEXTS.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut ctx = match pooled {
+            Some(c) => c,
+            None => CCtx::try_create()
+                .ok_or_else(|| io::Error::other("zstd: cannot allocate a compression context"))?,
+        };
+        // A pack that failed midway left a frame open: start a new one, keep the memory.
+        ctx.reset(ResetDirective::SessionOnly).map_err(zstd_error)?;
+        ctx.set_parameter(CParameter::CompressionLevel(level))
+            .map_err(zstd_error)?;
+        ctx.set_parameter(CParameter::NbWorkers(if threads > 1 { threads } else { 0 }))
+            .map_err(zstd_error)?;
+        if threads > 1 {
+            // Small jobs keep each worker's buffers near a MiB instead of 4 windows (bench: RSS).
+            ctx.set_parameter(CParameter::JobSize(MT_JOB_SIZE))
+                .map_err(zstd_error)?;
+        }
+        Ok(PooledContext(Some(ctx)))
+    }
+
+    fn get(&mut self) -> &mut CCtx<'static> {
+        self.0
+            .as_mut()
+            .expect("invariant: the context is only taken out by Drop")
+    }
+}
+
+impl Drop for PooledContext {
+    fn drop(&mut self) {
+        if let Some(ctx) = self.0.take() {
+            let mut kept = CONTEXTS.lock().unwrap_or_else(|p| p.into_inner());
+            if kept.len() < KEPT_CONTEXTS {
+                kept.push(ctx);
+            }
+        }
+    }
+}
+
 /// Writes the canonical tar of `dir` (as `<episode_id>/...`) through zstd into `out`.
 pub fn pack<W: Write>(
     dir: &Path,
@@ -82,17 +139,12 @@ pub fn pack<W: Write>(
     out: W,
     compression: Compression,
 ) -> Result<(Packed, W), PackError> {
-    let mut enc = zstd::stream::write::Encoder::new(out, compression.level).map_err(io_at(dir))?;
     let threads = match compression.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         n => n,
     };
-    if threads > 1 {
-        enc.multithread(threads).map_err(io_at(dir))?;
-        // Small jobs keep each worker's buffers near a MiB instead of 4 windows (bench: RSS).
-        enc.set_parameter(zstd::zstd_safe::CParameter::JobSize(MT_JOB_SIZE))
-            .map_err(io_at(dir))?;
-    }
+    let mut ctx = PooledContext::take(compression.level, threads).map_err(io_at(dir))?;
+    let enc = zstd::stream::write::Encoder::with_context(out, ctx.get());
     let hashing = HashingWriter {
         inner: enc,
         hasher: Sha256::new(),
@@ -374,6 +426,53 @@ mod tests {
         match e {
             PackError::Io { source, .. } => assert_eq!(source.kind(), io::ErrorKind::StorageFull),
             other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn reused_contexts_give_the_bytes_of_a_fresh_encoder_even_after_a_failed_pack() {
+        #[derive(Debug)]
+        struct FailAfter(usize);
+        impl Write for FailAfter {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                if self.0 < b.len() {
+                    return Err(io::Error::from(io::ErrorKind::StorageFull));
+                }
+                self.0 -= b.len();
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let t = tempfile::tempdir().unwrap();
+        let d = episode(t.path());
+        let noisy: Vec<u8> = (0..3u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        fs::write(d.join("big"), &noisy).unwrap();
+        for threads in [1, 2] {
+            let c = Compression { level: 3, threads };
+            // Leaves frames half written in pooled contexts.
+            for _ in 0..KEPT_CONTEXTS + 1 {
+                assert!(pack(&d, "ep1", FailAfter(100_000), c).is_err());
+            }
+            let (p1, z1) = pack(&d, "ep1", Vec::new(), c).unwrap();
+            let (p2, z2) = pack(&d, "ep1", Vec::new(), c).unwrap();
+            assert_eq!(p1, p2);
+            assert_eq!(z1, z2, "threads={threads}");
+            // The same frame a one-off encoder makes from the same tar bytes.
+            let tar = zstd::decode_all(&z1[..]).unwrap();
+            let mut fresh = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+            if threads > 1 {
+                fresh.multithread(threads).unwrap();
+                fresh
+                    .set_parameter(CParameter::JobSize(MT_JOB_SIZE))
+                    .unwrap();
+            }
+            fresh.write_all(&tar).unwrap();
+            assert_eq!(fresh.finish().unwrap(), z1, "threads={threads}");
+            assert_eq!(hex::encode(Sha256::digest(&tar)), p1.tar_sha256);
         }
     }
 

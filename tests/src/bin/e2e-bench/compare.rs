@@ -237,10 +237,10 @@ fn free_port() -> u16 {
 }
 
 /// Resets state between runs without deleting: the run's directory moves into `trash/`, emptied
-/// once per workload ([`empty_trash`]). On ext4 without a journal (this machine's root), creating
-/// a file within 30 s of deleting thousands scans past every recently freed inode
-/// (`recently_deleted`), which charged up to a quarter of the next run's receiver CPU to
-/// whichever side ran after a cleanup.
+/// after the last run ([`empty_trash`]). On ext4 without a journal (this machine's root), a new
+/// file's inode is found by stepping over every free inode of its group deleted in the last
+/// 60 s (360 s while the inode table block is still dirty), so cleaning up thousands of files
+/// charged a third of the next run's receiver CPU to whichever side ran after the cleanup.
 fn discard(w: &World, path: &Path) {
     if !path.exists() {
         return;
@@ -470,34 +470,36 @@ pub fn run(reps: usize, scale: usize) {
     if std::env::var("CIS490_COMPARE_PEERS").map_or(true, |v| v != "0") {
         machine_limits(&w);
     }
-    let large = make_workload(
-        w.path(),
-        "large",
-        40 / scale.min(10),
-        10 << 20,
-        15 << 20,
-        &w.commits[2],
-    );
-    let small = make_workload(
-        w.path(),
-        "small",
-        5000 / scale,
-        8 << 10,
-        8 << 10,
-        &w.commits[2],
-    );
     let only = std::env::var("CIS490_COMPARE_ONLY").unwrap_or_default();
+    let wanted = |name: &str| only.is_empty() || only == name;
+    let mut workloads = Vec::new();
+    if wanted("large") {
+        workloads.push(make_workload(
+            w.path(),
+            "large",
+            40 / scale.min(10),
+            10 << 20,
+            15 << 20,
+            &w.commits[2],
+        ));
+    }
+    if wanted("small") {
+        workloads.push(make_workload(
+            w.path(),
+            "small",
+            5000 / scale,
+            8 << 10,
+            8 << 10,
+            &w.commits[2],
+        ));
+    }
     // For profiling cis490 alone: `CIS490_COMPARE_PEERS=0` skips the peer runs and the ratios.
     let peers = std::env::var("CIS490_COMPARE_PEERS").map_or(true, |v| v != "0");
-    for wl in [&large, &small] {
-        if !only.is_empty() && only != wl.name {
-            continue;
-        }
+    for wl in &workloads {
         let (mut a, mut b1, mut b2) = (Vec::new(), Vec::new(), Vec::new());
         if !peers {
             let a: Vec<Sample> = (0..reps).map(|r| run_cis490(&w, wl, r)).collect();
             report(wl, "cis490", &a);
-            empty_trash(&w);
             continue;
         }
         for round in 0..reps {
@@ -512,7 +514,6 @@ pub fn run(reps: usize, scale: usize) {
                 a.push(run_cis490(&w, wl, round));
             }
         }
-        empty_trash(&w);
         let (wa, ca, ea) = report(wl, "cis490", &a);
         let (w1, c1, e1) = report(wl, "tar|zstd|curl>nginx sequential", &b1);
         let (w2, c2, e2) = report(wl, "tar|zstd|curl>nginx 2-way", &b2);
@@ -524,5 +525,14 @@ pub fn run(reps: usize, scale: usize) {
             ca / best_c,
             ea / best_e
         );
+    }
+    if !std::env::var("CIS490_COMPARE_KEEP").is_ok_and(|v| v == "1") {
+        empty_trash(&w);
+    }
+    // For back-to-back profiling runs: `CIS490_COMPARE_KEEP=1` leaves the world on disk, since
+    // deleting it would slow the next run's file creation (see `discard`).
+    if std::env::var("CIS490_COMPARE_KEEP").is_ok_and(|v| v == "1") {
+        eprintln!("kept {}", w.path().display());
+        std::mem::forget(w);
     }
 }
