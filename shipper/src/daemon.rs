@@ -318,7 +318,7 @@ impl Shipper {
             tarball,
             progress: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
-        let _uploading = self
+        let uploading = self
             .upload_slots
             .clone()
             .acquire_owned()
@@ -327,6 +327,8 @@ impl Shipper {
         lock(&self.uploads).insert(id.clone(), (shipment.progress.clone(), 0, Instant::now()));
         let outcome = self.transport.ship(&shipment).await;
         lock(&self.uploads).remove(&id);
+        // The next upload may start while this one is retired or quarantined.
+        drop(uploading);
         self.apply(&id, &commit, &shipment, outcome)
     }
 

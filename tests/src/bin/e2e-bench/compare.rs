@@ -345,7 +345,10 @@ fn run_cis490(w: &World, wl: &Workload, round: usize) -> Sample {
     let scfg = w.shipper_config(
         HOST,
         &format!("https://localhost:{}", p.addr.port()),
-        "[shipping]\nconcurrency = 2\nzstd_threads = 0\nsettle_s = 0\n",
+        &format!(
+            "[shipping]\nconcurrency = {}\nzstd_threads = 0\nsettle_s = 0\n",
+            std::env::var("CIS490_COMPARE_CONCURRENCY").unwrap_or_else(|_| "2".into())
+        ),
     );
     let text = std::fs::read_to_string(&scfg).unwrap().replace(
         &w.data_dir(HOST).display().to_string(),
