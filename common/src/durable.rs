@@ -99,14 +99,7 @@ impl DurableFile {
 
     /// Fsyncs the data (unless [`DurableFile::sync`] already did and nothing was written since),
     /// moves it to `dest` and fsyncs `dest`'s directory.
-    pub fn commit(self, dest: &Path, existing: Existing) -> io::Result<()> {
-        self.place(dest, existing)?;
-        fsync_dir(parent_of(dest))
-    }
-
-    /// [`DurableFile::commit`] without the directory fsync: the caller makes the new entry
-    /// durable (alongside other fsyncs) before it relies on it.
-    pub fn place(mut self, dest: &Path, existing: Existing) -> io::Result<()> {
+    pub fn commit(mut self, dest: &Path, existing: Existing) -> io::Result<()> {
         let file = self
             .file
             .take()
@@ -124,7 +117,7 @@ impl DurableFile {
                     fs::remove_file(&self.temp)?;
                 }
             }
-            Ok(())
+            fsync_dir(parent_of(dest))
         })();
         if result.is_err() {
             let _ = fs::remove_file(&self.temp);

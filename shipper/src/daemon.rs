@@ -509,6 +509,24 @@ impl Shipper {
         })
     }
 
+    /// Stops the retire syncer after its last round, then syncs once more for a retire that
+    /// outlived the abort of its task; an error if any retire may not be durable.
+    async fn finish_retires(
+        &self,
+        stop: CancellationToken,
+        syncer: tokio::task::JoinHandle<()>,
+    ) -> anyhow::Result<()> {
+        stop.cancel();
+        let _ = syncer.await;
+        self.sync_retired().await;
+        if !self.layout.retires_durable() {
+            anyhow::bail!(
+                "an fsync of shipped/ or episodes/ failed: the last retired episodes may not be durable (they are re-shipped if the move is lost)"
+            );
+        }
+        Ok(())
+    }
+
     /// `once`: every ready episode gets one attempt. Returns true when nothing is left to retry.
     pub async fn run_once(self: &Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<bool> {
         self.layout.prepare()?;
@@ -551,11 +569,7 @@ impl Shipper {
         }
         set.abort_all();
         while set.join_next().await.is_some() {}
-        stop_syncer.cancel();
-        let _ = syncer.await;
-        if self.layout.retired_unsynced() {
-            anyhow::bail!("could not make the retired episodes durable (fsync of shipped/ failed)");
-        }
+        self.finish_retires(stop_syncer, syncer).await?;
         Ok(kept == 0 && !shutdown.is_cancelled())
     }
 
@@ -626,12 +640,10 @@ impl Shipper {
             while set.join_next().await.is_some() {}
         })
         .await;
-        stop_syncer.cancel();
-        let _ = syncer.await;
         if let Some(w) = watchdog {
             w.abort();
         }
-        Ok(())
+        self.finish_retires(stop_syncer, syncer).await
     }
 
     /// `WATCHDOG=1` while the loop turns and every upload's bytes move (or it just started).

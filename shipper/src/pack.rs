@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use zstd::zstd_safe::{CCtx, CParameter, ResetDirective};
 
@@ -78,14 +79,26 @@ impl Default for Compression {
 }
 
 /// Compression contexts kept between packs. A new level-3 context allocates and clears over a
-/// MiB of match tables; a reused one does neither (zstd treats the old entries as stale), and
-/// that was the largest share of the shipper's CPU for a 16 KB episode (docs/BENCHMARKS.md).
+/// MiB of match tables (and starts its worker threads); a reused one does neither (zstd treats
+/// the old entries as stale). Each kept context holds its tables and, when multithreaded, its
+/// workers and job buffers while idle: the shipper's RSS counts them (docs/decisions.md).
 static CONTEXTS: Mutex<Vec<CCtx<'static>>> = Mutex::new(Vec::new());
+
+/// Contexts made since start (for the pool's test).
+static CREATED: AtomicUsize = AtomicUsize::new(0);
+
+/// How many contexts have been made and how many are kept now (for tests).
+#[doc(hidden)]
+pub fn context_counts() -> (usize, usize) {
+    let kept = CONTEXTS.lock().unwrap_or_else(|p| p.into_inner()).len();
+    (CREATED.load(Ordering::Relaxed), kept)
+}
 
 /// Contexts kept at most; one more pack at once than this simply makes a fresh one.
 const KEPT_CONTEXTS: usize = 4;
 
-/// A context taken from [`CONTEXTS`] (or new), given back when dropped.
+/// A context taken from [`CONTEXTS`] (or new), given back when dropped, also when a pack fails
+/// or panics midway: the next take resets it.
 struct PooledContext(Option<CCtx<'static>>);
 
 fn zstd_error(code: usize) -> io::Error {
@@ -97,8 +110,12 @@ impl PooledContext {
         let pooled = CONTEXTS.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut ctx = match pooled {
             Some(c) => c,
-            None => CCtx::try_create()
-                .ok_or_else(|| io::Error::other("zstd: cannot allocate a compression context"))?,
+            None => {
+                CREATED.fetch_add(1, Ordering::Relaxed);
+                CCtx::try_create().ok_or_else(|| {
+                    io::Error::other("zstd: cannot allocate a compression context")
+                })?
+            }
         };
         // A pack that failed midway left a frame open: start a new one, keep the memory.
         ctx.reset(ResetDirective::SessionOnly).map_err(zstd_error)?;

@@ -50,6 +50,9 @@ pub struct Layout {
     /// Set by [`Layout::retire`], cleared by [`Layout::sync_retired`]: moves into shipped/ whose
     /// directory entries may not be on disk yet.
     retired_unsynced: Arc<AtomicBool>,
+    /// Set by any failed [`Layout::sync_retired`] and never cleared: after an fsync error a
+    /// later successful fsync proves nothing, so `once` must not report success.
+    retire_sync_failed: Arc<AtomicBool>,
 }
 
 /// An episode directory found in `episodes/`.
@@ -77,6 +80,7 @@ impl Layout {
         Layout {
             root: root.to_path_buf(),
             retired_unsynced: Arc::new(AtomicBool::new(false)),
+            retire_sync_failed: Arc::new(AtomicBool::new(false)),
         }
     }
     pub fn episodes_dir(&self) -> PathBuf {
@@ -287,10 +291,11 @@ impl Layout {
     /// packed and sent again and the receiver answers 200 already_stored, so nothing duplicates.
     ///
     /// The move is not fsynced here: [`Layout::sync_retired`] makes any number of them durable
-    /// with one fsync of each parent. A power cut before that can only undo a move, never lose
-    /// the episode (the rename is atomic), and an undone move is a re-ship the receiver answers
-    /// with already_stored. Three fsyncs an episode were the largest share of the shipper's
-    /// disk waits for small episodes (docs/BENCHMARKS.md).
+    /// with one fsync of each parent. On a journalling filesystem (ext4, XFS) a power cut before
+    /// that can only undo a move (the rename is atomic), and an undone move is a re-ship the
+    /// receiver answers with already_stored. Without a journal no fsync order makes a rename
+    /// atomic across a power cut; the window is wider here (docs/decisions.md). The three fsyncs
+    /// this saves per episode were 547 → 714 episodes/s for small ones (docs/BENCHMARKS.md).
     pub fn retire(&self, id: &str) -> io::Result<PathBuf> {
         let _lock = self.lock()?;
         self.drop_tarball(id)?;
@@ -319,8 +324,14 @@ impl Layout {
             .and_then(|()| durable::fsync_dir(&self.episodes_dir()));
         if r.is_err() {
             self.retired_unsynced.store(true, Ordering::Release);
+            self.retire_sync_failed.store(true, Ordering::Release);
         }
         r
+    }
+
+    /// Whether every retire so far is durable and no retire fsync ever failed.
+    pub fn retires_durable(&self) -> bool {
+        !self.retired_unsynced() && !self.retire_sync_failed.load(Ordering::Acquire)
     }
 
     /// Whether a retire is waiting for [`Layout::sync_retired`].
@@ -334,6 +345,8 @@ impl Layout {
     /// it, the sweep moves the pending reason into place.
     pub fn quarantine(&self, id: &str, reason: &QuarantineReason) -> io::Result<PathBuf> {
         let _lock = self.lock()?;
+        // This fsyncs episodes/: the entries earlier retires added to shipped/ go first.
+        self.sync_retired()?;
         let src = self.episodes_dir().join(id);
         if !src.is_dir() {
             // Another process (the daemon, or quarantine-unstamped) moved it first.
@@ -774,7 +787,25 @@ mod tests {
         fs::rename(&moved, l.shipped_dir()).unwrap();
         l.sync_retired().unwrap();
         assert!(!l.retired_unsynced());
+        assert!(!l.retires_durable(), "a failed fsync is remembered");
         assert!(l.shipped_dir().join("a").is_dir() && l.shipped_dir().join("b").is_dir());
+        let (_t2, fresh) = layout();
+        episode(&fresh, "c");
+        fresh.retire("c").unwrap();
+        assert!(!fresh.retires_durable());
+        fresh.sync_retired().unwrap();
+        assert!(fresh.retires_durable());
+    }
+
+    #[test]
+    fn a_quarantine_first_makes_earlier_retires_durable() {
+        let (_t, l) = layout();
+        episode(&l, "a");
+        episode(&l, "b");
+        l.retire("a").unwrap();
+        l.quarantine("b", &reason("b", "conflict", Some(409), None, None))
+            .unwrap();
+        assert!(!l.retired_unsynced() && l.retires_durable());
     }
 
     #[test]
