@@ -489,7 +489,7 @@ impl Shipper {
         }
     }
 
-    /// Makes retires durable in batches until `stop`, then once more for the last ones.
+    /// Makes retires durable in batches until `stop` ([`Shipper::finish_retires`] does the last).
     fn spawn_retire_syncer(
         self: &Arc<Self>,
         stop: CancellationToken,
@@ -505,7 +505,6 @@ impl Shipper {
                     me.sync_retired().await;
                 }
             }
-            me.sync_retired().await;
         })
     }
 
