@@ -65,6 +65,20 @@ pub struct Limits {
     pub max_concurrent_uploads: usize,
     pub header_timeout_s: u64,
     pub body_idle_timeout_s: u64,
+    /// Longest tar entry name admitted (SPEC §16).
+    pub max_path_bytes: usize,
+    /// Largest uncompressed/compressed ratio once 1 MiB is decoded (SPEC §16).
+    pub max_compression_ratio: u64,
+    /// Upload slots one host may hold at once (SPEC §16).
+    pub max_uploads_per_host: usize,
+    /// Slowest body accepted, over any 60 s window after the first 60 s (SPEC §16).
+    pub min_body_bytes_per_s: u64,
+    /// Open connections; more are closed before the TLS handshake (SPEC §16).
+    pub max_connections: usize,
+    /// TLS handshakes running at once (SPEC §16).
+    pub max_handshakes: usize,
+    /// A connection with no request for this long is closed (SPEC §16).
+    pub idle_timeout_s: u64,
 }
 
 impl Default for Limits {
@@ -75,6 +89,13 @@ impl Default for Limits {
             max_concurrent_uploads: 64,
             header_timeout_s: 10,
             body_idle_timeout_s: 60,
+            max_path_bytes: crate::tarwalk::DEFAULT_MAX_PATH_BYTES,
+            max_compression_ratio: crate::ingest::DEFAULT_MAX_COMPRESSION_RATIO,
+            max_uploads_per_host: 8,
+            min_body_bytes_per_s: 16384,
+            max_connections: 1024,
+            max_handshakes: 64,
+            idle_timeout_s: 300,
         }
     }
 }
@@ -188,6 +209,24 @@ impl Config {
         }
         if self.limits.body_idle_timeout_s == 0 {
             return err("limits.body_idle_timeout_s", "must be greater than 0");
+        }
+        if !(101..=1 << 20).contains(&self.limits.max_path_bytes) {
+            return err(
+                "limits.max_path_bytes",
+                "must be between 101 and 1048576 (names up to 100 bytes fit a tar header)",
+            );
+        }
+        if self.limits.max_uploads_per_host == 0 {
+            return err("limits.max_uploads_per_host", "must be greater than 0");
+        }
+        if self.limits.max_connections == 0 {
+            return err("limits.max_connections", "must be greater than 0");
+        }
+        if self.limits.max_handshakes == 0 {
+            return err("limits.max_handshakes", "must be greater than 0");
+        }
+        if self.limits.idle_timeout_s == 0 {
+            return err("limits.idle_timeout_s", "must be greater than 0");
         }
         if self.version_gate.window == 0 {
             return err("version_gate.window", "must be greater than 0");

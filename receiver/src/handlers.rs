@@ -506,11 +506,13 @@ async fn put(
     // Two chunks in flight: enough to overlap network and validation, little memory per upload.
     let (tx, rx) = mpsc::channel::<Chunk>(2);
     let store = state.store.clone();
+    let limits = &state.cfg.limits;
     let expect = Expect {
-        episode_id: ep.to_string(),
         commit: Some(go.commit),
         tar_sha256: Some(go.sha.clone()),
-        max_uncompressed: state.cfg.limits.max_uncompressed_bytes,
+        max_path_bytes: limits.max_path_bytes,
+        max_ratio: limits.max_compression_ratio,
+        ..Expect::new(ep, limits.max_uncompressed_bytes)
     };
     let (h, e) = (host.to_string(), ep.to_string());
     let (sha, commit_s, length) = (go.sha.clone(), go.commit.to_string(), go.length);
@@ -523,9 +525,9 @@ async fn put(
         };
         match ingest::validate(reader, &mut upload, &expect) {
             Ok(v) => Ok(Finished::Outcome(upload.commit(&v)?)),
-            Err(r @ (Rejection::Invalid(_) | Rejection::TooLarge(_))) => {
+            Err(r) if r.is_verdict() => {
                 let (status, code) = match r {
-                    Rejection::TooLarge(_) => (413, "too_large"),
+                    Rejection::TooLarge(_) | Rejection::Ratio(_) => (413, "too_large"),
                     _ => (422, "invalid_content"),
                 };
                 let note = QuarantineNote {
@@ -650,6 +652,9 @@ async fn put(
                 Rejection::TooLarge(limit) => {
                     ApiError::too_large(format!("the uncompressed episode exceeds {limit} bytes"))
                 }
+                Rejection::Ratio(ratio) => ApiError::too_large(format!(
+                    "the body decompresses to more than {ratio} times its compressed size (limits.max_compression_ratio)"
+                )),
                 Rejection::Sink(e) if StoreUnavailable::is(&e) => store_error(e),
                 Rejection::Sink(e) if e.kind() == io::ErrorKind::StorageFull => {
                     ApiError::insufficient_storage(format!("the store is full: {e}"))

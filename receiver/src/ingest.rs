@@ -3,7 +3,6 @@
 //! shows itself and a good one is never read twice.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
 use std::io::{self, BufRead, Read, Write};
 use std::rc::Rc;
 
@@ -11,12 +10,19 @@ use cis490_common::meta::{commit_from_meta, MAX_META_BYTES};
 use cis490_common::Commit;
 use sha2::{Digest, Sha256};
 
+use crate::tarwalk::{self, Kind, WalkError, WalkLimits, DEFAULT_MAX_PATH_BYTES};
+use crate::zframes::{FrameError, FrameScanner};
+
 /// Largest zstd window accepted (2^24 = 16 MiB); bounds decoder memory per upload.
 pub const WINDOW_LOG_MAX: u32 = 24;
 /// Most tar entries one episode may hold; bounds the duplicate-path set of a tar bomb.
 pub const MAX_ENTRIES: u64 = 1_000_000;
+/// Default of `[limits] max_compression_ratio`.
+pub const DEFAULT_MAX_COMPRESSION_RATIO: u64 = 1000;
+/// Decoded bytes before the compression ratio is judged (SPEC §16).
+pub const RATIO_GRACE_BYTES: u64 = 1 << 20;
 
-/// What the request headers promised.
+/// What the request headers promised, and the limits the body is held to.
 #[derive(Debug, Clone)]
 pub struct Expect {
     pub episode_id: String,
@@ -24,6 +30,24 @@ pub struct Expect {
     pub commit: Option<Commit>,
     pub tar_sha256: Option<String>,
     pub max_uncompressed: u64,
+    /// Longest entry name (`[limits] max_path_bytes`).
+    pub max_path_bytes: usize,
+    /// Largest uncompressed/compressed ratio once 1 MiB is decoded; 0 turns the check off.
+    pub max_ratio: u64,
+}
+
+impl Expect {
+    /// Limits for an upload of `episode_id` with the defaults of SPEC §16.
+    pub fn new(episode_id: &str, max_uncompressed: u64) -> Self {
+        Expect {
+            episode_id: episode_id.to_string(),
+            commit: None,
+            tar_sha256: None,
+            max_uncompressed,
+            max_path_bytes: DEFAULT_MAX_PATH_BYTES,
+            max_ratio: DEFAULT_MAX_COMPRESSION_RATIO,
+        }
+    }
 }
 
 /// Facts about a valid body, as the index records them.
@@ -44,6 +68,9 @@ pub enum Rejection {
     /// 413: the uncompressed stream exceeds the limit.
     #[error("uncompressed size exceeds {0} bytes")]
     TooLarge(u64),
+    /// 413: the body decompresses to more than this many times its compressed size.
+    #[error("the body decompresses to more than {0} times its compressed size")]
+    Ratio(u64),
     /// Writing the sink failed (disk full → 507, else 500); nothing is the client's fault.
     #[error("failed to write the upload: {0}")]
     Sink(io::Error),
@@ -52,23 +79,36 @@ pub enum Rejection {
     Source(io::Error),
 }
 
+impl Rejection {
+    /// True for the verdicts on the body itself (422/413), which quarantine it.
+    pub fn is_verdict(&self) -> bool {
+        matches!(
+            self,
+            Rejection::Invalid(_) | Rejection::TooLarge(_) | Rejection::Ratio(_)
+        )
+    }
+}
+
 #[derive(Default)]
 struct Probe {
     source_err: RefCell<Option<io::Error>>,
     sink_err: RefCell<Option<io::Error>>,
+    frame_err: RefCell<Option<FrameError>>,
     too_large: Cell<bool>,
+    ratio: Cell<bool>,
     bytes_in: Cell<u64>,
 }
 
-fn take_err(slot: &RefCell<Option<io::Error>>) -> Option<io::Error> {
+fn take_err<T>(slot: &RefCell<Option<T>>) -> Option<T> {
     slot.borrow_mut().take()
 }
 
-/// Copies what it reads into the sink and counts it.
+/// Copies what it reads into the sink, counts it and follows its zstd framing.
 struct Tee<R, W> {
     inner: R,
     sink: W,
     count: u64,
+    frames: FrameScanner,
     probe: Rc<Probe>,
 }
 
@@ -82,6 +122,10 @@ impl<R: Read, W: Write> Read for Tee<R, W> {
                 return Err(io::Error::new(kind, "request body read failed"));
             }
         };
+        if let Err(e) = self.frames.feed(&buf[..n]) {
+            *self.probe.frame_err.borrow_mut() = Some(e);
+            return Err(io::Error::other("zstd framing refused"));
+        }
         if let Err(e) = self.sink.write_all(&buf[..n]) {
             let kind = e.kind();
             *self.probe.sink_err.borrow_mut() = Some(e);
@@ -93,12 +137,14 @@ impl<R: Read, W: Write> Read for Tee<R, W> {
     }
 }
 
-/// Hashes and counts the uncompressed stream, failing once it passes the limit.
+/// Hashes and counts the uncompressed stream, failing once it passes the size limit or the
+/// compression ratio.
 struct Hashing<R> {
     inner: R,
     hasher: Sha256,
     count: u64,
     limit: u64,
+    max_ratio: u64,
     probe: Rc<Probe>,
 }
 
@@ -109,6 +155,13 @@ impl<R: Read> Read for Hashing<R> {
         if self.count > self.limit {
             self.probe.too_large.set(true);
             return Err(io::Error::other("uncompressed limit exceeded"));
+        }
+        if self.max_ratio > 0
+            && self.count > RATIO_GRACE_BYTES
+            && self.count / self.max_ratio > self.probe.bytes_in.get()
+        {
+            self.probe.ratio.set(true);
+            return Err(io::Error::other("compression ratio exceeded"));
         }
         self.hasher.update(&buf[..n]);
         Ok(n)
@@ -125,6 +178,17 @@ pub fn validate<R: Read, W: Write>(
     sink: W,
     expect: &Expect,
 ) -> Result<Validated, Rejection> {
+    validate_listing(body, sink, expect, |_, _| {})
+}
+
+/// As [`validate`], and tells `on_entry` every admitted member (path below the episode
+/// directory, and its kind) in archive order.
+pub fn validate_listing<R: Read, W: Write>(
+    body: R,
+    sink: W,
+    expect: &Expect,
+    mut on_entry: impl FnMut(&str, Kind),
+) -> Result<Validated, Rejection> {
     let probe = Rc::new(Probe::default());
     let classify = |e: io::Error, what: &str| -> Rejection {
         if let Some(e) = take_err(&probe.sink_err) {
@@ -133,8 +197,14 @@ pub fn validate<R: Read, W: Write>(
         if let Some(e) = take_err(&probe.source_err) {
             return Rejection::Source(e);
         }
+        if let Some(e) = take_err(&probe.frame_err) {
+            return invalid(e.to_string());
+        }
         if probe.too_large.get() {
             return Rejection::TooLarge(expect.max_uncompressed);
+        }
+        if probe.ratio.get() {
+            return Rejection::Ratio(expect.max_ratio);
         }
         if probe.bytes_in.get() == 0 {
             return invalid("body is empty");
@@ -145,6 +215,7 @@ pub fn validate<R: Read, W: Write>(
         inner: body,
         sink,
         count: 0,
+        frames: FrameScanner::new(),
         probe: probe.clone(),
     };
     let mut decoder =
@@ -152,100 +223,61 @@ pub fn validate<R: Read, W: Write>(
     decoder
         .window_log_max(WINDOW_LOG_MAX)
         .map_err(|e| classify(e, "zstd decoder"))?;
-    let hashing = Hashing {
+    let mut hashing = Hashing {
         inner: decoder,
         hasher: Sha256::new(),
         count: 0,
         limit: expect.max_uncompressed,
+        max_ratio: expect.max_ratio,
         probe: probe.clone(),
     };
-    let mut archive = tar::Archive::new(hashing);
-    let mut seen: HashSet<u128> = HashSet::new();
-    let mut files = 0u64;
-    let mut entries_n = 0u64;
+    let limits = WalkLimits {
+        max_path_bytes: expect.max_path_bytes,
+        max_entries: MAX_ENTRIES,
+    };
     let mut meta_commit: Option<Commit> = None;
-    let mut end_of_entries = 0u64;
-    {
-        let entries = archive
-            .entries()
-            .map_err(|e| classify(e, "body is not a valid tar+zstd stream"))?;
-        for entry in entries {
-            let mut entry =
-                entry.map_err(|e| classify(e, "body is not a valid tar+zstd stream"))?;
-            entries_n += 1;
-            if entries_n > MAX_ENTRIES {
-                return Err(invalid(format!(
-                    "tar holds more than {MAX_ENTRIES} entries"
-                )));
-            }
-            let raw = entry.path_bytes().into_owned();
-            let name =
-                String::from_utf8(raw).map_err(|_| invalid("tar entry name is not valid UTF-8"))?;
-            let kind = entry.header().entry_type();
-            let is_dir = kind.is_dir();
-            if !(kind.is_file() || is_dir) {
-                return Err(invalid(format!(
-                    "tar entry {name:?} is a {}; only regular files and directories are allowed",
-                    entry_kind_name(kind)
-                )));
-            }
-            let rel = check_path(&name, &expect.episode_id)?;
-            let key = path_key(&rel);
-            if !seen.insert(key) {
-                return Err(invalid(format!(
-                    "tar entry {name:?} repeats an earlier path"
-                )));
-            }
-            let size = entry.size();
-            end_of_entries = entry.raw_file_position() + size.div_ceil(512) * 512;
-            if is_dir {
-                continue;
-            }
-            files += 1;
-            if rel == "meta.json" {
-                if size > MAX_META_BYTES {
-                    return Err(invalid(format!(
-                        "meta.json is {size} bytes; at most {MAX_META_BYTES} are accepted"
-                    )));
-                }
-                let mut buf = Vec::with_capacity(size as usize);
-                entry
-                    .read_to_end(&mut buf)
-                    .map_err(|e| classify(e, "failed to read meta.json"))?;
-                let c = commit_from_meta(&buf).map_err(|e| invalid(e.to_string()))?;
-                meta_commit = Some(c);
-            }
+    let walked = tarwalk::walk(&mut hashing, &expect.episode_id, &limits, |m, data| {
+        on_entry(m.rel, m.kind);
+        if m.kind != Kind::File || m.rel != "meta.json" {
+            return Ok(());
         }
-    }
-    let mut hashing = archive.into_inner();
-    // Whatever follows the first end block must be zero padding, through the end of the stream.
-    let mut buf = [0u8; 8192];
-    loop {
-        let n = hashing
-            .read(&mut buf)
-            .map_err(|e| classify(e, "body is not a valid tar+zstd stream"))?;
-        if n == 0 {
-            break;
+        if m.size > MAX_META_BYTES {
+            return Err(WalkError::Invalid(format!(
+                "meta.json is {} bytes; at most {MAX_META_BYTES} are accepted",
+                m.size
+            )));
         }
-        if buf[..n].iter().any(|&b| b != 0) {
-            return Err(invalid("data follows the tar end-of-archive blocks"));
+        let mut buf = Vec::with_capacity(m.size as usize);
+        data.read_to_end(&mut buf)
+            .map_err(|e| WalkError::Io(e, "failed to read meta.json"))?;
+        if (buf.len() as u64) < m.size {
+            return Err(WalkError::Invalid(
+                "tar stream is truncated: it does not end with two zero blocks".into(),
+            ));
         }
-    }
-    let total = hashing.count;
-    if total == 0 {
-        return Err(invalid("body is empty"));
-    }
-    if total % 512 != 0 || total < end_of_entries + 1024 {
-        return Err(invalid(
-            "tar stream is truncated: it does not end with two zero blocks",
-        ));
-    }
+        let c = commit_from_meta(&buf).map_err(|e| WalkError::Invalid(e.to_string()))?;
+        meta_commit = Some(c);
+        Ok(())
+    });
+    let walked = match walked {
+        Ok(w) => w,
+        Err(WalkError::Invalid(m)) => {
+            // A refusal can follow a read error the walk saw as an end of data.
+            if let Some(e) = take_err(&probe.frame_err) {
+                return Err(invalid(e.to_string()));
+            }
+            return Err(invalid(m));
+        }
+        Err(WalkError::Io(e, what)) => return Err(classify(e, what)),
+    };
+    let total = walked.total;
+    debug_assert_eq!(total, hashing.count);
     let sha = hex::encode(hashing.hasher.finalize());
     let mut rest = hashing.inner.finish();
     let leftover = rest
         .fill_buf()
         .map_err(|e| classify(e, "body is not a valid zstd stream"))?;
-    if !leftover.is_empty() {
+    if !leftover.is_empty() || !rest.get_ref().frames.at_boundary() {
         return Err(invalid("data follows the last zstd frame"));
     }
     let compressed_bytes = rest.get_ref().count;
@@ -276,55 +308,9 @@ pub fn validate<R: Read, W: Write>(
         tar_sha256: sha,
         uncompressed_bytes: total,
         compressed_bytes,
-        files,
+        files: walked.files,
         commit,
     })
-}
-
-fn entry_kind_name(kind: tar::EntryType) -> &'static str {
-    match kind {
-        tar::EntryType::Symlink => "symlink",
-        tar::EntryType::Link => "hard link",
-        tar::EntryType::Char => "character device",
-        tar::EntryType::Block => "block device",
-        tar::EntryType::Fifo => "FIFO",
-        tar::EntryType::Continuous => "contiguous file",
-        tar::EntryType::GNUSparse => "sparse file",
-        tar::EntryType::XGlobalHeader => "pax global header",
-        _ => "special entry",
-    }
-}
-
-/// Confines a name to `<episode_id>/`; returns the path below it ("" for the directory itself).
-fn check_path(name: &str, episode_id: &str) -> Result<String, Rejection> {
-    let escape = || {
-        invalid(format!(
-            "tar entry {name:?} is outside {episode_id}/ (entries must be {episode_id}/...)"
-        ))
-    };
-    if name.starts_with('/') {
-        return Err(escape());
-    }
-    let trimmed = name.strip_suffix('/').unwrap_or(name);
-    let mut parts = trimmed.split('/');
-    if parts.next() != Some(episode_id) {
-        return Err(escape());
-    }
-    let rest: Vec<&str> = parts.collect();
-    if rest
-        .iter()
-        .any(|p| p.is_empty() || *p == "." || *p == ".." || p.contains('\0'))
-    {
-        return Err(escape());
-    }
-    Ok(rest.join("/"))
-}
-
-fn path_key(rel: &str) -> u128 {
-    let d = Sha256::digest(rel.as_bytes());
-    let mut k = [0u8; 16];
-    k.copy_from_slice(&d[..16]);
-    u128::from_le_bytes(k)
 }
 
 /// Summarises a stored tarball (reindex and start-up repair).
@@ -343,16 +329,10 @@ pub fn summarize_reader<R: Read>(
     episode_id: &str,
     max_uncompressed: u64,
 ) -> Result<Validated, Rejection> {
-    validate(
-        body,
-        io::sink(),
-        &Expect {
-            episode_id: episode_id.to_string(),
-            commit: None,
-            tar_sha256: None,
-            max_uncompressed,
-        },
-    )
+    // What is stored was admitted once; the ratio is not judged again.
+    let mut e = Expect::new(episode_id, max_uncompressed);
+    e.max_ratio = 0;
+    validate(body, io::sink(), &e)
 }
 
 #[cfg(test)]
@@ -382,12 +362,9 @@ mod tests {
     }
 
     fn expect() -> Expect {
-        Expect {
-            episode_id: "ep1".into(),
-            commit: Some(Commit::parse(C).unwrap()),
-            tar_sha256: None,
-            max_uncompressed: 1 << 30,
-        }
+        let mut e = Expect::new("ep1", 1 << 30);
+        e.commit = Some(Commit::parse(C).unwrap());
+        e
     }
 
     fn run(body: &[u8], e: &Expect) -> (Result<Validated, Rejection>, Vec<u8>) {

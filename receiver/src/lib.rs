@@ -12,6 +12,8 @@ pub mod metrics;
 pub mod s3;
 pub mod server;
 pub mod store;
+pub mod tarwalk;
+pub mod zframes;
 
 pub use config::Config;
 pub use server::Receiver;

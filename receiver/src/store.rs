@@ -828,10 +828,8 @@ mod tests {
             bytes,
             &mut up,
             &Expect {
-                episode_id: "ep".into(),
                 commit: Some(Commit::parse(C).unwrap()),
-                tar_sha256: None,
-                max_uncompressed: 1 << 30,
+                ..Expect::new("ep", 1 << 30)
             },
         )
         .unwrap();

@@ -9,3 +9,4 @@ pub mod garage;
 pub mod git;
 pub mod harness;
 pub mod pki;
+pub mod rawtar;

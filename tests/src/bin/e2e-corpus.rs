@@ -80,6 +80,258 @@ fn pax_record(key: &str, value: &str) -> Vec<u8> {
     format!("{len}{body}").into_bytes()
 }
 
+/// The constructions of SPEC §16 (issue 15): each refused before anything is stored.
+fn hardening_cases(put: &mut impl FnMut(&str, Vec<u8>, u16, &str)) {
+    use cis490_tests::rawtar::{skippable_frame, Header, Tar};
+    let root = format!("{EP}/");
+    let meta_name = format!("{EP}/meta.json");
+    let m = meta(COMMIT);
+    let base = || {
+        let mut t = Tar::new();
+        t.dir(&root).file(&meta_name, &m);
+        t
+    };
+    {
+        // A long-name record declaring 128 MiB of name: about 8 KB on the wire.
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 19).unwrap();
+        let mut t = base();
+        let size = 128u64 << 20;
+        t.push(Header::gnu(b"././@LongLink", b'L', size).finish(), b"");
+        t.0.truncate(t.0.len());
+        enc.write_all(&t.0).unwrap();
+        let mut chunk = format!("{EP}/").into_bytes();
+        chunk.resize(1 << 20, b'a');
+        for _ in 0..128 {
+            enc.write_all(&chunk).unwrap();
+            chunk.fill(b'a');
+        }
+        put(
+            "longname-128mib",
+            enc.finish().unwrap(),
+            422,
+            "long-name record declares",
+        );
+    }
+    {
+        // A directory whose "data" holds a symlink to /etc and a file written through it, as
+        // GNU tar and Python would read them if the directory's size were honoured.
+        let mut hidden = Tar::new();
+        let mut link = Header::gnu(format!("{EP}/link").as_bytes(), b'2', 0);
+        link.field(157..257, b"/etc");
+        hidden.push(link.finish(), b"");
+        hidden.file(&format!("{EP}/link/cron-evil"), b"* * * * * root id\n");
+        let data = hidden.0.clone();
+        let mut t = base();
+        let mut d = Header::gnu(format!("{EP}/d/").as_bytes(), b'5', data.len() as u64);
+        d.octal(100..108, 0o755);
+        t.push(d.finish(), &data);
+        put(
+            "dir-with-size-hiding-headers",
+            zst(&t.end()),
+            422,
+            "directory that declares",
+        );
+    }
+    {
+        let mut t = base();
+        t.pax(
+            b'x',
+            &[
+                ("path", &format!("{EP}/first")),
+                ("path", &format!("{EP}/../second")),
+            ],
+        );
+        t.file(&format!("{EP}/innocent"), b"x");
+        put("pax-two-paths", zst(&t.end()), 422, "pax extended header");
+    }
+    {
+        let mut t = base();
+        t.pax(b'x', &[("path", &format!("{EP}/from-pax"))]);
+        t.long_name(format!("{EP}/{}", "l".repeat(120)).as_bytes());
+        t.file(&format!("{EP}/innocent"), b"x");
+        put(
+            "pax-path-and-longname",
+            zst(&t.end()),
+            422,
+            "pax extended header",
+        );
+    }
+    {
+        let mut t = base();
+        t.pax(b'x', &[("GNU.sparse.name", "../../sparse-escape")]);
+        t.file(&format!("{EP}/innocent"), b"x");
+        put(
+            "pax-gnu-sparse-name",
+            zst(&t.end()),
+            422,
+            "pax extended header",
+        );
+    }
+    {
+        let mut t = base();
+        t.pax(b'g', &[("path", "../global")]);
+        put("pax-global", zst(&t.end()), 422, "pax global header");
+    }
+    {
+        let mut t = base();
+        let mut h = Header::gnu(b"innocent", b'0', 1);
+        h.field(345..500, format!("{EP}/../../prefix-escape").as_bytes());
+        t.push(h.finish(), b"x");
+        put("gnu-prefix-bytes", zst(&t.end()), 422, "prefix field");
+    }
+    {
+        let mut t = base();
+        let mut h = Header::gnu(b"x", b'0', 1);
+        h.field(257..265, USTAR_MAGIC_POSIX);
+        h.field(345..500, EP.as_bytes());
+        t.push(h.finish(), b"x");
+        put("ustar-prefix-name", zst(&t.end()), 422, "prefix field");
+    }
+    {
+        let mut t = base();
+        let mut h = Header::gnu(b"././@LongLink", b'K', 6);
+        h.octal(124..136, 6);
+        t.push(h.finish(), b"/etc\0\0");
+        t.file(&format!("{EP}/innocent"), b"x");
+        put("gnu-longlink", zst(&t.end()), 422, "long link");
+    }
+    {
+        let mut t = base();
+        t.long_name(format!("{EP}/short").as_bytes());
+        t.file(&format!("{EP}/placeholder"), b"x");
+        put("longname-short", zst(&t.end()), 422, "fits the header");
+    }
+    {
+        let mut t = base();
+        t.long_name(format!("{EP}/{}", "a".repeat(120)).as_bytes());
+        t.long_name(format!("{EP}/{}/../../x", "b".repeat(120)).as_bytes());
+        t.file(&format!("{EP}/placeholder"), b"x");
+        put("longname-twice", zst(&t.end()), 422, "two GNU long-name");
+    }
+    {
+        let mut t = base();
+        t.long_name(format!("{EP}/{}", "a".repeat(120)).as_bytes());
+        put("longname-dangling", zst(&t.end()), 422, "not followed");
+    }
+    {
+        let mut t = base();
+        t.long_name(format!("{EP}/{}", "c".repeat(300)).as_bytes());
+        t.file(&format!("{EP}/placeholder"), b"x");
+        put("component-too-long", zst(&t.end()), 422, "component longer");
+    }
+    {
+        let mut t = base();
+        let name = format!("{EP}/{}", "d/".repeat(2100));
+        t.long_name(name.as_bytes());
+        t.file(&format!("{EP}/placeholder"), b"x");
+        put(
+            "path-too-long",
+            zst(&t.end()),
+            422,
+            "long-name record declares",
+        );
+    }
+    {
+        let mut t = base();
+        t.file(&format!("{EP}\\..\\win-escape"), b"x");
+        put("backslash-name", zst(&t.end()), 422, "backslash");
+    }
+    {
+        let mut t = Tar::new();
+        t.file(EP, b"not a directory");
+        t.file(&meta_name, &m);
+        put(
+            "root-as-file",
+            zst(&t.end()),
+            422,
+            "named as the episode directory",
+        );
+    }
+    {
+        let mut t = base();
+        t.file(&format!("{EP}/data"), b"x");
+        t.file(&format!("{EP}/data/inner"), b"y");
+        put(
+            "file-under-file",
+            zst(&t.end()),
+            422,
+            "which is a regular file",
+        );
+    }
+    {
+        let mut t = base();
+        t.file(&format!("{EP}/a/b"), b"x");
+        t.file(&format!("{EP}/a"), b"y");
+        put(
+            "file-over-implied-dir",
+            zst(&t.end()),
+            422,
+            "put a directory",
+        );
+    }
+    {
+        let mut t = base();
+        t.push(
+            Header::gnu(format!("{EP}/odd/").as_bytes(), 0, 0).finish(),
+            b"",
+        );
+        put(
+            "file-with-trailing-slash",
+            zst(&t.end()),
+            422,
+            "ends with '/'",
+        );
+    }
+    {
+        let mut t = base();
+        let mut h = Header::gnu(format!("{EP}/v7").as_bytes(), b'0', 1);
+        h.field(257..265, b"");
+        t.push(h.finish(), b"x");
+        put("v7-header", zst(&t.end()), 422, "neither a ustar nor a GNU");
+    }
+    {
+        let mut t = base();
+        let mut h = Header::gnu(format!("{EP}/odd-size").as_bytes(), b'0', 0);
+        h.field(124..136, b"1 2");
+        t.push(h.finish(), b"x");
+        put(
+            "size-with-inner-space",
+            zst(&t.end()),
+            422,
+            "malformed size",
+        );
+    }
+    {
+        let mut t = base();
+        let mut h = Header::gnu(format!("{EP}/linked").as_bytes(), b'0', 1);
+        h.field(157..257, b"/etc/shadow");
+        t.push(h.finish(), b"x");
+        put("file-with-link-name", zst(&t.end()), 422, "link name");
+    }
+    {
+        let mut t = base();
+        let mut h = Header::gnu(b"", b'0', 1);
+        h.field(0..100, format!("{EP}/a\0../../escape").as_bytes());
+        t.push(h.finish(), b"x");
+        put("bytes-after-name-nul", zst(&t.end()), 422, "after the NUL");
+    }
+    {
+        let raw = base().end();
+        let half = raw.len() / 1024 * 512;
+        let mut body = zst(&raw[..half]);
+        body.extend(skippable_frame(b"bytes no SHA-256 covers"));
+        body.extend(zst(&raw[half..]));
+        put("skippable-frame", body, 422, "skippable frame");
+    }
+    {
+        let mut body = zst(&base().end());
+        body.extend(skippable_frame(b"trailer"));
+        put("skippable-frame-at-end", body, 422, "skippable frame");
+    }
+}
+
+const USTAR_MAGIC_POSIX: &[u8] = b"ustar\x0000";
+
 fn main() {
     let dir = std::env::args().nth(1).expect("usage: e2e-corpus DIR");
     let dir = Path::new(&dir);
@@ -151,7 +403,7 @@ fn main() {
             entry(t, format!("{EP}/innocent").as_bytes(), reg, b"x", b"");
         })),
         422,
-        "outside",
+        "pax extended header",
     );
     put(
         "symlink-inside",
@@ -426,7 +678,12 @@ fn main() {
             enc.write_all(&zeros).unwrap();
         }
         enc.write_all(&[0u8; 1024]).unwrap();
-        put("zstd-bomb", enc.finish().unwrap(), 413, "exceeds");
+        put(
+            "zstd-bomb",
+            enc.finish().unwrap(),
+            413,
+            "times its compressed size",
+        );
     }
     {
         // 300,000 empty files: ~150 MiB of tar headers, a few MiB on the wire.
@@ -442,6 +699,7 @@ fn main() {
         enc.write_all(&[0u8; 1024]).unwrap();
         put("tar-bomb-many-files", enc.finish().unwrap(), 413, "exceeds");
     }
+    hardening_cases(&mut put);
     expected.sort();
     let mut f = std::fs::File::create(dir.join("EXPECTED")).unwrap();
     writeln!(
