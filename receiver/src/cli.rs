@@ -179,7 +179,30 @@ async fn gate_once(cfg: Config, path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// Lifts the soft open-file limit to the hard one: `max_connections` sockets plus the store's
+/// files must fit (a 1024 soft limit would run out before the connection cap does).
+fn raise_nofile_limit(want: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+        }
+    }
+    let now = hard.max(soft);
+    if now < want {
+        tracing::warn!(
+            limit = now,
+            wanted = want,
+            "the open-file limit is below limits.max_connections plus headroom; raise LimitNOFILE"
+        );
+    }
+}
+
 async fn serve(cfg: Config, path: PathBuf) -> ExitCode {
+    raise_nofile_limit(cfg.limits.max_connections as u64 + 256);
     let (listen, metrics_listen) = (cfg.listen, cfg.metrics_listen);
     let receiver = match Receiver::new(cfg, &path) {
         Ok(r) => r,

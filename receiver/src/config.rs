@@ -157,6 +157,9 @@ pub struct ForgejoConfig {
     pub token_file: Option<PathBuf>,
     /// Extra CA bundle for a Forgejo behind a private CA; the system roots are used otherwise.
     pub ca_file: Option<PathBuf>,
+    /// Lets a token go to an `http://` base_url (SPEC §16); off by default.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,6 +167,8 @@ pub struct ForgejoConfig {
 pub struct QuarantineConfig {
     pub keep_days: u64,
     pub max_bytes: u64,
+    /// Most entries kept, oldest dropped first (SPEC §16); 0 = no count limit.
+    pub max_entries: u64,
 }
 
 impl Default for QuarantineConfig {
@@ -171,6 +176,7 @@ impl Default for QuarantineConfig {
         QuarantineConfig {
             keep_days: 30,
             max_bytes: 10 << 30,
+            max_entries: 100_000,
         }
     }
 }
@@ -279,6 +285,13 @@ impl Config {
                 return err(
                     "version_gate.forgejo.base_url",
                     "must start with https:// or http://",
+                );
+            }
+            if f.base_url.starts_with("http://") && f.token_file.is_some() && !f.allow_insecure_http
+            {
+                return err(
+                    "version_gate.forgejo.base_url",
+                    "is http:// while token_file is set: the token would cross the network in clear text (use https://, or set allow_insecure_http = true)",
                 );
             }
         }

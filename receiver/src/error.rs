@@ -84,6 +84,16 @@ impl ApiError {
         .retry_after(5)
     }
 
+    /// One host holds all the upload slots it may (`[limits] max_uploads_per_host`).
+    pub fn host_overloaded(host: &str, cap: usize) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!("{host} already has {cap} uploads in progress (limits.max_uploads_per_host); retry later"),
+        )
+        .retry_after(5)
+    }
+
     pub fn insufficient_storage(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::INSUFFICIENT_STORAGE,

@@ -6,6 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -389,14 +391,19 @@ async fn precheck(
         .with("stored_tar_sha256", row.tar_sha256));
     }
     if let (Some(len), Some(free)) = (length, state.store.free_bytes()) {
-        if free < len {
+        // Uploads in flight will take what they declared; count it as used.
+        let reserved = state.host_slots.reserved_bytes();
+        if free < len.saturating_add(reserved) {
             return Err(ApiError::insufficient_storage(format!(
-                "the store has {free} bytes free; this upload needs {len}"
+                "the store has {free} bytes free, {reserved} of them promised to uploads in progress; this upload needs {len}"
             )));
         }
     }
     if state.uploads.available_permits() == 0 {
         return Err(ApiError::overloaded());
+    }
+    if state.host_slots.held_by(host) >= state.host_slots.per_host() {
+        return Err(ApiError::host_overloaded(host, state.host_slots.per_host()));
     }
     Ok(Pre::Go(Go {
         commit,
@@ -497,6 +504,9 @@ async fn put(
     let Ok(_permit) = state.uploads.clone().try_acquire_owned() else {
         return Err(ApiError::overloaded());
     };
+    let Some(_host_slot) = state.host_slots.try_take(host, go.length) else {
+        return Err(ApiError::host_overloaded(host, state.host_slots.per_host()));
+    };
     state
         .metrics
         .uploads_in_flight
@@ -557,8 +567,17 @@ async fn put(
         return Err(ApiError::internal("request body already taken"));
     };
     let mut received: u64 = 0;
+    let mut rate = RateFloor::new(state.cfg.limits.min_body_bytes_per_s);
+    let mut last_frame = Instant::now();
     loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
+        let idle_deadline = last_frame + idle;
+        let deadline = idle_deadline.min(Instant::now() + rate.until_next_check());
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) if rate.too_slow(received) => {
+                let _ = tx.send(Chunk::Failed(rate.failure())).await;
+                break;
+            }
+            Err(_) if Instant::now() < idle_deadline => continue,
             Err(_) => {
                 let _ = tx
                     .send(Chunk::Failed(io::Error::new(
@@ -578,7 +597,10 @@ async fn put(
                     .await;
                 break;
             }
-            Ok(Some(Ok(f))) => f,
+            Ok(Some(Ok(f))) => {
+                last_frame = Instant::now();
+                f
+            }
         };
         if let Ok(data) = frame.into_data() {
             received += data.len() as u64;
@@ -586,6 +608,10 @@ async fn put(
                 .metrics
                 .body_bytes_read_total
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
+            if rate.too_slow(received) {
+                let _ = tx.send(Chunk::Failed(rate.failure())).await;
+                break;
+            }
             if received > go.length {
                 let _ = tx
                     .send(Chunk::Failed(io::Error::other(
@@ -672,6 +698,66 @@ async fn put(
                 }
             })
         }
+    }
+}
+
+/// `[limits] min_body_bytes_per_s` (SPEC §16): after a first minute of grace, every 60 s window
+/// must bring at least a minute's worth of bytes at that rate.
+struct RateFloor {
+    min_per_s: u64,
+    window_start: Instant,
+    window_bytes: u64,
+}
+
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+impl RateFloor {
+    fn new(min_per_s: u64) -> Self {
+        RateFloor {
+            min_per_s,
+            // The first window opens after the grace minute.
+            window_start: Instant::now() + RATE_WINDOW,
+            window_bytes: 0,
+        }
+    }
+
+    /// How long until the current window closes (at least a millisecond).
+    fn until_next_check(&self) -> Duration {
+        if self.min_per_s == 0 {
+            return Duration::from_secs(86400);
+        }
+        (self.window_start + RATE_WINDOW)
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    }
+
+    /// Checks the window that has closed, if any, and opens the next.
+    fn too_slow(&mut self, received: u64) -> bool {
+        let now = Instant::now();
+        if self.min_per_s == 0 || now < self.window_start + RATE_WINDOW {
+            if now < self.window_start {
+                self.window_bytes = received;
+            }
+            return false;
+        }
+        let got = received - self.window_bytes;
+        if got < self.min_per_s.saturating_mul(RATE_WINDOW.as_secs()) {
+            return true;
+        }
+        self.window_start = now;
+        self.window_bytes = received;
+        false
+    }
+
+    fn failure(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the body arrived slower than {} bytes/s over {}s (limits.min_body_bytes_per_s)",
+                self.min_per_s,
+                RATE_WINDOW.as_secs()
+            ),
+        )
     }
 }
 

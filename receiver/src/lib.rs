@@ -11,6 +11,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod s3;
 pub mod server;
+pub mod slots;
 pub mod store;
 pub mod tarwalk;
 pub mod zframes;

@@ -14,6 +14,12 @@ pub struct Metrics {
     /// read nothing.
     pub body_bytes_read_total: AtomicU64,
     pub quarantine_bytes: AtomicU64,
+    /// Connections open on the API listener.
+    pub connections_open: AtomicI64,
+    /// Connections closed at accept because `max_connections` were open.
+    pub connections_refused_total: AtomicU64,
+    /// Connections closed for idling past `idle_timeout_s`.
+    pub connections_idle_closed_total: AtomicU64,
 }
 
 impl Metrics {
@@ -86,6 +92,31 @@ impl Metrics {
             "gauge",
             "Bytes held in the receiver's quarantine.",
             self.quarantine_bytes.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            out,
+            "cis490_receiver_connections_open",
+            "gauge",
+            "Connections open on the API listener.",
+            self.connections_open.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            out,
+            "cis490_receiver_connections_refused_total",
+            "counter",
+            "Connections closed before the TLS handshake because limits.max_connections were open.",
+            self.connections_refused_total
+                .load(Ordering::Relaxed)
+                .to_string(),
+        );
+        gauge(
+            out,
+            "cis490_receiver_connections_idle_closed_total",
+            "counter",
+            "Connections closed after limits.idle_timeout_s without a request.",
+            self.connections_idle_closed_total
+                .load(Ordering::Relaxed)
+                .to_string(),
         );
     }
 }

@@ -80,6 +80,7 @@ pub struct S3Options {
     pub max_uncompressed: u64,
     pub quarantine_keep_days: u64,
     pub quarantine_max_bytes: u64,
+    pub quarantine_max_entries: u64,
     /// Names this receiver's health-probe object.
     pub instance: String,
 }
@@ -180,6 +181,10 @@ struct Inner {
     max_uncompressed: u64,
     keep_days: u64,
     max_quarantine_bytes: u64,
+    max_quarantine_entries: u64,
+    /// When this receiver last listed the quarantine (unix seconds); rejections between two
+    /// listings do not list it again.
+    quarantine_listed_at: AtomicU64,
     instance: String,
     metrics: StoreMetrics,
     quarantine_bytes: AtomicU64,
@@ -250,6 +255,8 @@ impl S3Store {
                 max_uncompressed: o.max_uncompressed,
                 keep_days: o.quarantine_keep_days,
                 max_quarantine_bytes: o.quarantine_max_bytes,
+                max_quarantine_entries: o.quarantine_max_entries,
+                quarantine_listed_at: AtomicU64::new(0),
                 instance: o.instance,
                 metrics: StoreMetrics::default(),
                 quarantine_bytes: AtomicU64::new(0),
@@ -570,9 +577,23 @@ impl S3Store {
         self.inner.quarantine_bytes.load(Ordering::Relaxed)
     }
 
+    /// True when this receiver listed the quarantine within the last minute.
+    fn quarantine_listed_recently(&self) -> bool {
+        let now_s = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        now_s.saturating_sub(self.inner.quarantine_listed_at.load(Ordering::Relaxed)) < 60
+    }
+
     /// Quarantine retention (`keep_days`, `max_bytes`), shared by all receivers on the bucket:
     /// each may trim what another wrote. Returns the bytes still held.
     pub async fn clean_quarantine(&self) -> Result<u64, StoreUnavailable> {
+        let now_s = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.inner
+            .quarantine_listed_at
+            .store(now_s, Ordering::Relaxed);
         let metas = self.list("list", "quarantine").await?;
         // One entry per upload: its body (if kept) and its reason, grouped by base name.
         let mut entries: BTreeMap<String, (SystemTime, u64, Vec<Key>)> = BTreeMap::new();
@@ -594,13 +615,16 @@ impl S3Store {
         let mut items: Vec<_> = entries.into_iter().collect();
         items.sort_by(|a, b| (a.1 .0, &a.0).cmp(&(b.1 .0, &b.0)));
         let mut total: u64 = items.iter().map(|i| i.1 .1).sum();
+        let mut count = items.len() as u64;
         let keep = Duration::from_secs(self.inner.keep_days * 86_400);
         let now = SystemTime::now();
         for (base, (when, len, keys)) in items {
             let expired =
                 self.inner.keep_days > 0 && now.duration_since(when).unwrap_or_default() > keep;
-            let over =
-                self.inner.max_quarantine_bytes > 0 && total > self.inner.max_quarantine_bytes;
+            let over = (self.inner.max_quarantine_bytes > 0
+                && total > self.inner.max_quarantine_bytes)
+                || (self.inner.max_quarantine_entries > 0
+                    && count > self.inner.max_quarantine_entries);
             if !(expired || over) {
                 continue;
             }
@@ -608,6 +632,7 @@ impl S3Store {
                 self.delete(k).await?;
             }
             total -= len;
+            count -= 1;
             tracing::info!(event = "cleanup", file = %base, bytes = len, expired, "removed a receiver quarantine entry from the bucket");
         }
         self.inner.quarantine_bytes.store(total, Ordering::Relaxed);
@@ -989,9 +1014,12 @@ impl Upload for S3Upload {
                     .put("put_quarantine", &k, Bytes::from(reason), Attributes::new())
                     .await?;
                 // The upload is kept either way: a failed retention pass is only a warning
-                // (the janitor tries again).
-                if let Err(e) = store.clean_quarantine().await {
-                    tracing::warn!(error = %e, "failed to apply the receiver quarantine retention");
+                // (the janitor tries again). The bucket is listed at most once a minute, not
+                // per rejection (SPEC §16); the janitor's pass catches up.
+                if !store.quarantine_listed_recently() {
+                    if let Err(e) = store.clean_quarantine().await {
+                        tracing::warn!(error = %e, "failed to apply the receiver quarantine retention");
+                    }
                 }
                 Ok::<(), StoreUnavailable>(())
             })

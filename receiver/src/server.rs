@@ -45,7 +45,36 @@ pub struct AppState {
     pub gate: Arc<Gate>,
     pub metrics: Arc<Metrics>,
     pub uploads: Arc<Semaphore>,
+    pub host_slots: Arc<crate::slots::HostSlots>,
+    /// `[limits] max_connections`: a permit per open API connection.
+    pub connections: Arc<Semaphore>,
+    /// `[limits] max_handshakes`: a permit per TLS handshake in progress.
+    pub handshakes: Arc<Semaphore>,
+    /// The last store-writability probe and when it ran (at most one a second, SPEC §16).
+    pub probe_cache: tokio::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
+    /// Store probes actually run (each writes a file or an object).
+    pub probes_run: AtomicU64,
     pub accept_heartbeat: AtomicU64,
+}
+
+/// How long a store-writability probe answers for.
+const PROBE_TTL: Duration = Duration::from_secs(1);
+
+impl AppState {
+    /// The store's writability, probed at most once a second; concurrent callers wait for the
+    /// one probe in progress and share its answer.
+    pub async fn probe_store(&self) -> Result<(), String> {
+        let mut cache = self.probe_cache.lock().await;
+        if let Some((at, answer)) = cache.as_ref() {
+            if at.elapsed() < PROBE_TTL {
+                return answer.clone();
+            }
+        }
+        self.probes_run.fetch_add(1, Ordering::Relaxed);
+        let answer = self.store.probe().await;
+        *cache = Some((tokio::time::Instant::now(), answer.clone()));
+        answer
+    }
 }
 
 fn read_secret(cfg_path: &Path, key: &str, file: Option<&Path>) -> Result<String, ConfigError> {
@@ -101,6 +130,7 @@ pub fn open_s3(cfg: &Config, cfg_path: &Path) -> Result<S3Store, ConfigError> {
         max_uncompressed: cfg.limits.max_uncompressed_bytes,
         quarantine_keep_days: cfg.quarantine.keep_days,
         quarantine_max_bytes: cfg.quarantine.max_bytes,
+        quarantine_max_entries: cfg.quarantine.max_entries,
         instance,
     })
     .map_err(|e| ConfigError::new(cfg_path, "store.endpoint", e))
@@ -161,6 +191,7 @@ impl Receiver {
                         max_uncompressed: cfg.limits.max_uncompressed_bytes,
                         quarantine_keep_days: cfg.quarantine.keep_days,
                         quarantine_max_bytes: cfg.quarantine.max_bytes,
+                        quarantine_max_entries: cfg.quarantine.max_entries,
                     },
                 )
                 .map_err(|e| ConfigError::new(config_path, "store_dir", e.to_string()))?;
@@ -190,6 +221,11 @@ impl Receiver {
                 gate,
                 metrics,
                 uploads,
+                host_slots: crate::slots::HostSlots::new(cfg.limits.max_uploads_per_host),
+                connections: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+                handshakes: Arc::new(Semaphore::new(cfg.limits.max_handshakes)),
+                probe_cache: tokio::sync::Mutex::new(None),
+                probes_run: AtomicU64::new(0),
                 accept_heartbeat: AtomicU64::new(0),
                 cfg,
             }),
@@ -251,11 +287,23 @@ impl Receiver {
                     state.accept_heartbeat.fetch_add(1, Ordering::Relaxed);
                     match accepted {
                         Ok((stream, peer)) => {
+                            // Over max_connections: closed before any TLS work is spent on it.
+                            let Ok(permit) = state.connections.clone().try_acquire_owned() else {
+                                let n = state.metrics.connections_refused_total.fetch_add(1, Ordering::Relaxed);
+                                if n.is_power_of_two() {
+                                    tracing::warn!(peer = %peer, refused = n + 1, limit = state.cfg.limits.max_connections, "connection limit reached: closing new connections (limits.max_connections)");
+                                }
+                                drop(stream);
+                                continue;
+                            };
                             let _ = stream.set_nodelay(true);
                             let st = state.clone();
                             let watcher = graceful.watcher();
                             tokio::spawn(async move {
-                                connection(st, stream, peer, watcher).await;
+                                st.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+                                connection(st.clone(), stream, peer, watcher).await;
+                                st.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+                                drop(permit);
                             });
                         }
                         Err(e) => {
@@ -288,8 +336,21 @@ async fn connection(
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     let header_timeout = Duration::from_secs(state.cfg.limits.header_timeout_s);
-    let acceptor = TlsAcceptor::from(state.tls.load_full());
-    let tls = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+    let deadline = tokio::time::Instant::now() + header_timeout;
+    // A connection that has sent nothing holds no handshake slot; waiting for its first byte
+    // and for a slot both count against the header timeout.
+    let handshake = async {
+        stream.readable().await?;
+        let _slot = state
+            .handshakes
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| std::io::Error::other("receiver is stopping"))?;
+        let acceptor = TlsAcceptor::from(state.tls.load_full());
+        acceptor.accept(stream).await
+    };
+    let tls = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::info!(peer = %peer, error = %e, "TLS handshake refused");
@@ -308,11 +369,19 @@ async fn connection(
     let h2 = conn.alpn_protocol() == Some(b"h2");
     let identity: Arc<Option<String>> = Arc::new(identity);
     let st = state.clone();
+    let activity = Arc::new(Activity::default());
+    let act = activity.clone();
     let svc = service_fn(move |req| {
         let st = st.clone();
         let id = identity.clone();
-        async move { Ok::<_, Infallible>(handlers::handle(st, id, req).await) }
+        let busy = act.begin();
+        async move {
+            let resp = handlers::handle(st, id, req).await;
+            drop(busy);
+            Ok::<_, Infallible>(resp)
+        }
     });
+    let idle = Duration::from_secs(state.cfg.limits.idle_timeout_s);
     let io = TokioIo::new(tls);
     let result = if h2 {
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -321,17 +390,86 @@ async fn connection(
             .max_concurrent_streams(256)
             .initial_stream_window_size(256 * 1024)
             .initial_connection_window_size(1024 * 1024);
-        watcher.watch(b.serve_connection(io, svc)).await
+        let conn = watcher.watch(b.serve_connection(io, svc));
+        tokio::select! {
+            r = conn => r,
+            () = activity.idle_for(idle) => {
+                state.metrics.connections_idle_closed_total.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
             .header_read_timeout(Some(header_timeout))
             .max_buf_size(64 * 1024)
             .keep_alive(true);
-        watcher.watch(b.serve_connection(io, svc)).await
+        let conn = watcher.watch(b.serve_connection(io, svc));
+        tokio::select! {
+            r = conn => r,
+            () = activity.idle_for(idle) => {
+                state.metrics.connections_idle_closed_total.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
     };
     if let Err(e) = result {
         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Requests in progress on one connection and when the last one ended, for
+/// `[limits] idle_timeout_s`: a connection is idle only while no request is in progress.
+#[derive(Debug)]
+struct Activity {
+    busy: AtomicU64,
+    last: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            busy: AtomicU64::new(0),
+            last: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+}
+
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        Busy(self.clone())
+    }
+
+    fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+    }
+
+    /// Resolves once no request has been in progress for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let since = *self.last.lock().unwrap_or_else(|p| p.into_inner());
+            let due = since + idle;
+            if self.busy.load(Ordering::Relaxed) == 0 && tokio::time::Instant::now() >= due {
+                return;
+            }
+            let next = if self.busy.load(Ordering::Relaxed) > 0 {
+                tokio::time::Instant::now() + idle
+            } else {
+                due
+            };
+            tokio::time::sleep_until(next).await;
+        }
     }
 }
 
@@ -429,7 +567,7 @@ async fn ops_response(state: &Arc<AppState>, path: &str) -> hyper::Response<Full
                     .unwrap_or_else(|| "not loaded yet".into());
                 problems.push(format!("version gate has no commit list: {why}"));
             }
-            if let Err(e) = state.store.probe().await {
+            if let Err(e) = state.probe_store().await {
                 problems.push(e);
             }
             let mut body = serde_json::json!({
@@ -453,6 +591,10 @@ async fn ops_response(state: &Arc<AppState>, path: &str) -> hyper::Response<Full
             state.metrics.render(&mut out);
             state.gate.render_metrics(&mut out);
             state.store.render_metrics(&mut out);
+            out.push_str(&format!(
+                "# HELP cis490_receiver_store_probes_total Store writability probes run for /healthz (at most one a second).\n# TYPE cis490_receiver_store_probes_total counter\ncis490_receiver_store_probes_total {}\n",
+                state.probes_run.load(Ordering::Relaxed)
+            ));
             text(200, "text/plain; version=0.0.4", out)
         }
         _ => text(404, "text/plain", "not found\n".into()),

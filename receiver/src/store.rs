@@ -1,6 +1,7 @@
 //! Durable episode storage behind a narrow interface (temp upload → validate → commit, lookup,
 //! list), with the filesystem layout of SPEC §5 as its first implementation.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufRead as _, Write};
@@ -129,6 +130,12 @@ struct FsInner {
     reader: File,
     keep_days: u64,
     max_quarantine_bytes: u64,
+    max_quarantine_entries: u64,
+    /// What `quarantine/` holds, kept as entries are added and removed (never rescanned per
+    /// rejection, SPEC §16).
+    ledger: Mutex<QuarantineLedger>,
+    /// Listings of `quarantine/` (at open, then at most hourly).
+    quarantine_scans: std::sync::atomic::AtomicU64,
     max_uncompressed: u64,
     /// Held for the store's lifetime: one receiver per store directory.
     _lock: cis490_common::lock::DirLock,
@@ -144,6 +151,7 @@ pub struct FsOptions {
     pub max_uncompressed: u64,
     pub quarantine_keep_days: u64,
     pub quarantine_max_bytes: u64,
+    pub quarantine_max_entries: u64,
 }
 
 impl FsStore {
@@ -182,6 +190,12 @@ impl FsStore {
                 reader,
                 keep_days: opts.quarantine_keep_days,
                 max_quarantine_bytes: opts.quarantine_max_bytes,
+                max_quarantine_entries: opts.quarantine_max_entries,
+                ledger: Mutex::new(
+                    QuarantineLedger::scan(&root.join("quarantine"))
+                        .map_err(at(&root.join("quarantine")))?,
+                ),
+                quarantine_scans: std::sync::atomic::AtomicU64::new(1),
                 max_uncompressed: opts.max_uncompressed,
                 _lock: lock,
             }),
@@ -588,9 +602,17 @@ impl Upload for FsUpload {
             note.episode_id,
             rand::random::<u32>()
         );
-        file.commit(&qdir.join(format!("{base}.tar.zst")), Existing::Keep)?;
+        let body = qdir.join(format!("{base}.tar.zst"));
+        file.commit(&body, Existing::Keep)?;
         let json = serde_json::to_vec_pretty(note).map_err(io::Error::other)?;
         durable::write_atomic(&qdir.join(format!("{base}.reason.json")), &json)?;
+        let len = fs::metadata(&body).map(|m| m.len()).unwrap_or(0);
+        store
+            .inner
+            .ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(SystemTime::now(), len + json.len() as u64, base);
         // Enforced here, not by the caller: `max_bytes` holds even if the request is gone. The
         // entry is kept whatever the trim does, so its errors are only logged.
         if let Err(e) = store.clean_quarantine() {
@@ -637,50 +659,98 @@ impl EpisodeStore for FsStore {
 
     fn clean_quarantine(&self) -> io::Result<u64> {
         let qdir = self.inner.root.join("quarantine");
-        let mut items = Vec::new();
-        for e in fs::read_dir(&qdir)? {
+        // Invariant: the ledger is only ever left consistent, so a poisoned lock is still good.
+        let mut ledger = self.inner.ledger.lock().unwrap_or_else(|p| p.into_inner());
+        if ledger.scanned.elapsed() >= LEDGER_RESCAN {
+            // Entries removed or added by hand are picked up here, not per rejection.
+            *ledger = QuarantineLedger::scan(&qdir)?;
+            self.inner
+                .quarantine_scans
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        ledger.trim(
+            &qdir,
+            self.inner.keep_days,
+            self.inner.max_quarantine_bytes,
+            self.inner.max_quarantine_entries,
+        );
+        Ok(ledger.bytes)
+    }
+}
+
+/// How often the ledger is rebuilt from the directory (entries changed by hand).
+const LEDGER_RESCAN: Duration = Duration::from_secs(3600);
+
+/// The receiver quarantine's entries, oldest first, and their total size.
+#[derive(Debug)]
+struct QuarantineLedger {
+    entries: std::collections::VecDeque<(SystemTime, u64, String)>,
+    bytes: u64,
+    scanned: std::time::Instant,
+}
+
+impl QuarantineLedger {
+    fn scan(qdir: &Path) -> io::Result<QuarantineLedger> {
+        let mut items: BTreeMap<String, (SystemTime, u64)> = BTreeMap::new();
+        for e in fs::read_dir(qdir)? {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(base) = name.strip_suffix(".tar.zst") {
-                // Another trim may remove entries while this one lists them.
-                match e.metadata() {
-                    Ok(md) => items.push((md.modified()?, md.len(), base.to_string())),
-                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                    Err(err) => return Err(err),
-                }
-            }
+            let Some(base) = name
+                .strip_suffix(".tar.zst")
+                .or_else(|| name.strip_suffix(".reason.json"))
+            else {
+                continue;
+            };
+            // Another trim may remove entries while this one lists them.
+            let md = match e.metadata() {
+                Ok(md) => md,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(err),
+            };
+            let item = items.entry(base.to_string()).or_insert((md.modified()?, 0));
+            item.0 = item.0.min(md.modified()?);
+            item.1 += md.len();
         }
-        items.sort();
-        let remove = |base: &str| {
+        let mut entries: Vec<_> = items.into_iter().map(|(b, (t, l))| (t, l, b)).collect();
+        entries.sort();
+        let bytes = entries.iter().map(|e| e.1).sum();
+        Ok(QuarantineLedger {
+            entries: entries.into(),
+            bytes,
+            scanned: std::time::Instant::now(),
+        })
+    }
+
+    fn add(&mut self, at: SystemTime, len: u64, base: String) {
+        self.bytes += len;
+        self.entries.push_back((at, len, base));
+    }
+
+    /// Drops expired entries, then the oldest until under `max_bytes` and `max_entries`
+    /// (0 = that limit off). Costs one step per entry removed.
+    fn trim(&mut self, qdir: &Path, keep_days: u64, max_bytes: u64, max_entries: u64) {
+        let keep = Duration::from_secs(keep_days * 86_400);
+        let now = SystemTime::now();
+        while let Some((at, len, base)) = self.entries.front() {
+            let expired = keep_days > 0 && now.duration_since(*at).unwrap_or_default() > keep;
+            let over_bytes = max_bytes > 0 && self.bytes > max_bytes;
+            let over_count = max_entries > 0 && self.entries.len() as u64 > max_entries;
+            if !(expired || over_bytes || over_count) {
+                break;
+            }
             let _ = fs::remove_file(qdir.join(format!("{base}.tar.zst")));
             let _ = fs::remove_file(qdir.join(format!("{base}.reason.json")));
-        };
-        let mut total: u64 = items.iter().map(|i| i.1).sum();
-        let keep = Duration::from_secs(self.inner.keep_days * 86_400);
-        let now = SystemTime::now();
-        let mut kept = Vec::new();
-        for (mtime, len, base) in items {
-            let old =
-                self.inner.keep_days > 0 && now.duration_since(mtime).unwrap_or_default() > keep;
-            if old {
-                remove(&base);
-                total -= len;
-                tracing::info!(event = "cleanup", file = %base, bytes = len, "removed an expired receiver quarantine entry");
+            let why = if expired {
+                "expired"
+            } else if over_bytes {
+                "max_bytes"
             } else {
-                kept.push((len, base));
-            }
+                "max_entries"
+            };
+            tracing::info!(event = "cleanup", file = %base, bytes = *len, why, "removed a receiver quarantine entry");
+            self.bytes -= len;
+            self.entries.pop_front();
         }
-        if self.inner.max_quarantine_bytes > 0 {
-            for (len, base) in kept {
-                if total <= self.inner.max_quarantine_bytes {
-                    break;
-                }
-                remove(&base);
-                total -= len;
-                tracing::info!(event = "cleanup", file = %base, bytes = len, "removed the oldest receiver quarantine entry to stay under max_bytes");
-            }
-        }
-        Ok(total)
     }
 }
 
@@ -788,8 +858,17 @@ impl Store {
     }
 
     pub fn render_metrics(&self, out: &mut String) {
-        if let Store::S3(s) = self {
-            s.metrics().render(out);
+        match self {
+            Store::S3(s) => s.metrics().render(out),
+            Store::Fs(s) => {
+                let n = s
+                    .inner
+                    .quarantine_scans
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                out.push_str(&format!(
+                    "# HELP cis490_receiver_quarantine_scans_total Listings of the quarantine directory (at start, then at most hourly).\n# TYPE cis490_receiver_quarantine_scans_total counter\ncis490_receiver_quarantine_scans_total {n}\n"
+                ));
+            }
         }
     }
 }
@@ -819,6 +898,7 @@ mod tests {
             max_uncompressed: 1 << 30,
             quarantine_keep_days: 30,
             quarantine_max_bytes: 0,
+            quarantine_max_entries: 0,
         }
     }
 

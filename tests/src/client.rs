@@ -162,6 +162,11 @@ impl Client {
 
     /// PUTs a packed episode with the headers a shipper sends.
     pub async fn put(&self, host: &str, b: &crate::episode::Body) -> Reply {
+        self.put_result(host, b).await.expect("request completes")
+    }
+
+    /// Like [`Client::put`], but a connection or TLS failure is returned, not a panic.
+    pub async fn put_result(&self, host: &str, b: &crate::episode::Body) -> Result<Reply, String> {
         self.request(
             "PUT",
             &format!("/v1/episodes/{host}/{}", b.id),
@@ -173,7 +178,6 @@ impl Client {
             b.bytes.clone(),
         )
         .await
-        .expect("request completes")
     }
 }
 

@@ -148,6 +148,8 @@ fn gate_cfg(repo: Option<&Path>, forgejo: Option<&StandIn>, token: Option<&Path>
             repo: "code".into(),
             token_file: token.map(Path::to_path_buf),
             ca_file: None,
+            // The stand-in speaks plain HTTP on 127.0.0.1.
+            allow_insecure_http: true,
         }),
         ..GateConfig::default()
     }
@@ -307,7 +309,7 @@ async fn concurrent_checks_during_refreshes_agree() {
 fn an_unreadable_forgejo_token_is_a_config_error() {
     let w = World::new(1);
     let cfg = w.config(&format!(
-        "[version_gate]\nrepo_path = \"{}\"\n[version_gate.forgejo]\nbase_url = \"http://127.0.0.1:9\"\nowner = \"o\"\nrepo = \"r\"\ntoken_file = \"/nonexistent/token\"\n",
+        "[version_gate]\nrepo_path = \"{}\"\n[version_gate.forgejo]\nbase_url = \"https://127.0.0.1:9\"\nowner = \"o\"\nrepo = \"r\"\ntoken_file = \"/nonexistent/token\"\n",
         w.repo.path.display()
     ));
     let out = std::process::Command::new(cis490_tests::harness::receiver_bin())

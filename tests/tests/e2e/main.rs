@@ -1,7 +1,9 @@
 //! End-to-end tests: real mTLS, real git repositories, real processes. One binary, many modules.
 
 mod crash;
+mod differential;
 mod gate;
+mod hardening;
 mod hostile;
 mod receiver_api;
 mod receiver_limits;

@@ -57,7 +57,16 @@ async fn once_ships_retires_and_the_receiver_holds_the_same_bytes() {
     let w = World::new(3);
     let r = start(&w, "").await;
     let cfg = w.shipper_config(HOST, &url(r.addr), "");
-    let big = vec![42u8; 3 << 20];
+    // Incompressible, so the body stays within max_compression_ratio (SPEC §16).
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let big: Vec<u8> = (0..3 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
     episode::write(
         &episodes_dir(&w),
         "ep-a",

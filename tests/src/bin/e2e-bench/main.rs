@@ -445,6 +445,7 @@ async fn gate_benches() {
             repo: "code".into(),
             token_file: None,
             ca_file: None,
+            allow_insecure_http: false,
         }),
         repo_path: None,
         ..GateConfig::default()

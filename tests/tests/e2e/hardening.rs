@@ -1,0 +1,526 @@
+//! SPEC §16 against the real receiver: what one compromised lab host (or any network client)
+//! can make it spend, and that every other host is still served meanwhile.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use cis490_tests::episode;
+use cis490_tests::harness::{metric, ops_get, Process, World};
+use cis490_tests::rawtar::{meta, Header, Tar};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{files_under, index_rows, metric_value, start};
+
+const HOST: &str = "labhost-01";
+const OTHER: &str = "labhost-02";
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+fn status_line(resp: &[u8]) -> String {
+    String::from_utf8_lossy(resp)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Peak and current resident memory of a process, in KiB.
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)
+                .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap())
+        })
+        .unwrap()
+}
+
+/// User + system CPU seconds a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // Linux reports in USER_HZ, 100 on every architecture it runs on here.
+    ticks / 100.0
+}
+
+fn put_headers(sha: String, len: usize) -> Vec<(&'static str, String)> {
+    vec![
+        ("x-cis490-code-commit", COMMIT.to_string()),
+        ("x-cis490-tar-sha256", sha),
+        ("content-type", "application/zstd".to_string()),
+        ("content-length", len.to_string()),
+    ]
+}
+
+/// An episode whose second member is a GNU long-name record declaring `name_mib` MiB of
+/// `ep/aaaa...`: a few KB on the wire.
+fn long_name_bomb(ep: &str, name_mib: u64) -> Vec<u8> {
+    let mut t = Tar::new();
+    t.dir(&format!("{ep}/"))
+        .file(&format!("{ep}/meta.json"), &meta(ep, COMMIT));
+    t.push(
+        Header::gnu(b"././@LongLink", b'L', name_mib << 20).finish(),
+        b"",
+    );
+    let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+    enc.write_all(&t.0).unwrap();
+    let mut chunk = format!("{ep}/").into_bytes();
+    chunk.resize(1 << 20, b'a');
+    for _ in 0..name_mib {
+        enc.write_all(&chunk).unwrap();
+        chunk.fill(b'a');
+    }
+    enc.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_name_bombs_in_parallel_are_refused_at_once_with_bounded_memory() {
+    let w = World::new(1);
+    let p = Process::start(&w.config("[version_gate]\nenabled = false\n"), &[]);
+    let bodies: Vec<Vec<u8>> = (0..8)
+        .map(|i| long_name_bomb(&format!("ep-bomb{i}"), 256))
+        .collect();
+    let size = bodies[0].len();
+    println!("long-name bomb: {size} bytes on the wire for a 256 MiB name");
+    assert!(size < 300_000, "the bomb is small: {size}");
+    let before = rss_kib(p.child.id(), "VmRSS:");
+    // The sha header cannot be computed from a stream nobody may decode whole; any well-formed
+    // value will do, the body is refused before it matters.
+    let sha = "0".repeat(64);
+    let mut tasks = Vec::new();
+    for (i, body) in bodies.into_iter().enumerate() {
+        let c = w.client(p.addr, HOST);
+        let sha = sha.clone();
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let headers = put_headers(sha, body.len());
+            let reply = c
+                .request(
+                    "PUT",
+                    &format!("/v1/episodes/{HOST}/ep-bomb{i}"),
+                    &headers,
+                    body,
+                )
+                .await
+                .unwrap();
+            (reply, started.elapsed())
+        }));
+    }
+    // Another host is served while the bombs land.
+    let good = episode::body(&w.path().join("src"), "ep-fine", COMMIT, 50_000);
+    let honest = w.client(p.addr, OTHER).put(OTHER, &good).await;
+    assert_eq!(honest.status, 201, "{:?}", honest.json());
+    for t in tasks {
+        let (reply, took) = t.await.unwrap();
+        assert_eq!(
+            reply.status,
+            422,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let msg = reply.json()["message"].as_str().unwrap().to_string();
+        assert!(msg.contains("long-name record declares"), "{msg}");
+        assert!(
+            msg.len() < 400,
+            "the message quotes no huge name: {} bytes",
+            msg.len()
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "refused within a second, took {took:?}"
+        );
+    }
+    let peak = rss_kib(p.child.id(), "VmHWM:");
+    println!(
+        "8 long-name bombs: receiver RSS before {} MiB, peak {} MiB",
+        before / 1024,
+        peak / 1024
+    );
+    assert!(peak < 64 * 1024, "receiver peak RSS {peak} KiB");
+    assert!(files_under(&w.store_dir().join("tmp")).is_empty());
+    let rows = index_rows(&w.store_dir());
+    assert_eq!(rows.len(), 1, "only the honest episode is indexed");
+    assert_eq!(rows[0]["host_id"], OTHER);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decompression_bomb_stops_at_the_ratio_cap_after_little_cpu() {
+    let w = World::new(1);
+    let p = Process::start(&w.config("[version_gate]\nenabled = false\n"), &[]);
+    // Frames concatenate: one frame of 64 MiB of zeros, repeated, is a 128 GiB tar member in
+    // about 4 MB on the wire (SPEC §16: refused once past the ratio, 413 too_large).
+    let ep = "ep-zeros";
+    let reps: u64 = 2048;
+    let mut head = Tar::new();
+    head.dir(&format!("{ep}/"))
+        .file(&format!("{ep}/meta.json"), &meta(ep, COMMIT));
+    head.push(
+        Header::gnu(format!("{ep}/zeros").as_bytes(), b'0', reps << 26).finish(),
+        b"",
+    );
+    let mut body = zstd::encode_all(&head.0[..], 3).unwrap();
+    let zeros = zstd::encode_all(&vec![0u8; 64 << 20][..], 3).unwrap();
+    for _ in 0..reps {
+        body.extend_from_slice(&zeros);
+    }
+    body.extend(zstd::encode_all(&[0u8; 1024][..], 3).unwrap());
+    println!(
+        "ratio bomb: {} bytes on the wire for {} GiB of tar",
+        body.len(),
+        (reps << 26) >> 30
+    );
+    let cpu0 = cpu_seconds(p.child.id());
+    let c = w.client(p.addr, HOST);
+    let started = Instant::now();
+    let reply = c
+        .request(
+            "PUT",
+            &format!("/v1/episodes/{HOST}/{ep}"),
+            &put_headers("0".repeat(64), body.len()),
+            body,
+        )
+        .await
+        .unwrap();
+    let cpu = cpu_seconds(p.child.id()) - cpu0;
+    println!(
+        "ratio bomb refused in {:?}, receiver CPU {cpu:.2} s",
+        started.elapsed()
+    );
+    assert_eq!(
+        reply.status,
+        413,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let msg = reply.json()["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("times its compressed size"), "{msg}");
+    // Decoding 128 GiB would take minutes of CPU; the cap stops it within ~1 GB.
+    assert!(
+        cpu < 10.0,
+        "receiver spent {cpu:.1} CPU seconds on the bomb"
+    );
+    assert!(files_under(&w.store_dir().join("episodes")).is_empty());
+    assert!(files_under(&w.store_dir().join("tmp")).is_empty());
+}
+
+/// Opens a PUT as `host` for `ep` declaring `len` bytes and sends `first` of them.
+async fn open_put(
+    w: &World,
+    addr: std::net::SocketAddr,
+    host: &str,
+    ep: &str,
+    len: usize,
+    first: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut s = cis490_tests::client::raw_tls(addr, &w.pki.ca_file, &w.pki.client(host)).await;
+    let head = format!(
+        "PUT /v1/episodes/{host}/{ep} HTTP/1.1\r\nhost: localhost\r\ncontent-length: {len}\r\nx-cis490-code-commit: {COMMIT}\r\nx-cis490-tar-sha256: {}\r\n\r\n",
+        "0".repeat(64)
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(first).await.unwrap();
+    s.flush().await.unwrap();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_host_cannot_hold_every_slot_and_dripping_bodies_are_cut() {
+    let w = World::new(1);
+    // The idle timeout is far away: only the rate floor can end the drips.
+    let r = start(
+        &w,
+        "[version_gate]\nenabled = false\n[limits]\nbody_idle_timeout_s = 900\n",
+    )
+    .await;
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for i in 0..64 {
+        let mut s = open_put(&w, r.addr, HOST, &format!("ep-drip{i}"), 1 << 20, &[0x28]).await;
+        // Over the per-host cap the answer comes at once, from the headers.
+        let mut buf = vec![0u8; 2048];
+        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+                assert!(text.contains("max_uploads_per_host"), "{text}");
+                refused += 1;
+            }
+            _ => held.push(s),
+        }
+    }
+    assert_eq!(held.len(), 8, "max_uploads_per_host (8) slots held");
+    assert_eq!(refused, 56);
+    // Another host stores within a few seconds.
+    let started = Instant::now();
+    let good = episode::body(&w.path().join("src"), "ep-honest", COMMIT, 100_000);
+    let reply = w.client(r.addr, OTHER).put(OTHER, &good).await;
+    assert_eq!(reply.status, 201, "{:?}", reply.json());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The drips: a byte every 20 s, far under min_body_bytes_per_s, never idle for 900 s.
+    let t0 = Instant::now();
+    let mut next_drip = t0 + Duration::from_secs(20);
+    let mut answers = Vec::new();
+    let mut open = held;
+    while !open.is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(200),
+            "drips still open after 200 s"
+        );
+        let drip = Instant::now() >= next_drip;
+        if drip {
+            next_drip += Duration::from_secs(20);
+        }
+        let mut still = Vec::new();
+        for mut s in open {
+            let mut buf = vec![0u8; 2048];
+            match tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => answers.push((t0.elapsed(), buf[..n].to_vec())),
+                Ok(_) => answers.push((t0.elapsed(), Vec::new())),
+                Err(_) => {
+                    if drip {
+                        let _ = s.write_all(&[0]).await;
+                        let _ = s.flush().await;
+                    }
+                    still.push(s);
+                }
+            }
+        }
+        open = still;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for (at, resp) in &answers {
+        let text = String::from_utf8_lossy(resp);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains("body_timeout"), "{text}");
+        assert!(text.contains("min_body_bytes_per_s"), "{text}");
+        assert!(
+            *at > Duration::from_secs(50),
+            "the first minute is grace: cut at {at:?}"
+        );
+    }
+    println!(
+        "drips cut with 408 after {:?}",
+        answers.iter().map(|a| a.0.as_secs()).collect::<Vec<_>>()
+    );
+    assert!(
+        files_under(&w.store_dir().join("tmp")).is_empty(),
+        "temp files gone"
+    );
+    assert_eq!(
+        metric_value(&r, "cis490_receiver_uploads_in_flight").await,
+        0.0
+    );
+    r.stop().await;
+}
+
+/// Reads one HTTP/1.1 answer (headers and a Content-Length body) off a keep-alive stream.
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + len {
+                return got;
+            }
+        }
+        let k = s.read(&mut buf).await.unwrap();
+        assert!(k > 0, "connection closed mid-answer");
+        got.extend_from_slice(&buf[..k]);
+    }
+}
+
+fn raise_own_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_past_the_cap_are_closed_and_an_honest_host_still_stores() {
+    raise_own_nofile();
+    let w = World::new(1);
+    let p = Process::start(
+        &w.config(
+            "[version_gate]\nenabled = false\n[limits]\nheader_timeout_s = 3\nidle_timeout_s = 2\n",
+        ),
+        &[],
+    );
+    // 2,000 TCP connections that never send a byte.
+    let mut idle = Vec::new();
+    for _ in 0..2000 {
+        match tokio::net::TcpStream::connect(p.addr).await {
+            Ok(s) => idle.push(s),
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+    let ops = p.ops_addr;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let (_, text) = ops_get(ops, "/metrics").await;
+        let n = metric(&text, "cis490_receiver_connections_refused_total").unwrap_or(0.0);
+        if n >= 900.0 || Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        refused >= 900.0,
+        "connections over max_connections closed: {refused}"
+    );
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", p.child.id()))
+        .unwrap()
+        .count();
+    println!("2000 idle connections: {refused} refused at accept, receiver holds {fds} fds");
+    assert!(fds < 1024 + 128, "receiver fds {fds}");
+    // An honest host gets through once the idle ones time out (header_timeout_s), retrying as
+    // the shipper does.
+    let good = episode::body(&w.path().join("src"), "ep-honest", COMMIT, 200_000);
+    let c = w.client(p.addr, OTHER);
+    let started = Instant::now();
+    let status = loop {
+        if let Ok(Ok(r)) =
+            tokio::time::timeout(Duration::from_secs(5), c.put_result(OTHER, &good)).await
+        {
+            break r.status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "honest host locked out"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(status, 201);
+    println!(
+        "honest upload stored {:?} after 2000 idle connections",
+        started.elapsed()
+    );
+    drop(idle);
+    // A keep-alive connection with no request for idle_timeout_s is closed by the receiver.
+    let mut s = cis490_tests::client::raw_tls(p.addr, &w.pki.ca_file, &w.pki.client(HOST)).await;
+    s.write_all(b"POST /v1/ping HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(status_line(&buf[..n]).contains("200"));
+    let t = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("closed within 10 s")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the idle connection was closed");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "not before idle_timeout_s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_probes_the_store_at_most_once_a_second() {
+    let w = World::new(1);
+    let r = start(&w, "").await;
+    let t = Instant::now();
+    for _ in 0..50 {
+        let (code, _) = r.ops_get("/healthz").await;
+        assert_eq!(code, 200);
+    }
+    let took = t.elapsed().as_secs_f64();
+    let probes = metric_value(&r, "cis490_receiver_store_probes_total").await;
+    assert!(probes >= 1.0);
+    assert!(
+        probes <= took.ceil() + 1.0,
+        "{probes} probes for 50 calls in {took:.2}s"
+    );
+    assert!(files_under(&w.store_dir().join("tmp")).is_empty());
+    r.stop().await;
+}
+
+#[test]
+fn a_forgejo_token_over_plain_http_is_a_config_error_unless_allowed() {
+    let w = World::new(1);
+    let token = w.path().join("forgejo.token");
+    std::fs::write(&token, "secret\n").unwrap();
+    for (allow, want) in [("", Some(2)), ("allow_insecure_http = true\n", Some(0))] {
+        let cfg = w.config(&format!(
+            "[version_gate]\nrepo_path = \"{}\"\n[version_gate.forgejo]\nbase_url = \"http://forgejo.lab:3000\"\nowner = \"o\"\nrepo = \"r\"\ntoken_file = \"{}\"\n{allow}",
+            w.repo.path.display(),
+            token.display()
+        ));
+        let out = std::process::Command::new(cis490_tests::harness::receiver_bin())
+            .arg("--config")
+            .arg(&cfg)
+            .arg("check-config")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), want, "{allow}: {err}");
+        if want == Some(2) {
+            assert!(err.contains("version_gate.forgejo.base_url"), "{err}");
+            assert!(err.contains("clear text"), "{err}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_invalid_uploads_keep_the_quarantine_within_max_entries_without_rescans() {
+    let w = World::new(1);
+    let r = start(
+        &w,
+        "[version_gate]\nenabled = false\n[quarantine]\nmax_entries = 100\n",
+    )
+    .await;
+    // One keep-alive connection, 1,000 tiny invalid bodies (not zstd): 422 and quarantined.
+    let mut s = cis490_tests::client::raw_tls(r.addr, &w.pki.ca_file, &w.pki.client(HOST)).await;
+    let n = 1000;
+    let mut lat = Vec::new();
+    for i in 0..n {
+        let body = b"not zstd at all";
+        let head = format!(
+            "PUT /v1/episodes/{HOST}/ep-t{i} HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\nx-cis490-code-commit: {COMMIT}\r\nx-cis490-tar-sha256: {}\r\n\r\n",
+            body.len(),
+            "0".repeat(64)
+        );
+        let t = Instant::now();
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(body).await.unwrap();
+        let got = read_response(&mut s).await;
+        lat.push(t.elapsed());
+        assert!(
+            status_line(&got).contains("422"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    let entries = std::fs::read_dir(w.store_dir().join("quarantine"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".reason.json"))
+        .count();
+    assert_eq!(entries, 100, "quarantine holds max_entries");
+    let bodies = std::fs::read_dir(w.store_dir().join("quarantine"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tar.zst"))
+        .count();
+    assert_eq!(bodies, 100);
+    let scans = metric_value(&r, "cis490_receiver_quarantine_scans_total").await;
+    assert_eq!(
+        scans, 1.0,
+        "the quarantine directory was listed once, at start"
+    );
+    let median = |v: &mut [Duration]| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let first = median(&mut lat[..200].to_vec());
+    let last = median(&mut lat[n - 200..].to_vec());
+    println!("{n} tiny rejections: median latency first 200 {first:?}, last 200 {last:?}");
+    r.stop().await;
+}
