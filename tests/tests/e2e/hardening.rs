@@ -236,8 +236,27 @@ async fn one_host_cannot_hold_every_slot_and_dripping_bodies_are_cut() {
     .await;
     let mut held = Vec::new();
     let mut refused = 0;
-    for i in 0..64 {
-        let mut s = open_put(&w, r.addr, HOST, &format!("ep-drip{i}"), 1 << 20, &[0x28]).await;
+    let drips: Vec<_> = (0..64)
+        .map(|i| {
+            episode::body(
+                &w.path().join("src"),
+                &format!("ep-drip{i}"),
+                COMMIT,
+                256 << 10,
+            )
+        })
+        .collect();
+    for drip_body in &drips {
+        // Valid bytes of a real body, so only their pace is wrong.
+        let mut s = open_put(
+            &w,
+            r.addr,
+            HOST,
+            &drip_body.id,
+            drip_body.bytes.len(),
+            &drip_body.bytes[..64],
+        )
+        .await;
         // Over the per-host cap the answer comes at once, from the headers.
         let mut buf = vec![0u8; 2048];
         match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
@@ -247,7 +266,7 @@ async fn one_host_cannot_hold_every_slot_and_dripping_bodies_are_cut() {
                 assert!(text.contains("max_uploads_per_host"), "{text}");
                 refused += 1;
             }
-            _ => held.push(s),
+            _ => held.push((s, drip_body)),
         }
     }
     assert_eq!(held.len(), 8, "max_uploads_per_host (8) slots held");
@@ -262,7 +281,7 @@ async fn one_host_cannot_hold_every_slot_and_dripping_bodies_are_cut() {
     let t0 = Instant::now();
     let mut next_drip = t0 + Duration::from_secs(20);
     let mut answers = Vec::new();
-    let mut open = held;
+    let mut open: Vec<_> = held.into_iter().map(|(s, b)| (s, b, 64usize)).collect();
     while !open.is_empty() {
         assert!(
             t0.elapsed() < Duration::from_secs(200),
@@ -273,18 +292,17 @@ async fn one_host_cannot_hold_every_slot_and_dripping_bodies_are_cut() {
             next_drip += Duration::from_secs(20);
         }
         let mut still = Vec::new();
-        for mut s in open {
+        for (mut s, drip_body, sent) in open {
             let mut buf = vec![0u8; 2048];
             match tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await {
                 Ok(Ok(n)) if n > 0 => answers.push((t0.elapsed(), buf[..n].to_vec())),
                 Ok(_) => answers.push((t0.elapsed(), Vec::new())),
-                Err(_) => {
-                    if drip {
-                        let _ = s.write_all(&[0]).await;
-                        let _ = s.flush().await;
-                    }
-                    still.push(s);
+                Err(_) if drip => {
+                    let _ = s.write_all(&drip_body.bytes[sent..sent + 1]).await;
+                    let _ = s.flush().await;
+                    still.push((s, drip_body, sent + 1));
                 }
+                Err(_) => still.push((s, drip_body, sent)),
             }
         }
         open = still;
@@ -347,9 +365,7 @@ async fn idle_connections_past_the_cap_are_closed_and_an_honest_host_still_store
     raise_own_nofile();
     let w = World::new(1);
     let p = Process::start(
-        &w.config(
-            "[version_gate]\nenabled = false\n[limits]\nheader_timeout_s = 3\nidle_timeout_s = 2\n",
-        ),
+        &w.config("[version_gate]\nenabled = false\n[limits]\nidle_timeout_s = 2\n"),
         &[],
     );
     // 2,000 TCP connections that never send a byte.
@@ -361,7 +377,8 @@ async fn idle_connections_past_the_cap_are_closed_and_an_honest_host_still_store
         }
     }
     let ops = p.ops_addr;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Within the header timeout (10 s) none of the accepted ones is let go yet.
+    let deadline = Instant::now() + Duration::from_secs(8);
     let refused = loop {
         let (_, text) = ops_get(ops, "/metrics").await;
         let n = metric(&text, "cis490_receiver_connections_refused_total").unwrap_or(0.0);
