@@ -49,6 +49,8 @@ pub struct TlsConfig {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     pub client_ca_file: PathBuf,
+    /// PEM CRLs; reloaded on SIGHUP (SPEC §16).
+    pub crl_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -182,13 +182,27 @@ struct Inner {
     keep_days: u64,
     max_quarantine_bytes: u64,
     max_quarantine_entries: u64,
-    /// When this receiver last listed the quarantine (unix seconds); rejections between two
-    /// listings do not list it again.
-    quarantine_listed_at: AtomicU64,
+    /// The quarantine as this receiver last listed it, plus what it has added since; trimmed
+    /// per rejection without listing the bucket again (SPEC §16). `None` until first listed.
+    quarantine_ledger: tokio::sync::Mutex<Option<QuarantineLedger>>,
     instance: String,
     metrics: StoreMetrics,
     quarantine_bytes: AtomicU64,
     buffers: Arc<Semaphore>,
+}
+
+/// The receiver quarantine's entries on the bucket, oldest first, with their total size.
+#[derive(Debug, Default)]
+struct QuarantineLedger {
+    entries: std::collections::VecDeque<(String, SystemTime, u64, Vec<Key>)>,
+    bytes: u64,
+}
+
+impl QuarantineLedger {
+    fn add(&mut self, base: String, when: SystemTime, len: u64, keys: Vec<Key>) {
+        self.bytes += len;
+        self.entries.push_back((base, when, len, keys));
+    }
 }
 
 #[derive(Clone)]
@@ -256,7 +270,7 @@ impl S3Store {
                 keep_days: o.quarantine_keep_days,
                 max_quarantine_bytes: o.quarantine_max_bytes,
                 max_quarantine_entries: o.quarantine_max_entries,
-                quarantine_listed_at: AtomicU64::new(0),
+                quarantine_ledger: tokio::sync::Mutex::new(None),
                 instance: o.instance,
                 metrics: StoreMetrics::default(),
                 quarantine_bytes: AtomicU64::new(0),
@@ -577,23 +591,9 @@ impl S3Store {
         self.inner.quarantine_bytes.load(Ordering::Relaxed)
     }
 
-    /// True when this receiver listed the quarantine within the last minute.
-    fn quarantine_listed_recently(&self) -> bool {
-        let now_s = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        now_s.saturating_sub(self.inner.quarantine_listed_at.load(Ordering::Relaxed)) < 60
-    }
-
     /// Quarantine retention (`keep_days`, `max_bytes`), shared by all receivers on the bucket:
     /// each may trim what another wrote. Returns the bytes still held.
     pub async fn clean_quarantine(&self) -> Result<u64, StoreUnavailable> {
-        let now_s = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        self.inner
-            .quarantine_listed_at
-            .store(now_s, Ordering::Relaxed);
         let metas = self.list("list", "quarantine").await?;
         // One entry per upload: its body (if kept) and its reason, grouped by base name.
         let mut entries: BTreeMap<String, (SystemTime, u64, Vec<Key>)> = BTreeMap::new();
@@ -614,29 +614,63 @@ impl S3Store {
         }
         let mut items: Vec<_> = entries.into_iter().collect();
         items.sort_by(|a, b| (a.1 .0, &a.0).cmp(&(b.1 .0, &b.0)));
-        let mut total: u64 = items.iter().map(|i| i.1 .1).sum();
-        let mut count = items.len() as u64;
+        let mut ledger = QuarantineLedger::default();
+        for (base, (when, len, keys)) in items {
+            ledger.add(base, when, len, keys);
+        }
+        let mut held = self.inner.quarantine_ledger.lock().await;
+        *held = Some(ledger);
+        self.trim_quarantine(held.as_mut()).await
+    }
+
+    /// Takes a new quarantine entry into the ledger and trims it; lists the bucket only the
+    /// first time (the janitor's hourly pass brings in what other receivers added).
+    async fn quarantine_added(
+        &self,
+        base: String,
+        len: u64,
+        keys: Vec<Key>,
+    ) -> Result<u64, StoreUnavailable> {
+        let mut held = self.inner.quarantine_ledger.lock().await;
+        if held.is_none() {
+            drop(held);
+            return self.clean_quarantine().await;
+        }
+        if let Some(l) = held.as_mut() {
+            l.add(base, SystemTime::now(), len, keys);
+        }
+        self.trim_quarantine(held.as_mut()).await
+    }
+
+    /// Drops expired entries, then the oldest while over `max_bytes` or `max_entries`.
+    async fn trim_quarantine(
+        &self,
+        ledger: Option<&mut QuarantineLedger>,
+    ) -> Result<u64, StoreUnavailable> {
+        let Some(ledger) = ledger else { return Ok(0) };
         let keep = Duration::from_secs(self.inner.keep_days * 86_400);
         let now = SystemTime::now();
-        for (base, (when, len, keys)) in items {
+        while let Some((base, when, len, keys)) = ledger.entries.front() {
             let expired =
-                self.inner.keep_days > 0 && now.duration_since(when).unwrap_or_default() > keep;
+                self.inner.keep_days > 0 && now.duration_since(*when).unwrap_or_default() > keep;
             let over = (self.inner.max_quarantine_bytes > 0
-                && total > self.inner.max_quarantine_bytes)
+                && ledger.bytes > self.inner.max_quarantine_bytes)
                 || (self.inner.max_quarantine_entries > 0
-                    && count > self.inner.max_quarantine_entries);
+                    && ledger.entries.len() as u64 > self.inner.max_quarantine_entries);
             if !(expired || over) {
-                continue;
+                break;
             }
-            for k in &keys {
+            for k in keys {
                 self.delete(k).await?;
             }
-            total -= len;
-            count -= 1;
-            tracing::info!(event = "cleanup", file = %base, bytes = len, expired, "removed a receiver quarantine entry from the bucket");
+            tracing::info!(event = "cleanup", file = %base, bytes = *len, expired, "removed a receiver quarantine entry from the bucket");
+            ledger.bytes -= len;
+            ledger.entries.pop_front();
         }
-        self.inner.quarantine_bytes.store(total, Ordering::Relaxed);
-        Ok(total)
+        self.inner
+            .quarantine_bytes
+            .store(ledger.bytes, Ordering::Relaxed);
+        Ok(ledger.bytes)
     }
 
     /// Opens an upload whose body will be stored under its content address.
@@ -1003,23 +1037,26 @@ impl Upload for S3Upload {
         let reason = serde_json::to_vec_pretty(&reason).map_err(io::Error::other)?;
         self.rt
             .block_on(async move {
+                let mut keys = Vec::new();
+                let mut len = reason.len() as u64;
                 if kept_body {
                     let k = store.key(&format!("{base}.tar.zst"))?;
+                    len += body.len() as u64;
                     store
                         .put("put_quarantine", &k, body, Attributes::new())
                         .await?;
+                    keys.push(k);
                 }
                 let k = store.key(&format!("{base}.reason.json"))?;
                 store
                     .put("put_quarantine", &k, Bytes::from(reason), Attributes::new())
                     .await?;
+                keys.push(k);
                 // The upload is kept either way: a failed retention pass is only a warning
-                // (the janitor tries again). The bucket is listed at most once a minute, not
-                // per rejection (SPEC §16); the janitor's pass catches up.
-                if !store.quarantine_listed_recently() {
-                    if let Err(e) = store.clean_quarantine().await {
-                        tracing::warn!(error = %e, "failed to apply the receiver quarantine retention");
-                    }
+                // (the janitor tries again). Accounting is the ledger's, not a listing per
+                // rejection (SPEC §16).
+                if let Err(e) = store.quarantine_added(base.clone(), len, keys).await {
+                    tracing::warn!(error = %e, "failed to apply the receiver quarantine retention");
                 }
                 Ok::<(), StoreUnavailable>(())
             })

@@ -50,6 +50,10 @@ pub struct AppState {
     pub connections: Arc<Semaphore>,
     /// `[limits] max_handshakes`: a permit per TLS handshake in progress.
     pub handshakes: Arc<Semaphore>,
+    /// Bumped by every reload of the TLS material: connections made under older material
+    /// close once they are idle, so a revoked or replaced certificate does not live on in a
+    /// long HTTP/2 connection.
+    pub tls_generation: tokio::sync::watch::Sender<u64>,
     /// The last store-writability probe and when it ran (at most one a second, SPEC §16).
     pub probe_cache: tokio::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
     /// Store probes actually run (each writes a file or an object).
@@ -147,6 +151,7 @@ fn load_tls(cfg: &Config, path: &Path) -> Result<ServerConfig, ConfigError> {
         cert_file: &cfg.tls.cert_file,
         key_file: &cfg.tls.key_file,
         client_ca_file: &cfg.tls.client_ca_file,
+        crl_file: cfg.tls.crl_file.as_deref(),
     };
     tls::server_config(&files).map_err(|e| {
         let key = match &e {
@@ -157,6 +162,10 @@ fn load_tls(cfg: &Config, path: &Path) -> Result<ServerConfig, ConfigError> {
                 if *p == cfg.tls.client_ca_file =>
             {
                 "tls.client_ca_file"
+            }
+            tls::TlsError::BadCrl { .. } => "tls.crl_file",
+            tls::TlsError::Read { path: p, .. } if Some(p) == cfg.tls.crl_file.as_ref() => {
+                "tls.crl_file"
             }
             tls::TlsError::NoKey { .. } => "tls.key_file",
             tls::TlsError::Read { path: p, .. } if *p == cfg.tls.key_file => "tls.key_file",
@@ -225,6 +234,7 @@ impl Receiver {
                 connections: Arc::new(Semaphore::new(cfg.limits.max_connections)),
                 handshakes: Arc::new(Semaphore::new(cfg.limits.max_handshakes)),
                 probe_cache: tokio::sync::Mutex::new(None),
+                tls_generation: tokio::sync::watch::Sender::new(0),
                 probes_run: AtomicU64::new(0),
                 accept_heartbeat: AtomicU64::new(0),
                 cfg,
@@ -254,6 +264,7 @@ impl Receiver {
         let tokens = load_tokens(&s.cfg, &s.config_path)?;
         s.tls.store(Arc::new(tls_cfg));
         s.tokens.store(Arc::new(tokens));
+        s.tls_generation.send_modify(|g| *g += 1);
         Ok(())
     }
 
@@ -382,6 +393,7 @@ async fn connection(
         }
     });
     let idle = Duration::from_secs(state.cfg.limits.idle_timeout_s);
+    let reloaded = reloaded_then_idle(state.tls_generation.subscribe(), activity.clone());
     let io = TokioIo::new(tls);
     let result = if h2 {
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -397,6 +409,7 @@ async fn connection(
                 state.metrics.connections_idle_closed_total.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
+            () = reloaded => Ok(()),
         }
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
@@ -411,11 +424,25 @@ async fn connection(
                 state.metrics.connections_idle_closed_total.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
+            () = reloaded => Ok(()),
         }
     };
     if let Err(e) = result {
         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
     }
+}
+
+/// Resolves once the TLS material has been reloaded since the connection began and no request
+/// is in progress on it.
+async fn reloaded_then_idle(
+    mut generation: tokio::sync::watch::Receiver<u64>,
+    activity: Arc<Activity>,
+) {
+    if generation.changed().await.is_err() {
+        // The sender lives as long as the receiver's state: never reload, never close.
+        std::future::pending::<()>().await;
+    }
+    activity.idle_for(Duration::ZERO).await;
 }
 
 /// Requests in progress on one connection and when the last one ended, for
@@ -464,7 +491,8 @@ impl Activity {
                 return;
             }
             let next = if self.busy.load(Ordering::Relaxed) > 0 {
-                tokio::time::Instant::now() + idle
+                // Looked at again later; a request in progress keeps the connection open.
+                tokio::time::Instant::now() + idle.max(Duration::from_millis(200))
             } else {
                 due
             };

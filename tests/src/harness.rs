@@ -373,6 +373,7 @@ where
         cert_file: &world.server.cert,
         key_file: &world.server.key,
         client_ca_file: &world.pki.ca_file,
+        crl_file: None,
     })
     .unwrap();
     let mut cfg = cfg;

@@ -436,7 +436,15 @@ async fn an_unreachable_bucket_is_503_and_shipping_resumes_when_it_returns() {
     assert_eq!(reply.error(), "store_unavailable");
     assert!(reply.headers.contains_key("retry-after"));
     assert!(started.elapsed() < Duration::from_secs(15));
-    let (status, health) = ops(&r, "/healthz").await;
+    // /healthz probes the bucket at most once a second (SPEC §16): the next probe sees it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (status, health) = loop {
+        let (status, health) = ops(&r, "/healthz").await;
+        if status != 200 || Instant::now() > deadline {
+            break (status, health);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(status, 503);
     assert!(health.contains("bucket is not writable"), "{health}");
     let (_, m) = ops(&r, "/metrics").await;
@@ -460,7 +468,15 @@ async fn an_unreachable_bucket_is_503_and_shipping_resumes_when_it_returns() {
     assert!(err.contains("store_unavailable"), "{err}");
     assert_eq!(std::fs::read_dir(&eps).unwrap().count(), 4);
     proxy.restore();
-    assert_eq!(ops(&r, "/healthz").await.0, 200);
+    // The cached probe answer lasts at most a second.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ops(&r, "/healthz").await.0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "/healthz stays 503 after the bucket is back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let (code, _, err) = shipper(&scfg, &["once"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(std::fs::read_dir(&eps).unwrap().count(), 0);

@@ -49,23 +49,37 @@ fn data(size: usize, seed: u64) -> Vec<u8> {
 
 struct Conn {
     send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    host: String,
 }
 
 async fn connect(w: &World, addr: std::net::SocketAddr) -> Conn {
-    let tls = cis490_tests::client::raw_tls(addr, &w.pki.ca_file, &w.pki.client(HOST)).await;
+    connect_as(w, addr, HOST).await
+}
+
+/// Lab host `k` of a bench's fleet: connections spread over 8 hosts, so the receiver's
+/// per-host slot cap (`max_uploads_per_host`, 8) is what a real fleet meets.
+fn fleet_host(k: usize) -> String {
+    format!("labhost-{:02}", k % 8 + 1)
+}
+
+async fn connect_as(w: &World, addr: std::net::SocketAddr, host: &str) -> Conn {
+    let tls = cis490_tests::client::raw_tls(addr, &w.pki.ca_file, &w.pki.client(host)).await;
     let _ = tls.get_ref().0.set_nodelay(true);
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
     tokio::spawn(conn);
-    Conn { send }
+    Conn {
+        send,
+        host: host.to_string(),
+    }
 }
 
 async fn put(c: &mut Conn, b: &episode::Body) -> u16 {
     c.send.ready().await.unwrap();
     let req = http::Request::builder()
         .method("PUT")
-        .uri(format!("/v1/episodes/{HOST}/{}", b.id))
+        .uri(format!("/v1/episodes/{}/{}", c.host, b.id))
         .header("host", "localhost")
         .header("x-cis490-code-commit", &b.commit)
         .header("x-cis490-tar-sha256", &b.sha)
@@ -174,9 +188,9 @@ async fn receiver_benches(scale: usize) {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let t = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..16 {
+    for k in 0..16 {
         let (bodies, next) = (bodies.clone(), next.clone());
-        let mut c = connect(&w, p.addr).await;
+        let mut c = connect_as(&w, p.addr, &fleet_host(k)).await;
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
@@ -230,8 +244,8 @@ async fn concurrent_64(w: &World, p: &Process, scale: usize, label: &str) {
     let before = rss_kib(p.child.id(), "VmRSS:");
     let t = Instant::now();
     let mut tasks = Vec::new();
-    for b in bodies {
-        let mut c = connect(w, p.addr).await;
+    for (k, b) in bodies.into_iter().enumerate() {
+        let mut c = connect_as(w, p.addr, &fleet_host(k)).await;
         tasks.push(tokio::spawn(async move { put(&mut c, &b).await }));
     }
     for t in tasks {
@@ -497,7 +511,7 @@ async fn load_bench(secs: u64) {
     let t = Instant::now();
     let mut tasks = Vec::new();
     for k in 0..64 {
-        let mut c = connect(&w, p.addr).await;
+        let mut c = connect_as(&w, p.addr, &fleet_host(k)).await;
         let commit = commit.clone();
         let counter = counter.clone();
         let dir = w.path().join(format!("load-{k}"));
