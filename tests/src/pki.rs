@@ -3,8 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    date_time_ymd, BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    date_time_ymd, BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SerialNumber,
 };
 
 pub struct Pki {
@@ -113,6 +114,39 @@ impl Pki {
         }
         let stem = format!("client-{host}-{naming:?}-{validity:?}");
         self.issue(&stem, p)
+    }
+
+    /// A client certificate for `host` with a chosen serial number (for revocation tests),
+    /// written under its own name so other certificates of the host are left alone.
+    pub fn client_serial(&self, host: &str, serial: u64) -> CertFiles {
+        let mut p = CertificateParams::new(vec![host.to_string()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, host);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.serial_number = Some(SerialNumber::from(serial));
+        self.issue(&format!("client-{host}-serial-{serial}"), p)
+    }
+
+    /// A PEM CRL signed by this CA revoking `serials` (none: an empty, valid list).
+    pub fn crl(&self, serials: &[u64]) -> String {
+        // Fixed dates around any day these tests run on (CRL expiry is not enforced).
+        let params = CertificateRevocationListParams {
+            this_update: date_time_ymd(2020, 1, 1),
+            next_update: date_time_ymd(2090, 1, 1),
+            crl_number: SerialNumber::from(serials.len() as u64 + 1),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|&s| RevokedCertParams {
+                    serial_number: SerialNumber::from(s),
+                    revocation_time: date_time_ymd(2020, 1, 1),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
+        params.signed_by(&issuer).unwrap().pem().unwrap()
     }
 
     /// The CA's own certificate and key, presented as if it were a client certificate.

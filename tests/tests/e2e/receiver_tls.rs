@@ -165,3 +165,105 @@ async fn tls_1_0_and_1_1_are_refused() {
     }
     r.stop().await;
 }
+
+/// Sends one ping over an established HTTP/2 connection.
+async fn h2_ping(
+    send: &mut hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+) -> Result<u16, String> {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("https://localhost/v1/ping")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    Ok(resp.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_is_refused_after_sighup_and_its_open_connection_closes() {
+    use cis490_tests::harness::Process;
+    use std::time::{Duration, Instant};
+    let w = World::new(1);
+    let crl = w.path().join("crl.pem");
+    std::fs::write(&crl, w.pki.crl(&[])).unwrap();
+    let doomed = w.pki.client_serial("labhost-01", 0x0bad_cafe);
+    let other = w.pki.client_serial("labhost-02", 0x600d);
+    let cfg = w.config(&format!(
+        // Keys before the first table of `extra` land in the harness's [tls] table.
+        "crl_file = \"{}\"\n[version_gate]\nenabled = false\n",
+        crl.display()
+    ));
+    let p = Process::start(&cfg, &[]);
+    let ca = &w.pki.ca_file;
+    assert_eq!(Client::new(p.addr, ca, &doomed).handshake().await, Ok(()));
+    // A long-lived HTTP/2 connection made before the revocation.
+    let mut tls_cfg = cis490_common::tls::client_config(
+        &cis490_common::tls::ClientTlsFiles {
+            ca_file: ca,
+            cert_file: &doomed.cert,
+            key_file: &doomed.key,
+        },
+        false,
+    )
+    .unwrap();
+    tls_cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls_cfg))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    assert_eq!(h2_ping(&mut send).await, Ok(200));
+
+    std::fs::write(&crl, w.pki.crl(&[0x0bad_cafe])).unwrap();
+    p.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let err = loop {
+        match Client::new(p.addr, ca, &doomed).handshake().await {
+            Err(e) => break e,
+            Ok(()) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "revoked certificate still accepted"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert!(
+        err.to_lowercase().contains("revoked") || err.contains("alert"),
+        "{err}"
+    );
+    // The connection made before the reload does not keep the old identity.
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the pre-reload HTTP/2 connection is closed")
+        .unwrap()
+        .ok();
+    assert!(h2_ping(&mut send).await.is_err());
+    // Other hosts are unaffected.
+    assert_eq!(Client::new(p.addr, ca, &other).handshake().await, Ok(()));
+    let log = p.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+
+    // An unreadable or malformed CRL is a config error naming the key.
+    std::fs::write(&crl, "not a crl\n").unwrap();
+    let out = std::process::Command::new(cis490_tests::harness::receiver_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("tls.crl_file"), "{stderr}");
+}
