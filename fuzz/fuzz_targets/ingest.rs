@@ -1,4 +1,6 @@
-//! The receiver's streaming validator on arbitrary bodies: it may refuse, never panic or hang.
+//! The receiver's streaming validator on arbitrary bodies, with the production limits
+//! (SPEC §6, §16): it may refuse, never panic, hang or allocate past what the limits allow
+//! (scripts/fuzz.sh runs it with -rss_limit_mb=256).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -7,10 +9,8 @@ use cis490_receiver::ingest::{validate, Expect};
 
 fuzz_target!(|data: &[u8]| {
     let expect = Expect {
-        episode_id: "ep".into(),
         commit: Commit::parse("0123456789abcdef0123456789abcdef01234567").ok(),
-        tar_sha256: None,
-        max_uncompressed: 16 << 20,
+        ..Expect::new("ep", 128 << 30)
     };
     let _ = validate(data, std::io::sink(), &expect);
 });

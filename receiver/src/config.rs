@@ -332,6 +332,56 @@ client_ca_file = "/ca.pem"
     }
 
     #[test]
+    fn hardening_defaults_follow_spec_section_16_and_the_example_file_says_the_same() {
+        let c = Config::parse(Path::new("r.toml"), MIN).unwrap();
+        let l = &c.limits;
+        assert_eq!(l.max_path_bytes, 4096);
+        assert_eq!(l.max_compression_ratio, 1000);
+        assert_eq!(l.max_uploads_per_host, 8);
+        assert_eq!(l.min_body_bytes_per_s, 16384);
+        assert_eq!(l.max_connections, 1024);
+        assert_eq!(l.max_handshakes, 64);
+        assert_eq!(l.idle_timeout_s, 300);
+        assert_eq!(c.quarantine.max_entries, 100_000);
+        assert!(c.tls.crl_file.is_none());
+        let example = include_str!("../../etc/receiver.toml.example");
+        let e = Config::parse(Path::new("receiver.toml.example"), example).unwrap();
+        e.validate(Path::new("receiver.toml.example")).unwrap();
+        assert_eq!(format!("{:?}", e.limits), format!("{:?}", c.limits));
+        assert_eq!(e.quarantine.max_entries, c.quarantine.max_entries);
+    }
+
+    #[test]
+    fn hardening_values_that_cannot_work_name_their_key() {
+        for (extra, key) in [
+            ("[limits]\nmax_path_bytes = 100\n", "limits.max_path_bytes"),
+            ("[limits]\nmax_path_bytes = 2000000\n", "limits.max_path_bytes"),
+            ("[limits]\nmax_uploads_per_host = 0\n", "limits.max_uploads_per_host"),
+            ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+            ("[limits]\nmax_handshakes = 0\n", "limits.max_handshakes"),
+            ("[limits]\nidle_timeout_s = 0\n", "limits.idle_timeout_s"),
+            (
+                "[version_gate.forgejo]\nbase_url = \"http://f.lab\"\nowner = \"o\"\nrepo = \"r\"\ntoken_file = \"/t\"\n",
+                "version_gate.forgejo.base_url",
+            ),
+        ] {
+            let text = format!("{MIN}{extra}");
+            let c = Config::parse(Path::new("r.toml"), &text).unwrap();
+            let e = c.validate(Path::new("r.toml")).unwrap_err().to_string();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        // The same Forgejo URL with the explicit opt-in, or without a token, is accepted.
+        for extra in [
+            "[version_gate.forgejo]\nbase_url = \"http://f.lab\"\nowner = \"o\"\nrepo = \"r\"\ntoken_file = \"/t\"\nallow_insecure_http = true\n",
+            "[version_gate.forgejo]\nbase_url = \"http://f.lab\"\nowner = \"o\"\nrepo = \"r\"\n",
+        ] {
+            let text = format!("{MIN}{extra}");
+            let c = Config::parse(Path::new("r.toml"), &text).unwrap();
+            c.validate(Path::new("r.toml")).unwrap();
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let text = format!("{MIN}\n[limits]\nmax_body_byte = 3\n");
         let e = Config::parse(Path::new("/etc/r.toml"), &text).unwrap_err();

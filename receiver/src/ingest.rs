@@ -487,6 +487,39 @@ mod tests {
     }
 
     #[test]
+    fn the_ratio_cap_stops_a_bomb_within_a_thousand_times_what_was_read() {
+        // 256 MiB of zeros in one member: a few KB compressed.
+        let m = meta();
+        let big = vec![0u8; 256 << 20];
+        let raw = tar_of(&[("ep1/meta.json", &m), ("ep1/zeros", &big)]);
+        let body = zst(&raw);
+        let (r, sink) = run(&body, &expect());
+        assert!(matches!(r, Err(Rejection::Ratio(1000))), "{r:?}");
+        // What was decoded is bounded by what was read: the sink saw every compressed byte.
+        assert!(sink.len() as u64 * 1000 + RATIO_GRACE_BYTES < 256 << 20);
+        // With the check off the same body is admitted.
+        let mut e = expect();
+        e.max_ratio = 0;
+        assert!(run(&body, &e).0.is_ok());
+    }
+
+    #[test]
+    fn skippable_frames_are_refused_ordinary_frame_splits_are_not() {
+        let m = meta();
+        let raw = tar_of(&[("ep1/meta.json", &m), ("ep1/data", b"abc")]);
+        let cut = 512;
+        let mut split = zst(&raw[..cut]);
+        split.extend(zst(&raw[cut..]));
+        assert!(run(&split, &expect()).0.is_ok());
+        let mut skip = zst(&raw[..cut]);
+        skip.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+        skip.extend_from_slice(&3u32.to_le_bytes());
+        skip.extend_from_slice(b"xyz");
+        skip.extend(zst(&raw[cut..]));
+        assert!(rejected(&skip, &expect()).contains("skippable frame"));
+    }
+
+    #[test]
     fn sink_failures_are_not_blamed_on_the_client() {
         struct Full;
         impl Write for Full {

@@ -572,3 +572,145 @@ fn finish<R: Read>(
         total,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: WalkLimits = WalkLimits {
+        max_path_bytes: DEFAULT_MAX_PATH_BYTES,
+        max_entries: 1000,
+    };
+
+    fn header(name: &[u8], typeflag: u8, size: u64) -> [u8; BLOCK] {
+        let mut h = [0u8; BLOCK];
+        h[..name.len()].copy_from_slice(name);
+        h[100..107].copy_from_slice(b"0000644");
+        h[108..115].copy_from_slice(b"0000000");
+        h[116..123].copy_from_slice(b"0000000");
+        h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+        h[136..147].copy_from_slice(b"00000000000");
+        h[156] = typeflag;
+        h[257..265].copy_from_slice(b"ustar  \0");
+        h[148..156].fill(b' ');
+        let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        h
+    }
+
+    /// Hands out `head`, then fails: proves nothing past it was read.
+    struct Only<'a> {
+        head: &'a [u8],
+    }
+
+    impl Read for Only<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.head.is_empty() {
+                return Err(io::Error::other("read past the long-name header"));
+            }
+            let n = buf.len().min(self.head.len());
+            buf[..n].copy_from_slice(&self.head[..n]);
+            self.head = &self.head[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn an_oversized_long_name_is_refused_before_its_payload_is_read() {
+        let mut t = header(b"ep/", b'5', 0).to_vec();
+        t.extend_from_slice(&header(b"././@LongLink", b'L', 1 << 30));
+        match walk(Only { head: &t }, "ep", &LIMITS, |_, _| Ok(())) {
+            Err(WalkError::Invalid(m)) => {
+                assert!(m.contains("declares 1073741824 bytes"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_long_name_at_the_cap_is_admitted_and_one_past_it_is_not() {
+        for (len, ok) in [
+            (DEFAULT_MAX_PATH_BYTES, true),
+            (DEFAULT_MAX_PATH_BYTES + 1, false),
+        ] {
+            let mut name = b"ep/".to_vec();
+            while name.len() < len {
+                name.extend_from_slice(b"d/");
+            }
+            name.truncate(len - 1);
+            name.push(b'f');
+            let mut payload = name.clone();
+            payload.push(0);
+            let mut t = header(b"ep/", b'5', 0).to_vec();
+            t.extend_from_slice(&header(b"././@LongLink", b'L', payload.len() as u64));
+            t.extend_from_slice(&payload);
+            t.resize(t.len().div_ceil(BLOCK) * BLOCK, 0);
+            t.extend_from_slice(&header(&name[..100], b'0', 0));
+            t.extend_from_slice(&[0u8; 1024]);
+            let mut seen = Vec::new();
+            let r = walk(&t[..], "ep", &LIMITS, |m, _| {
+                seen.push(m.rel.len());
+                Ok(())
+            });
+            assert_eq!(r.is_ok(), ok, "{len}: {r:?}");
+            if ok {
+                assert_eq!(seen, vec![0, len - 3]);
+            }
+        }
+    }
+
+    #[test]
+    fn messages_quote_at_most_200_bytes_of_a_name() {
+        let long = "é".repeat(1000);
+        let q = quote(&long);
+        assert!(q.len() < 260, "{}", q.len());
+        assert!(q.ends_with("(2000 bytes)"), "{q}");
+        assert_eq!(quote("ep/x"), "\"ep/x\"");
+    }
+
+    #[test]
+    fn numeric_fields_take_only_the_form_every_extractor_agrees_on() {
+        let mut h = [0u8; BLOCK];
+        let mut set = |f: &[u8]| {
+            h[124..136].fill(0);
+            h[124..124 + f.len()].copy_from_slice(f);
+            numeric(&h, field::SIZE, "size", true).ok()
+        };
+        assert_eq!(set(b"00000000012\0"), Some(10));
+        assert_eq!(set(b"12 "), Some(10));
+        assert_eq!(set(b"12\0 \0"), Some(10));
+        assert_eq!(set(&[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]), Some(256));
+        assert_eq!(set(b" 12"), None, "leading space");
+        assert_eq!(set(b"1 2"), None, "inner space");
+        assert_eq!(set(b"19"), None, "not octal");
+        assert_eq!(set(b""), None, "empty size");
+        assert_eq!(set(b"777777777777"), None, "no terminator");
+    }
+
+    #[test]
+    fn a_file_cannot_sit_where_a_directory_is_implied_or_below_a_file() {
+        let run = |names: &[&[u8]]| {
+            let mut t = Vec::new();
+            for n in names {
+                t.extend_from_slice(&header(n, b'0', 0));
+            }
+            t.extend_from_slice(&[0u8; 1024]);
+            walk(&t[..], "ep", &LIMITS, |_, _| Ok(()))
+        };
+        assert!(run(&[b"ep/a/b", b"ep/a/c", b"ep/d"]).is_ok());
+        assert!(
+            matches!(run(&[b"ep/a/b", b"ep/a"]), Err(WalkError::Invalid(m)) if m.contains("put a directory"))
+        );
+        assert!(
+            matches!(run(&[b"ep/a", b"ep/a/b"]), Err(WalkError::Invalid(m)) if m.contains("regular file"))
+        );
+        assert!(
+            matches!(run(&[b"ep"]), Err(WalkError::Invalid(m)) if m.contains("episode directory"))
+        );
+        assert!(
+            matches!(run(&[b"ep/a\\b"]), Err(WalkError::Invalid(m)) if m.contains("backslash"))
+        );
+        // Names differing only in case are distinct paths (docs/decisions.md).
+        assert!(run(&[b"ep/Case", b"ep/case"]).is_ok());
+    }
+}
