@@ -31,7 +31,7 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
-#[derive(Debug, Clone, Copy, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Run the daemon (the default).
     Serve,
@@ -43,6 +43,54 @@ pub enum Command {
     CheckConfig,
     /// Load the commit allow-list once and print what the gate sees.
     Gate,
+    /// The lab's certificates (SPEC §14, §16); needs no receiver config.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum PkiCommand {
+    /// Revoke HOST_ID's current certificate into DIR/crl.pem (point [tls] crl_file at it,
+    /// then reload the receiver with SIGHUP).
+    Revoke {
+        host_id: String,
+        /// The lab PKI directory (ca.pem, ca.key, hosts/<HOST_ID>/<HOST_ID>.pem).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+fn pki(cmd: &PkiCommand) -> ExitCode {
+    match cmd {
+        PkiCommand::Revoke { host_id, dir } => match crate::pki::revoke(dir, host_id) {
+            Ok(r) => {
+                if r.newly {
+                    println!("revoked {host_id}: certificate serial {}", r.serial);
+                } else {
+                    println!(
+                        "{host_id}: certificate serial {} was revoked already",
+                        r.serial
+                    );
+                }
+                println!(
+                    "{} now lists {} revoked certificate(s). With [tls] crl_file = \"{}\" in receiver.toml, apply it with:",
+                    r.crl.display(),
+                    r.total,
+                    r.crl.display()
+                );
+                println!("  sudo systemctl reload cis490-receiver");
+                ExitCode::SUCCESS
+            }
+            Err(e @ crate::pki::PkiError::BadHostId(..)) => {
+                eprintln!("cis490-receiver: pki revoke: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+            Err(e) => {
+                eprintln!("cis490-receiver: pki revoke: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+    }
 }
 
 fn config_fail(e: &ConfigError) -> ExitCode {
@@ -61,6 +109,9 @@ pub fn main() -> ExitCode {
     cis490_common::memory::limit_malloc_arenas();
     let cli = Cli::parse();
     cis490_common::logging::init();
+    if let Some(Command::Pki(cmd)) = &cli.command {
+        return pki(cmd);
+    }
     let (cfg, path) = match load(&cli) {
         Ok(x) => x,
         Err(e) => return config_fail(&e),
@@ -147,6 +198,7 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Gate => rt.block_on(gate_once(cfg, &path)),
+        Command::Pki(cmd) => pki(&cmd),
     }
 }
 

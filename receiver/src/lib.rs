@@ -9,6 +9,7 @@ pub mod gate;
 pub mod handlers;
 pub mod ingest;
 pub mod metrics;
+pub mod pki;
 pub mod s3;
 pub mod server;
 pub mod slots;

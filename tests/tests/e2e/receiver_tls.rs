@@ -267,3 +267,96 @@ async fn a_revoked_certificate_is_refused_after_sighup_and_its_open_connection_c
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("tls.crl_file"), "{stderr}");
 }
+
+fn pki_revoke(dir: &std::path::Path, host: &str) -> (i32, String, String) {
+    let out = std::process::Command::new(cis490_tests::harness::receiver_bin())
+        .args(["pki", "revoke", host, "--dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pki_revoke_accumulates_a_crl_the_receiver_enforces() {
+    let w = World::new(1);
+    // A lab PKI directory in the SPEC §14 layout, from the test CA.
+    let dir = w.path().join("lab-pki");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(&w.pki.ca_file, dir.join("ca.pem")).unwrap();
+    std::fs::copy(w.pki.ca_as_client().key, dir.join("ca.key")).unwrap();
+    let mut certs = Vec::new();
+    for (host, serial) in [
+        ("labhost-01", 0x1001u64),
+        ("labhost-02", 0x80_0002),
+        ("labhost-03", 3),
+    ] {
+        let c = w.pki.client_serial(host, serial);
+        let d = dir.join("hosts").join(host);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(&c.cert, d.join(format!("{host}.pem"))).unwrap();
+        certs.push(c);
+    }
+    let (code, out, err) = pki_revoke(&dir, "labhost-01");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("revoked labhost-01: certificate serial 1001"),
+        "{out}"
+    );
+    assert!(out.contains("1 revoked certificate(s)"), "{out}");
+    assert!(out.contains("systemctl reload cis490-receiver"), "{out}");
+    let (code, out, _) = pki_revoke(&dir, "labhost-01");
+    assert_eq!(code, 0);
+    assert!(out.contains("was revoked already"), "{out}");
+    // A serial with its high bit set (DER adds a leading zero byte) round-trips too.
+    let (code, out, err) = pki_revoke(&dir, "labhost-02");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 revoked certificate(s)"), "{out}");
+
+    let crl = dir.join("crl.pem");
+    let cfg = w.config(&format!(
+        "crl_file = \"{}\"\n[version_gate]\nenabled = false\n",
+        crl.display()
+    ));
+    let p = receiver_process(&cfg);
+    let ca = &w.pki.ca_file;
+    for (i, c) in certs.iter().enumerate() {
+        let r = Client::new(p.addr, ca, c).handshake().await;
+        if i < 2 {
+            assert!(r.is_err(), "revoked certificate {i} accepted");
+        } else {
+            assert_eq!(r, Ok(()), "labhost-03 is not revoked");
+        }
+    }
+
+    // Errors: no certificate for the host (exit 1, naming the file); a bad id (exit 2).
+    let (code, _, err) = pki_revoke(&dir, "labhost-99");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("hosts/labhost-99/labhost-99.pem"), "{err}");
+    let before = std::fs::read(&crl).unwrap();
+    for bad in ["../etc", "has space", "a/b"] {
+        let (code, _, err) = pki_revoke(&dir, bad);
+        assert_eq!(code, 2, "{bad}: {err}");
+    }
+    // A certificate from another CA is not revoked by this one.
+    let rogue = Pki::new(&w.path().join("rogue"), "rogue").client("labhost-04");
+    let d = dir.join("hosts").join("labhost-04");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(&rogue.cert, d.join("labhost-04.pem")).unwrap();
+    let (code, _, err) = pki_revoke(&dir, "labhost-04");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("was not issued by the CA"), "{err}");
+    assert_eq!(
+        std::fs::read(&crl).unwrap(),
+        before,
+        "failed revokes change nothing"
+    );
+}
+
+fn receiver_process(cfg: &std::path::Path) -> cis490_tests::harness::Process {
+    cis490_tests::harness::Process::start(cfg, &[])
+}
