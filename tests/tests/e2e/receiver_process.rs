@@ -399,6 +399,47 @@ fn start_on_small_disk(w: &World, size: &str) -> Option<Process> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_free_space_check_counts_the_uploads_in_flight() {
+    let w = World::new(1);
+    let Some(p) = start_on_small_disk(&w, "1m") else {
+        return;
+    };
+    // Each fits the empty disk alone; together they do not (SPEC §16).
+    let x = episode::body(&w.path().join("src"), "ep-x", &w.commits[0], 600_000);
+    let y = episode::body(&w.path().join("src"), "ep-y", &w.commits[0], 600_000);
+    let mut sx = raw_tls(&w, p.addr).await;
+    sx.write_all(put_head(&x).as_bytes()).await.unwrap();
+    sx.write_all(&x.bytes[..1000]).await.unwrap();
+    sx.flush().await.unwrap();
+    // Wait until x holds its slot.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, m) = cis490_tests::harness::ops_get(p.ops_addr, "/metrics").await;
+        if cis490_tests::harness::metric(&m, "cis490_receiver_uploads_in_flight") == Some(1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "x never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // y is answered from its headers alone: nothing of its body is sent.
+    let mut sy = raw_tls(&w, p.addr).await;
+    sy.write_all(put_head(&y).as_bytes()).await.unwrap();
+    let mut by = vec![0u8; 4096];
+    let ny = tokio::time::timeout(Duration::from_secs(5), sy.read(&mut by))
+        .await
+        .expect("y answered without its body")
+        .unwrap();
+    let ay = String::from_utf8_lossy(&by[..ny]).to_string();
+    assert!(ay.starts_with("HTTP/1.1 507"), "{ay}");
+    assert!(ay.contains("promised to uploads in progress"), "{ay}");
+    // x completes: what it was promised was there.
+    sx.write_all(&x.bytes[1000..]).await.unwrap();
+    let mut bx = vec![0u8; 4096];
+    let nx = sx.read(&mut bx).await.unwrap();
+    assert!(String::from_utf8_lossy(&bx[..nx]).starts_with("HTTP/1.1 201"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_answers_507_and_leaves_nothing_partial() {
     let w = World::new(1);
     let Some(p) = start_on_small_disk(&w, "1m") else {
