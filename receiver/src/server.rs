@@ -403,14 +403,7 @@ async fn connection(
             .initial_stream_window_size(256 * 1024)
             .initial_connection_window_size(1024 * 1024);
         let conn = watcher.watch(b.serve_connection(io, svc));
-        tokio::select! {
-            r = conn => r,
-            () = activity.idle_for(idle) => {
-                state.metrics.connections_idle_closed_total.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            () = reloaded => Ok(()),
-        }
+        until_idle(conn, &state, &activity, idle, reloaded).await
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
@@ -418,17 +411,32 @@ async fn connection(
             .max_buf_size(64 * 1024)
             .keep_alive(true);
         let conn = watcher.watch(b.serve_connection(io, svc));
-        tokio::select! {
-            r = conn => r,
-            () = activity.idle_for(idle) => {
-                state.metrics.connections_idle_closed_total.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            () = reloaded => Ok(()),
-        }
+        until_idle(conn, &state, &activity, idle, reloaded).await
     };
     if let Err(e) = result {
         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Serves `conn` until it ends, it has had no request for `idle`, or it predates a reload of
+/// the TLS material and is between requests (SPEC §16).
+async fn until_idle<F>(
+    conn: F,
+    state: &AppState,
+    activity: &Activity,
+    idle: Duration,
+    reloaded: impl std::future::Future<Output = ()>,
+) -> Result<(), hyper::Error>
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::select! {
+        r = conn => r,
+        () = activity.idle_for(idle) => {
+            state.metrics.connections_idle_closed_total.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        () = reloaded => Ok(()),
     }
 }
 

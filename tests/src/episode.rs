@@ -44,13 +44,10 @@ pub struct Body {
     pub bytes: Vec<u8>,
 }
 
-/// Writes and packs an episode with `size` bytes of pseudo-random data.
-pub fn body(root: &Path, id: &str, commit: &str, size: usize) -> Body {
-    let mut data = Vec::with_capacity(size);
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ size as u64 ^ id.len() as u64;
-    for b in id.bytes() {
-        x = x.wrapping_mul(31).wrapping_add(u64::from(b));
-    }
+/// `size` pseudo-random (incompressible) bytes, the same for the same (non-zero) seed.
+pub fn noise(size: usize, seed: u64) -> Vec<u8> {
+    let mut data = Vec::with_capacity(size + 8);
+    let mut x = seed;
     while data.len() < size {
         x ^= x << 13;
         x ^= x >> 7;
@@ -58,6 +55,16 @@ pub fn body(root: &Path, id: &str, commit: &str, size: usize) -> Body {
         data.extend_from_slice(&x.to_le_bytes());
     }
     data.truncate(size);
+    data
+}
+
+/// Writes and packs an episode with `size` bytes of pseudo-random data.
+pub fn body(root: &Path, id: &str, commit: &str, size: usize) -> Body {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ size as u64 ^ id.len() as u64;
+    for b in id.bytes() {
+        x = x.wrapping_mul(31).wrapping_add(u64::from(b));
+    }
+    let data = noise(size, x);
     let dir = write(root, id, commit, &[("data.bin", &data)]);
     let (p, bytes) = pack(&dir, id);
     Body {

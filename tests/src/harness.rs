@@ -191,6 +191,20 @@ pub fn bin(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// `cis490-receiver --config <config> check-config`: its exit code and stderr.
+pub fn receiver_check_config(config: &Path) -> (Option<i32>, String) {
+    let out = Command::new(receiver_bin())
+        .arg("--config")
+        .arg(config)
+        .arg("check-config")
+        .output()
+        .expect("receiver runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn receiver_bin() -> PathBuf {
     bin("e2e-receiver")
 }

@@ -312,14 +312,8 @@ fn an_unreadable_forgejo_token_is_a_config_error() {
         "[version_gate]\nrepo_path = \"{}\"\n[version_gate.forgejo]\nbase_url = \"https://127.0.0.1:9\"\nowner = \"o\"\nrepo = \"r\"\ntoken_file = \"/nonexistent/token\"\n",
         w.repo.path.display()
     ));
-    let out = std::process::Command::new(cis490_tests::harness::receiver_bin())
-        .arg("--config")
-        .arg(&cfg)
-        .arg("check-config")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = cis490_tests::harness::receiver_check_config(&cfg);
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("version_gate.forgejo.token_file"), "{err}");
 }
 

@@ -470,14 +470,8 @@ fn a_forgejo_token_over_plain_http_is_a_config_error_unless_allowed() {
             w.repo.path.display(),
             token.display()
         ));
-        let out = std::process::Command::new(cis490_tests::harness::receiver_bin())
-            .arg("--config")
-            .arg(&cfg)
-            .arg("check-config")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), want, "{allow}: {err}");
+        let (code, err) = cis490_tests::harness::receiver_check_config(&cfg);
+        assert_eq!(code, want, "{allow}: {err}");
         if want == Some(2) {
             assert!(err.contains("version_gate.forgejo.base_url"), "{err}");
             assert!(err.contains("clear text"), "{err}");

@@ -257,14 +257,8 @@ async fn a_revoked_certificate_is_refused_after_sighup_and_its_open_connection_c
 
     // An unreadable or malformed CRL is a config error naming the key.
     std::fs::write(&crl, "not a crl\n").unwrap();
-    let out = std::process::Command::new(cis490_tests::harness::receiver_bin())
-        .arg("--config")
-        .arg(&cfg)
-        .arg("check-config")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = cis490_tests::harness::receiver_check_config(&cfg);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("tls.crl_file"), "{stderr}");
 }
 

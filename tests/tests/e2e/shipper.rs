@@ -58,15 +58,7 @@ async fn once_ships_retires_and_the_receiver_holds_the_same_bytes() {
     let r = start(&w, "").await;
     let cfg = w.shipper_config(HOST, &url(r.addr), "");
     // Incompressible, so the body stays within max_compression_ratio (SPEC §16).
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let big: Vec<u8> = (0..3 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let big = episode::noise(3 << 20, 0x2545_f491_4f6c_dd1d);
     episode::write(
         &episodes_dir(&w),
         "ep-a",
