@@ -31,7 +31,7 @@ for t in "${targets[@]}"; do
   code=$?
   set -e
   execs=$(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}')
-  findings=$(ls "fuzz/artifacts/$t" 2>/dev/null | wc -l)
+  findings=$( (find "fuzz/artifacts/$t" -type f 2>/dev/null || true) | wc -l)
   printf 'fuzz %-8s seconds=%s execs=%s exit=%s artifacts=%s\n' "$t" "$secs" "${execs:-?}" "$code" "$findings"
   if ((code != 0)); then tail -30 "$log"; fi
   rm -f "$log"

@@ -2,7 +2,6 @@
 //! production limits: refuse or admit, never panic, and never buffer a name past
 //! `max_path_bytes` (a long-name record declaring gigabytes must cost nothing).
 #![no_main]
-use std::io::Read;
 
 use libfuzzer_sys::fuzz_target;
 

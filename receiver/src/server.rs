@@ -631,6 +631,14 @@ async fn ops_response(state: &Arc<AppState>, path: &str) -> hyper::Response<Full
                 "# HELP cis490_receiver_store_probes_total Store writability probes run for /healthz (at most one a second).\n# TYPE cis490_receiver_store_probes_total counter\ncis490_receiver_store_probes_total {}\n",
                 state.probes_run.load(Ordering::Relaxed)
             ));
+            let handshaking = state
+                .cfg
+                .limits
+                .max_handshakes
+                .saturating_sub(state.handshakes.available_permits());
+            out.push_str(&format!(
+                "# HELP cis490_receiver_handshakes_in_progress TLS handshakes running (at most limits.max_handshakes).\n# TYPE cis490_receiver_handshakes_in_progress gauge\ncis490_receiver_handshakes_in_progress {handshaking}\n"
+            ));
             text(200, "text/plain; version=0.0.4", out)
         }
         _ => text(404, "text/plain", "not found\n".into()),

@@ -440,6 +440,52 @@ async fn idle_connections_past_the_cap_are_closed_and_an_honest_host_still_store
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_hold_at_most_max_handshakes_slots() {
+    let w = World::new(1);
+    let p = Process::start(
+        &w.config("[version_gate]\nenabled = false\n[limits]\nheader_timeout_s = 4\n"),
+        &[],
+    );
+    // 100 connections that send the first byte of a ClientHello and stall.
+    let mut stalled = Vec::new();
+    for _ in 0..100 {
+        let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(&[0x16]).await.unwrap();
+        stalled.push(s);
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut most = 0.0f64;
+    while Instant::now() < deadline {
+        let (_, text) = ops_get(p.ops_addr, "/metrics").await;
+        most = most.max(metric(&text, "cis490_receiver_handshakes_in_progress").unwrap_or(0.0));
+        if most >= 64.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(most, 64.0, "max_handshakes (64) slots held, the rest wait");
+    // Once the stalled ones time out, an honest host gets through.
+    let good = episode::body(&w.path().join("src"), "ep-after", COMMIT, 10_000);
+    let c = w.client(p.addr, HOST);
+    let started = Instant::now();
+    let status = loop {
+        if let Ok(Ok(r)) =
+            tokio::time::timeout(Duration::from_secs(10), c.put_result(HOST, &good)).await
+        {
+            break r.status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "honest host locked out"
+        );
+    };
+    assert_eq!(status, 201);
+    let (_, text) = ops_get(p.ops_addr, "/metrics").await;
+    assert!(metric(&text, "cis490_receiver_handshakes_in_progress").unwrap_or(99.0) < 64.0);
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_probes_the_store_at_most_once_a_second() {
     let w = World::new(1);
     let r = start(&w, "").await;
