@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks of the real binaries on loopback mTLS (release build). Figures go to stdout and,
-# by hand, into docs/BENCHMARKS.md. Usage: scripts/bench.sh [all|receiver|gate|shipper|load [seconds]|soak [minutes]|fleet [hosts] [episodes each]|compare [reps]|s3]
+# by hand, into docs/BENCHMARKS.md. Usage: scripts/bench.sh [all|receiver|gate|shipper|load [seconds]|soak [minutes]|fleet [hosts] [episodes each]|compare [reps]|s3|quarantine [uploads]]
 # CIS490_BENCH_SCALE=10 shrinks every size tenfold for a quick check.
 set -euo pipefail
 cd "$(dirname "$0")/.."

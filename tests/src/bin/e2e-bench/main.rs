@@ -486,6 +486,55 @@ async fn gate_benches() {
     println!("gate.check_endpoint requests=20000 connections=16 gate_on_per_s={on:.0} gate_off_per_s={off:.0}");
 }
 
+/// A compromised host sending `n` tiny invalid bodies over one kept-alive connection: the
+/// receiver quarantine stays at `max_entries` (1,000 here) and a rejection costs the same at
+/// the end as at the start (SPEC §16). Run with TMPDIR on a tmpfs to leave the disk's fsyncs
+/// out of the figure.
+async fn quarantine_bench(n: usize) {
+    let w = World::new(1);
+    let p = Process::start(
+        &w.config("[version_gate]\nenabled = false\n[quarantine]\nmax_entries = 1000\n"),
+        &[],
+    );
+    let mut c = connect(&w, p.addr).await;
+    let tenth = (n / 10).max(1);
+    let mut rates = Vec::new();
+    let t0 = Instant::now();
+    let mut t = Instant::now();
+    for i in 0..n {
+        let b = episode::Body {
+            id: format!("q{i:07}"),
+            commit: w.commits[0].clone(),
+            sha: "0".repeat(64),
+            bytes: b"not a zstd stream".to_vec(),
+        };
+        assert_eq!(put(&mut c, &b).await, 422);
+        if (i + 1) % tenth == 0 {
+            rates.push(tenth as f64 / t.elapsed().as_secs_f64());
+            t = Instant::now();
+        }
+    }
+    let qdir = w.store_dir().join("quarantine");
+    let entries = std::fs::read_dir(&qdir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".reason.json"))
+                .count()
+        })
+        .unwrap_or(0);
+    let (_, m) = cis490_tests::harness::ops_get(p.ops_addr, "/metrics").await;
+    let scans = cis490_tests::harness::metric(&m, "cis490_receiver_quarantine_scans_total");
+    println!(
+        "quarantine.tiny_rejections n={n} seconds={:.1} per_s_first_tenth={:.0} per_s_last_tenth={:.0} per_s_each_tenth={:?} entries_kept={entries} directory_listings={} receiver_peak_rss_MiB={:.1}",
+        t0.elapsed().as_secs_f64(),
+        rates.first().copied().unwrap_or(0.0),
+        rates.last().copied().unwrap_or(0.0),
+        rates.iter().map(|r| r.round() as u64).collect::<Vec<_>>(),
+        scans.unwrap_or(-1.0),
+        rss_kib(p.child.id(), "VmHWM:") as f64 / 1024.0
+    );
+}
+
 /// Held load: 64 kept-alive connections uploading small episodes for `secs` seconds, plus a
 /// handful of slow clients holding connections open; reports rate, latency, errors and RSS.
 async fn load_bench(secs: u64) {
@@ -738,6 +787,7 @@ async fn main() {
         "index" => return index_bench(arg(2, 1_000_000) as usize).await,
         "soak" => return soak(arg(2, 30)).await,
         "load" => return load_bench(arg(2, 60)).await,
+        "quarantine" => return quarantine_bench(arg(2, 100_000) as usize).await,
         "fleet" => {
             let (hosts, per_host) = (arg(2, 64) as usize, arg(3, 20) as usize);
             let w = World::new(2);
