@@ -10,10 +10,8 @@
 //! longer than the 100 bytes a header holds, and only up to `max_path_bytes`. The archive ends
 //! with zero blocks and only zero bytes after them. Everything else is refused.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::{self, Read};
-
-use sha2::{Digest, Sha256};
 
 /// Default of `[limits] max_path_bytes`.
 pub const DEFAULT_MAX_PATH_BYTES: usize = 4096;
@@ -22,7 +20,10 @@ pub const MAX_COMPONENT_BYTES: usize = 255;
 /// Most bytes of a name quoted in a message.
 const QUOTE_BYTES: usize = 200;
 /// Most distinct paths (entries and the directories they imply) one walk keeps track of.
-pub const MAX_TRACKED_PATHS: usize = 2_000_000;
+pub const MAX_TRACKED_PATHS: usize = 1_100_000;
+/// Largest member size taken at face value (2^62): far above any limit, and padding it to
+/// whole blocks cannot overflow. GNU tar refuses sizes past off_t.
+pub const MAX_MEMBER_SIZE: u64 = 1 << 62;
 
 const BLOCK: usize = 512;
 
@@ -159,16 +160,21 @@ mod field {
 }
 
 /// Parses a numeric field the one way every extractor agrees on: octal digits (at least one
-/// when `required`) then only NULs or spaces; or base-256 with the high bit of the first byte.
-fn numeric(
+/// when `required`) then only NULs or spaces; or, where `base256`, base-256 with the high bit
+/// of the first byte set (GNU tar reads the checksum as octal only).
+fn numeric_field(
     h: &[u8; BLOCK],
     r: std::ops::Range<usize>,
     what: &str,
     required: bool,
+    base256: bool,
 ) -> Result<u64, WalkError> {
     let f = &h[r];
     let bad = || invalid(format!("tar header has a malformed {what} field"));
-    if f[0] == 0x80 {
+    if f[0] & 0x80 != 0 {
+        if !base256 || f[0] != 0x80 {
+            return Err(bad());
+        }
         let mut v: u64 = 0;
         for &b in &f[1..] {
             if v >> 56 != 0 {
@@ -195,9 +201,18 @@ fn numeric(
     Ok(v)
 }
 
+fn numeric(
+    h: &[u8; BLOCK],
+    r: std::ops::Range<usize>,
+    what: &str,
+    required: bool,
+) -> Result<u64, WalkError> {
+    numeric_field(h, r, what, required, true)
+}
+
 /// The checks every header of the admitted form passes, whatever its type.
 fn check_header(h: &[u8; BLOCK], at: u64) -> Result<(), WalkError> {
-    let stored = numeric(h, field::CHKSUM, "checksum", true).map_err(|_| {
+    let stored = numeric_field(h, field::CHKSUM, "checksum", true, false).map_err(|_| {
         invalid(format!(
             "tar header at byte {at} has a malformed checksum field"
         ))
@@ -338,59 +353,102 @@ fn check_path(
     Ok(rel)
 }
 
-fn path_key(rel: &str) -> u128 {
-    let d = Sha256::digest(rel.as_bytes());
-    let mut k = [0u8; 16];
-    k.copy_from_slice(&d[..16]);
-    u128::from_le_bytes(k)
+/// Keys of every prefix of a path (the episode directory first), chained so each costs one
+/// keyed hash of its last component: key(p/c) = H(key(p), c). The hash key is secret and new
+/// for every walk, so nobody can choose paths that collide; a collision could only merge two
+/// paths into one, which refuses (a repeat), never admits.
+struct PrefixKeys {
+    hasher: std::collections::hash_map::RandomState,
+    /// The previous entry's components and keys: a depth-first archive shares most of them.
+    last: Vec<(String, u64)>,
 }
 
-/// The tree the archive builds, kept as keys: what extraction would make of each path.
-#[derive(Default)]
+impl PrefixKeys {
+    fn new() -> Self {
+        PrefixKeys {
+            hasher: std::collections::hash_map::RandomState::new(),
+            last: Vec::new(),
+        }
+    }
+
+    /// Keys of "", then each ancestor of `rel`, then `rel` itself.
+    fn of(&mut self, rel: &str) -> Vec<u64> {
+        use std::hash::{BuildHasher, Hasher};
+        let comps: Vec<&str> = if rel.is_empty() {
+            Vec::new()
+        } else {
+            rel.split('/').collect()
+        };
+        let shared = self
+            .last
+            .iter()
+            .zip(&comps)
+            .take_while(|((c, _), n)| c == *n)
+            .count();
+        self.last.truncate(shared);
+        for c in &comps[shared..] {
+            let parent = self.last.last().map_or(0, |(_, k)| *k);
+            let mut h = self.hasher.build_hasher();
+            h.write_u64(parent);
+            h.write(c.as_bytes());
+            // A separator, so ("ab", "c") and ("a", "bc") never feed the same bytes.
+            h.write_u8(0xff);
+            self.last.push((c.to_string(), h.finish()));
+        }
+        let mut keys = Vec::with_capacity(comps.len() + 1);
+        keys.push(0);
+        keys.extend(self.last.iter().map(|(_, k)| *k));
+        keys
+    }
+}
+
+const NAMED: u8 = 1;
+const DIR: u8 = 2;
+const FILE: u8 = 4;
+
+/// The tree the archive builds, kept as keys: what extraction would make of each path
+/// (named by an entry, a directory named or implied by a deeper entry, a regular file).
 struct Tree {
-    /// Paths named by an entry (a repeat is refused).
-    named: HashSet<u128>,
-    /// Directories, named or implied by a deeper entry ("" is always one).
-    dirs: HashSet<u128>,
-    files: HashSet<u128>,
+    paths: HashMap<u64, u8>,
+    keys: PrefixKeys,
 }
 
 impl Tree {
+    fn new() -> Self {
+        Tree {
+            paths: HashMap::new(),
+            keys: PrefixKeys::new(),
+        }
+    }
+
     fn add(&mut self, rel: &str, kind: Kind, q: &str) -> Result<(), WalkError> {
-        let key = path_key(rel);
-        if !self.named.insert(key) {
+        let keys = self.keys.of(rel);
+        let (key, ancestors) = keys.split_last().unwrap_or((&0, &[]));
+        // Every ancestor (the root excluded) must be, or become, a directory.
+        for (depth, k) in ancestors.iter().enumerate().skip(1) {
+            let flags = self.paths.entry(*k).or_insert(DIR);
+            if *flags & FILE != 0 {
+                let upto = rel.split('/').take(depth).collect::<Vec<_>>().join("/");
+                return Err(invalid(format!(
+                    "tar entry {q} lies below {}, which is a regular file",
+                    quote(&upto)
+                )));
+            }
+        }
+        let flags = self.paths.entry(*key).or_insert(0);
+        if *flags & NAMED != 0 {
             return Err(invalid(format!("tar entry {q} repeats an earlier path")));
         }
         match kind {
-            Kind::File if self.dirs.contains(&key) => {
+            Kind::File if *flags & DIR != 0 => {
                 return Err(invalid(format!(
                     "tar entry {q} is a regular file where earlier entries put a directory"
                 )))
             }
-            Kind::File => {
-                self.files.insert(key);
-            }
-            Kind::Dir => {
-                self.dirs.insert(key);
-            }
+            Kind::File => *flags |= NAMED | FILE,
+            Kind::Dir => *flags |= NAMED | DIR,
         }
-        // Every ancestor becomes a directory; stop at the first one already known (its own
-        // ancestors were added with it).
-        let mut rest = rel;
-        while let Some(cut) = rest.rfind('/') {
-            rest = &rest[..cut];
-            let k = path_key(rest);
-            if self.files.contains(&k) {
-                return Err(invalid(format!(
-                    "tar entry {q} lies below {}, which is a regular file",
-                    quote(rest)
-                )));
-            }
-            if !self.dirs.insert(k) {
-                break;
-            }
-        }
-        if self.dirs.len() + self.files.len() > MAX_TRACKED_PATHS {
+        if self.paths.len() > MAX_TRACKED_PATHS {
             return Err(invalid(format!(
                 "tar names more than {MAX_TRACKED_PATHS} distinct paths"
             )));
@@ -413,7 +471,7 @@ where
 {
     let mut r = Counted { inner: r, pos: 0 };
     let mut h = [0u8; BLOCK];
-    let mut tree = Tree::default();
+    let mut tree = Tree::new();
     let mut files = 0u64;
     let mut entries = 0u64;
     let mut long_name: Option<String> = None;
@@ -435,6 +493,11 @@ where
         }
         check_header(&h, at)?;
         let size = numeric(&h, field::SIZE, "size", true)?;
+        if size > MAX_MEMBER_SIZE {
+            return Err(invalid(format!(
+                "tar header at byte {at} declares a member of {size} bytes"
+            )));
+        }
         let t = h[field::TYPEFLAG];
         let kind = match t {
             b'0' | 0 => Kind::File,
@@ -473,7 +536,23 @@ where
             )));
         }
         let own = header_name(&h)?;
+        if t == 0 && own.ends_with(b"/") {
+            // Python (and old tars) read a type NUL entry whose header name ends in '/' as a
+            // directory, whatever a long-name record says.
+            return Err(invalid(format!(
+                "tar header at byte {at} is of type NUL with a name ending in '/'"
+            )));
+        }
         let name = match long_name.take() {
+            // The header's own name is what tar writers put there: the long name's start.
+            // Extractors ignore it, but Python reads its trailing '/' first.
+            Some(n) if !n.as_bytes().starts_with(own) || own.is_empty() => {
+                return Err(invalid(format!(
+                    "tar header at byte {at} names {} but its GNU long-name record names {}",
+                    quote(&String::from_utf8_lossy(own)),
+                    quote(&n)
+                )))
+            }
             Some(n) => n,
             None => String::from_utf8(own.to_vec())
                 .map_err(|_| invalid("tar entry name is not valid UTF-8"))?,

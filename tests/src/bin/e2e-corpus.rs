@@ -215,8 +215,10 @@ fn hardening_cases(put: &mut impl FnMut(&str, Vec<u8>, u16, &str)) {
     }
     {
         let mut t = base();
-        t.long_name(format!("{EP}/{}", "c".repeat(300)).as_bytes());
-        t.file(&format!("{EP}/placeholder"), b"x");
+        let long = format!("{EP}/{}", "c".repeat(300));
+        t.long_name(long.as_bytes());
+        // The member's own name is the long name's first 100 bytes, as tar writers put it.
+        t.file(&long[..100], b"x");
         put("component-too-long", zst(&t.end()), 422, "component longer");
     }
     {
@@ -272,7 +274,7 @@ fn hardening_cases(put: &mut impl FnMut(&str, Vec<u8>, u16, &str)) {
     {
         let mut t = base();
         t.push(
-            Header::gnu(format!("{EP}/odd/").as_bytes(), 0, 0).finish(),
+            Header::gnu(format!("{EP}/odd/").as_bytes(), b'0', 0).finish(),
             b"",
         );
         put(
@@ -314,6 +316,74 @@ fn hardening_cases(put: &mut impl FnMut(&str, Vec<u8>, u16, &str)) {
         h.field(0..100, format!("{EP}/a\0../../escape").as_bytes());
         t.push(h.finish(), b"x");
         put("bytes-after-name-nul", zst(&t.end()), 422, "after the NUL");
+    }
+    {
+        // Type NUL: Python reads it as a directory when the header's own name ends in '/',
+        // here the first 100 bytes of a long name.
+        let mut t = base();
+        let long = format!("{EP}/{}/{}", "d".repeat(99 - EP.len() - 1), "x".repeat(30));
+        assert_eq!(long.as_bytes()[99], b'/');
+        t.long_name(long.as_bytes());
+        let mut hidden = Tar::new();
+        hidden.file(&format!("{EP}/evil.txt"), b"evil");
+        let data = hidden.0;
+        t.push(
+            Header::gnu(&long.as_bytes()[..100], 0, data.len() as u64).finish(),
+            &data,
+        );
+        put("nul-typeflag-slash", zst(&t.end()), 422, "type NUL");
+    }
+    {
+        // A long name whose member header names something else (a directory-looking name):
+        // extractors disagree on whose trailing '/' counts.
+        let mut t = base();
+        let long = format!("{EP}/{}", "f".repeat(120));
+        t.long_name(long.as_bytes());
+        let mut hidden = Tar::new();
+        hidden.file(&format!("{EP}/evil.txt"), b"evil");
+        let data = hidden.0;
+        t.push(
+            Header::gnu(format!("{EP}/x/").as_bytes(), b'0', data.len() as u64).finish(),
+            &data,
+        );
+        put(
+            "longname-own-name-differs",
+            zst(&t.end()),
+            422,
+            "but its GNU long-name record names",
+        );
+    }
+    {
+        // A base-256 checksum: Python accepts it, GNU tar skips the header and reads its data.
+        let mut t = base();
+        let mut hidden = Tar::new();
+        hidden.file(&format!("{EP}/evil.txt"), b"evil");
+        let data = hidden.0;
+        let mut h = Header::gnu(format!("{EP}/good").as_bytes(), b'0', data.len() as u64);
+        h.0[148..156].fill(b' ');
+        let sum: u64 = h.0.iter().map(|&b| u64::from(b)).sum();
+        let mut f = [0u8; 8];
+        f[0] = 0x80;
+        f[6..].copy_from_slice(&(sum as u16).to_be_bytes());
+        h.field(148..156, &f);
+        t.push(h.raw(), &data);
+        put("base256-checksum", zst(&t.end()), 422, "malformed checksum");
+    }
+    {
+        // A size near 2^64: padding it to whole blocks would wrap around.
+        let mut t = base();
+        let mut h = Header::gnu(format!("{EP}/big").as_bytes(), b'0', 0);
+        let mut f = [0xffu8; 12];
+        f[..4].copy_from_slice(&[0x80, 0, 0, 0]);
+        h.field(124..136, &f);
+        t.push(h.finish(), b"");
+        t.file(&format!("{EP}/hidden.txt"), b"h");
+        put(
+            "size-near-u64-max",
+            zst(&t.end()),
+            422,
+            "declares a member of",
+        );
     }
     {
         let raw = base().end();
@@ -390,7 +460,7 @@ fn main() {
             let mut name = long_escape.clone().into_bytes();
             name.push(0);
             entry(t, b"././@LongLink", tar::EntryType::GNULongName, &name, b"");
-            entry(t, b"placeholder", reg, b"x", b"");
+            entry(t, &long_escape.as_bytes()[..100], reg, b"x", b"");
         })),
         422,
         "outside",

@@ -267,6 +267,16 @@ fn member(rng: &mut Lcg, ep: &str, i: usize, t: &mut Tar) {
         }
     }
     let mut h = Header::gnu(name.as_bytes(), kind, data.len() as u64);
+    if long && pick(rng, 10) {
+        // The member's own name differs from its long name (Python reads its trailing '/').
+        h.set_name(format!("{ep}/x/").as_bytes());
+    }
+    if pick(rng, 3) {
+        // A size near 2^64 (padding would wrap).
+        let mut f = [0xffu8; 12];
+        f[..4].copy_from_slice(&[0x80, 0, 0, 0]);
+        h.field(124..136, &f);
+    }
     if kind == b'5' {
         h.octal(100..108, 0o755);
     }
@@ -305,7 +315,20 @@ fn member(rng: &mut Lcg, ep: &str, i: usize, t: &mut Tar) {
         }
         _ => {}
     }
-    let bytes = if pick(rng, 3) { h.raw() } else { h.finish() };
+    let bytes = match rng.below(100) {
+        0..=2 => h.raw(),
+        3..=5 => {
+            // A base-256 checksum of the right value: GNU tar reads checksums as octal only.
+            h.0[148..156].fill(b' ');
+            let sum: u64 = h.0.iter().map(|&b| u64::from(b)).sum();
+            let mut f = [0u8; 8];
+            f[0] = 0x80;
+            f[6..].copy_from_slice(&(sum as u16).to_be_bytes());
+            h.field(148..156, &f);
+            h.raw()
+        }
+        _ => h.finish(),
+    };
     t.push(bytes, &data);
 }
 
