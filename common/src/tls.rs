@@ -12,6 +12,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use x509_parser::prelude::FromDer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -95,6 +96,48 @@ pub struct ServerTlsFiles<'a> {
     pub crl_file: Option<&'a Path>,
 }
 
+/// Each CRL must be signed by a CA of `ca_file` that may sign CRLs: one that is not would
+/// make every client handshake fail (webpki treats it as an error, not as unknown status).
+fn check_crls(crl_file: &Path, ca_file: &Path) -> Result<(), TlsError> {
+    let bad = |detail: String| TlsError::BadCrl {
+        path: crl_file.to_path_buf(),
+        detail,
+    };
+    let cas = load_certs(ca_file)?;
+    let cas: Vec<_> = cas
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_certificate(c.as_ref()).ok())
+        .map(|(_, c)| c)
+        .collect();
+    for der in load_crls(crl_file)? {
+        let (_, crl) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(der.as_ref())
+                .map_err(|e| bad(format!("cannot be parsed: {e}")))?;
+        let Some(ca) = cas.iter().find(|ca| ca.subject() == crl.issuer()) else {
+            return Err(bad(format!(
+                "its issuer {} is not a CA of {}",
+                crl.issuer(),
+                ca_file.display()
+            )));
+        };
+        if let Ok(Some(ku)) = ca.key_usage() {
+            if !ku.value.crl_sign() {
+                return Err(bad(format!(
+                    "its issuer {} may not sign CRLs (no cRLSign key usage)",
+                    crl.issuer()
+                )));
+            }
+        }
+        crl.verify_signature(ca.public_key()).map_err(|e| {
+            bad(format!(
+                "its signature does not verify with {}: {e}",
+                crl.issuer()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 /// Every CRL in a PEM file (at least one).
 pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
     let bytes = read(path)?;
@@ -118,6 +161,7 @@ pub fn server_config(files: &ServerTlsFiles<'_>) -> Result<ServerConfig, TlsErro
     let roots = Arc::new(load_roots(files.client_ca_file)?);
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
     if let Some(crl_file) = files.crl_file {
+        check_crls(crl_file, files.client_ca_file)?;
         // The lab CA signs end-entity certificates directly: only those are looked up, and a
         // certificate of an issuer the file has no CRL for is judged by its chain alone.
         builder = builder

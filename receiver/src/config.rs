@@ -185,6 +185,9 @@ impl Default for QuarantineConfig {
 
 pub use cis490_common::config_file::ConfigError;
 
+/// Longest timeout accepted: deadlines are computed as now + timeout.
+const MAX_TIMEOUT_S: u64 = 365 * 86_400;
+
 /// Where the config comes from: `--config`, then the environment variable, then the default.
 pub fn resolve_path(flag: Option<PathBuf>, env: Option<std::ffi::OsString>) -> PathBuf {
     cis490_common::config_file::resolve_path(flag, env, DEFAULT_PATH)
@@ -235,6 +238,18 @@ impl Config {
         }
         if self.limits.idle_timeout_s == 0 {
             return err("limits.idle_timeout_s", "must be greater than 0");
+        }
+        for (key, v) in [
+            ("limits.header_timeout_s", self.limits.header_timeout_s),
+            (
+                "limits.body_idle_timeout_s",
+                self.limits.body_idle_timeout_s,
+            ),
+            ("limits.idle_timeout_s", self.limits.idle_timeout_s),
+        ] {
+            if v > MAX_TIMEOUT_S {
+                return err(key, "must be at most 31536000 (a year)");
+            }
         }
         if self.version_gate.window == 0 {
             return err("version_gate.window", "must be greater than 0");
@@ -360,6 +375,8 @@ client_ca_file = "/ca.pem"
             ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
             ("[limits]\nmax_handshakes = 0\n", "limits.max_handshakes"),
             ("[limits]\nidle_timeout_s = 0\n", "limits.idle_timeout_s"),
+            ("[limits]\nidle_timeout_s = 99999999999\n", "limits.idle_timeout_s"),
+            ("[limits]\nbody_idle_timeout_s = 99999999999\n", "limits.body_idle_timeout_s"),
             (
                 "[version_gate.forgejo]\nbase_url = \"http://f.lab\"\nowner = \"o\"\nrepo = \"r\"\ntoken_file = \"/t\"\n",
                 "version_gate.forgejo.base_url",

@@ -504,7 +504,7 @@ async fn put(
     let Ok(_permit) = state.uploads.clone().try_acquire_owned() else {
         return Err(ApiError::overloaded());
     };
-    let Some(_host_slot) = state.host_slots.try_take(host, go.length) else {
+    let Some(mut host_slot) = state.host_slots.try_take(host, go.length) else {
         return Err(ApiError::host_overloaded(host, state.host_slots.per_host()));
     };
     state
@@ -604,6 +604,7 @@ async fn put(
         };
         if let Ok(data) = frame.into_data() {
             received += data.len() as u64;
+            host_slot.progress(data.len() as u64);
             state
                 .metrics
                 .body_bytes_read_total

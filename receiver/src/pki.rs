@@ -59,20 +59,30 @@ pub struct Revoked {
     pub crl: PathBuf,
 }
 
-/// Serials already in `DIR/crl.pem` with their revocation times (none when there is no file).
-fn revoked_so_far(crl: &Path) -> Result<Vec<(Vec<u8>, i64)>, PkiError> {
+/// A revoked serial (DER integer bytes) and when it was revoked (unix seconds).
+type RevokedSerial = (Vec<u8>, i64);
+
+/// Serials already in `DIR/crl.pem` with their revocation times, and the list's CRL number
+/// (none and 0 when there is no file).
+fn revoked_so_far(crl: &Path) -> Result<(Vec<RevokedSerial>, u64), PkiError> {
     let text = match std::fs::read_to_string(crl) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
         Err(e) => return Err(file_err(crl, e)),
     };
     let der = first_pem_der(crl, &text, "X509 CRL")?;
     let (_, list) = CertificateRevocationList::from_der(&der)
         .map_err(|e| file_err(crl, format!("not a CRL: {e}")))?;
-    Ok(list
+    let number = list
+        .crl_number()
+        .map(|n| n.to_u64_digits())
+        .and_then(|d| if d.len() == 1 { Some(d[0]) } else { None })
+        .unwrap_or(0);
+    let serials = list
         .iter_revoked_certificates()
         .map(|r| (r.raw_serial().to_vec(), r.revocation_date.timestamp()))
-        .collect())
+        .collect();
+    Ok((serials, number))
 }
 
 /// Revokes `host_id`'s current certificate: `DIR/crl.pem` is signed anew by the CA in `DIR`
@@ -98,6 +108,14 @@ pub fn revoke(dir: &Path, host_id: &str) -> Result<Revoked, PkiError> {
     let ca_der = first_pem_der(&ca_pem_path, &ca_pem, "CERTIFICATE")?;
     let (_, ca) = X509Certificate::from_der(&ca_der)
         .map_err(|e| file_err(&ca_pem_path, format!("not a certificate: {e}")))?;
+    if let Ok(Some(ku)) = ca.key_usage() {
+        if !ku.value.crl_sign() {
+            return Err(file_err(
+                &ca_pem_path,
+                "the CA may not sign CRLs (its key usage lacks cRLSign); the receiver would refuse such a list",
+            ));
+        }
+    }
     if cert.issuer() != ca.subject() {
         return Err(file_err(
             &cert_path,
@@ -106,7 +124,7 @@ pub fn revoke(dir: &Path, host_id: &str) -> Result<Revoked, PkiError> {
     }
     let serial = cert.raw_serial().to_vec();
     let crl_path = dir.join("crl.pem");
-    let mut list = revoked_so_far(&crl_path)?;
+    let (mut list, last_number) = revoked_so_far(&crl_path)?;
     let now = time::OffsetDateTime::now_utc();
     let newly = !list.iter().any(|(s, _)| *s == serial);
     if newly {
@@ -124,7 +142,8 @@ pub fn revoke(dir: &Path, host_id: &str) -> Result<Revoked, PkiError> {
     let params = CertificateRevocationListParams {
         this_update: now,
         next_update: now + time::Duration::days(CRL_DAYS),
-        crl_number: SerialNumber::from(now.unix_timestamp().max(1) as u64),
+        // Increasing, even for two revocations within one second.
+        crl_number: SerialNumber::from((now.unix_timestamp().max(1) as u64).max(last_number + 1)),
         issuing_distribution_point: None,
         revoked_certs,
         key_identifier_method: KeyIdMethod::Sha256,

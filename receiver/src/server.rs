@@ -12,7 +12,6 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -285,7 +284,9 @@ impl Receiver {
         if let Some(every) = notify::watchdog_interval() {
             tokio::spawn(watchdog(state.clone(), every, tasks.clone()));
         }
-        let graceful = GracefulShutdown::new();
+        // Cancelled at stop: every connection then shuts down gracefully (in-flight requests
+        // finish, HTTP/2 sends GOAWAY) and the drain below waits for them.
+        let drain = CancellationToken::new();
         // The accept loop's heartbeat; a few per watchdog period even at short test periods.
         let mut tick = tokio::time::interval(HEARTBEAT);
         loop {
@@ -301,7 +302,7 @@ impl Receiver {
                             // Over max_connections: closed before any TLS work is spent on it.
                             let Ok(permit) = state.connections.clone().try_acquire_owned() else {
                                 let n = state.metrics.connections_refused_total.fetch_add(1, Ordering::Relaxed);
-                                if n.is_power_of_two() {
+                                if (n + 1).is_power_of_two() {
                                     tracing::warn!(peer = %peer, refused = n + 1, limit = state.cfg.limits.max_connections, "connection limit reached: closing new connections (limits.max_connections)");
                                 }
                                 drop(stream);
@@ -309,10 +310,10 @@ impl Receiver {
                             };
                             let _ = stream.set_nodelay(true);
                             let st = state.clone();
-                            let watcher = graceful.watcher();
+                            let drain = drain.clone();
                             tokio::spawn(async move {
                                 st.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-                                connection(st.clone(), stream, peer, watcher).await;
+                                connection(st.clone(), stream, peer, drain).await;
                                 st.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
                                 drop(permit);
                             });
@@ -328,11 +329,14 @@ impl Receiver {
         }
         drop(listener);
         tracing::info!("shutting down: draining in-flight requests");
-        if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!("drain deadline passed; aborting the remaining requests");
+        drain.cancel();
+        let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
+        while state.metrics.connections_open.load(Ordering::Relaxed) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("drain deadline passed; aborting the remaining requests");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tasks.cancel();
         let _ = refresher.await;
@@ -344,8 +348,10 @@ async fn connection(
     state: Arc<AppState>,
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
-    watcher: hyper_util::server::graceful::Watcher,
+    drain: CancellationToken,
 ) {
+    // Taken before the TLS material is: a reload from here on closes this connection.
+    let generation = state.tls_generation.subscribe();
     let header_timeout = Duration::from_secs(state.cfg.limits.header_timeout_s);
     let deadline = tokio::time::Instant::now() + header_timeout;
     // A connection that has sent nothing holds no handshake slot; waiting for its first byte
@@ -393,7 +399,7 @@ async fn connection(
         }
     });
     let idle = Duration::from_secs(state.cfg.limits.idle_timeout_s);
-    let reloaded = reloaded_then_idle(state.tls_generation.subscribe(), activity.clone());
+    let on_reload = reloaded(generation);
     let io = TokioIo::new(tls);
     let result = if h2 {
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -402,55 +408,84 @@ async fn connection(
             .max_concurrent_streams(256)
             .initial_stream_window_size(256 * 1024)
             .initial_connection_window_size(1024 * 1024);
-        let conn = watcher.watch(b.serve_connection(io, svc));
-        until_idle(conn, &state, &activity, idle, reloaded).await
+        let conn = b.serve_connection(io, svc);
+        let ends = Ends {
+            state: &state,
+            activity: &activity,
+            idle,
+            drain: &drain,
+        };
+        drive(conn, |c| c.graceful_shutdown(), ends, on_reload).await
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
             .header_read_timeout(Some(header_timeout))
             .max_buf_size(64 * 1024)
             .keep_alive(true);
-        let conn = watcher.watch(b.serve_connection(io, svc));
-        until_idle(conn, &state, &activity, idle, reloaded).await
+        let conn = b.serve_connection(io, svc);
+        let ends = Ends {
+            state: &state,
+            activity: &activity,
+            idle,
+            drain: &drain,
+        };
+        drive(conn, |c| c.graceful_shutdown(), ends, on_reload).await
     };
     if let Err(e) = result {
         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
     }
 }
 
-/// Serves `conn` until it ends, it has had no request for `idle`, or it predates a reload of
-/// the TLS material and is between requests (SPEC §16).
-async fn until_idle<F>(
-    conn: F,
-    state: &AppState,
-    activity: &Activity,
+/// What ends a connection besides its client: the receiver stopping, no request for
+/// `idle`, a reload of the TLS material (SPEC §16).
+struct Ends<'a> {
+    state: &'a AppState,
+    activity: &'a Activity,
     idle: Duration,
+    drain: &'a CancellationToken,
+}
+
+/// Serves `conn` to its end. At the first of the `Ends` it is shut down gracefully with
+/// `shut`: requests in progress finish (an HTTP/2 client gets GOAWAY), then it closes.
+async fn drive<C, S>(
+    conn: C,
+    shut: S,
+    ends: Ends<'_>,
     reloaded: impl std::future::Future<Output = ()>,
 ) -> Result<(), hyper::Error>
 where
-    F: std::future::Future<Output = Result<(), hyper::Error>>,
+    C: std::future::Future<Output = Result<(), hyper::Error>>,
+    S: Fn(std::pin::Pin<&mut C>),
 {
-    tokio::select! {
-        r = conn => r,
-        () = activity.idle_for(idle) => {
-            state.metrics.connections_idle_closed_total.fetch_add(1, Ordering::Relaxed);
-            Ok(())
+    tokio::pin!(conn);
+    tokio::pin!(reloaded);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = &mut conn => return r,
+            () = ends.activity.idle_for(ends.idle), if !closing => {
+                ends.state.metrics.connections_idle_closed_total.fetch_add(1, Ordering::Relaxed);
+                shut(conn.as_mut());
+                closing = true;
+            }
+            () = &mut reloaded, if !closing => {
+                shut(conn.as_mut());
+                closing = true;
+            }
+            () = ends.drain.cancelled(), if !closing => {
+                shut(conn.as_mut());
+                closing = true;
+            }
         }
-        () = reloaded => Ok(()),
     }
 }
 
-/// Resolves once the TLS material has been reloaded since the connection began and no request
-/// is in progress on it.
-async fn reloaded_then_idle(
-    mut generation: tokio::sync::watch::Receiver<u64>,
-    activity: Arc<Activity>,
-) {
+/// Resolves once the TLS material has been reloaded since `generation` was taken.
+async fn reloaded(mut generation: tokio::sync::watch::Receiver<u64>) {
     if generation.changed().await.is_err() {
-        // The sender lives as long as the receiver's state: never reload, never close.
+        // The sender lives as long as the receiver's state: never reloaded.
         std::future::pending::<()>().await;
     }
-    activity.idle_for(Duration::ZERO).await;
 }
 
 /// Requests in progress on one connection and when the last one ended, for

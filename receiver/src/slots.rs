@@ -66,6 +66,16 @@ impl HostSlots {
     }
 }
 
+impl HostSlot {
+    /// `n` more body bytes arrived (and now take their room on disk): they leave the
+    /// reservation, so the free-space check does not count them twice.
+    pub fn progress(&mut self, n: u64) {
+        let n = n.min(self.bytes);
+        self.bytes -= n;
+        self.slots.reserved.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
 impl Drop for HostSlot {
     fn drop(&mut self) {
         self.slots.reserved.fetch_sub(self.bytes, Ordering::Relaxed);
@@ -94,6 +104,13 @@ mod tests {
         assert_eq!(s.reserved_bytes(), 35);
         drop(a1);
         assert_eq!(s.held_by("a"), 1);
+        assert_eq!(s.reserved_bytes(), 25);
+        let mut a3 = s.try_take("a", 7).unwrap();
+        a3.progress(5);
+        assert_eq!(s.reserved_bytes(), 27);
+        a3.progress(100);
+        assert_eq!(s.reserved_bytes(), 25, "never below what was reserved");
+        drop(a3);
         assert_eq!(s.reserved_bytes(), 25);
         assert!(s.try_take("a", 1).is_some());
         drop(b);

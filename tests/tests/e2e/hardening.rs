@@ -419,24 +419,85 @@ async fn idle_connections_past_the_cap_are_closed_and_an_honest_host_still_store
         started.elapsed()
     );
     drop(idle);
-    // A keep-alive connection with no request for idle_timeout_s is closed by the receiver.
-    let mut s = cis490_tests::client::raw_tls(p.addr, &w.pki.ca_file, &w.pki.client(HOST)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_request_close_after_idle_timeout_over_http1_and_http2() {
+    let w = World::new(1);
+    // header_timeout_s far above idle_timeout_s: only the idle timeout can close them.
+    let p = Process::start(
+        &w.config("[version_gate]\nenabled = false\n[limits]\nidle_timeout_s = 2\nheader_timeout_s = 60\n"),
+        &[],
+    );
+    let me = w.pki.client(HOST);
+    // HTTP/1.1, kept alive after one request.
+    let mut s = cis490_tests::client::raw_tls(p.addr, &w.pki.ca_file, &me).await;
     s.write_all(b"POST /v1/ping HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\n\r\n")
         .await
         .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = s.read(&mut buf).await.unwrap();
-    assert!(status_line(&buf[..n]).contains("200"));
+    let got = read_response(&mut s).await;
+    assert!(status_line(&got).contains("200"));
     let t = Instant::now();
+    let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
         .await
         .expect("closed within 10 s")
         .unwrap_or(0);
-    assert_eq!(n, 0, "the idle connection was closed");
+    assert_eq!(n, 0, "the idle HTTP/1.1 connection was closed");
+    let h1 = t.elapsed();
     assert!(
-        t.elapsed() >= Duration::from_millis(1500),
-        "not before idle_timeout_s"
+        h1 >= Duration::from_millis(1500),
+        "not before idle_timeout_s: {h1:?}"
     );
+    // HTTP/2: one request, then nothing; the server ends the connection.
+    let mut cfg = cis490_common::tls::client_config(
+        &cis490_common::tls::ClientTlsFiles {
+            ca_file: &w.pki.ca_file,
+            cert_file: &me.cert,
+            key_file: &me.key,
+        },
+        false,
+    )
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("https://localhost/v1/ping")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 200);
+    let t = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the idle HTTP/2 connection was closed within 10 s")
+        .unwrap()
+        .ok();
+    let h2 = t.elapsed();
+    assert!(
+        h2 >= Duration::from_millis(1500),
+        "not before idle_timeout_s: {h2:?}"
+    );
+    let (_, m) = ops_get(p.ops_addr, "/metrics").await;
+    assert_eq!(
+        metric(&m, "cis490_receiver_connections_idle_closed_total"),
+        Some(2.0)
+    );
+    println!("idle connections closed after {h1:?} (HTTP/1.1) and {h2:?} (HTTP/2)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
