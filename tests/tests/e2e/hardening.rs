@@ -271,6 +271,23 @@ async fn one_host_cannot_hold_every_slot_and_dripping_bodies_are_cut() {
     }
     assert_eq!(held.len(), 8, "max_uploads_per_host (8) slots held");
     assert_eq!(refused, 56);
+    // The preflight answers what the PUT would.
+    let check = w
+        .client(r.addr, HOST)
+        .request(
+            "POST",
+            &format!("/v1/episodes/{HOST}/ep-next/check"),
+            &[
+                ("x-cis490-code-commit", COMMIT.to_string()),
+                ("x-cis490-tar-sha256", "0".repeat(64)),
+                ("x-cis490-upload-length", "1000".to_string()),
+            ],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!((check.status, check.error().as_str()), (503, "overloaded"));
+    assert!(check.headers.contains_key("retry-after"));
     // Another host stores within a few seconds.
     let started = Instant::now();
     let good = episode::body(&w.path().join("src"), "ep-honest", COMMIT, 100_000);
