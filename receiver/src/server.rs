@@ -401,6 +401,12 @@ async fn connection(
     let idle = Duration::from_secs(state.cfg.limits.idle_timeout_s);
     let on_reload = reloaded(generation);
     let io = TokioIo::new(tls);
+    let ends = Ends {
+        state: &state,
+        activity: &activity,
+        idle,
+        drain: &drain,
+    };
     let result = if h2 {
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
@@ -409,12 +415,6 @@ async fn connection(
             .initial_stream_window_size(256 * 1024)
             .initial_connection_window_size(1024 * 1024);
         let conn = b.serve_connection(io, svc);
-        let ends = Ends {
-            state: &state,
-            activity: &activity,
-            idle,
-            drain: &drain,
-        };
         drive(conn, |c| c.graceful_shutdown(), ends, on_reload).await
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
@@ -423,12 +423,6 @@ async fn connection(
             .max_buf_size(64 * 1024)
             .keep_alive(true);
         let conn = b.serve_connection(io, svc);
-        let ends = Ends {
-            state: &state,
-            activity: &activity,
-            idle,
-            drain: &drain,
-        };
         drive(conn, |c| c.graceful_shutdown(), ends, on_reload).await
     };
     if let Err(e) = result {

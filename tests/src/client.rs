@@ -181,6 +181,38 @@ impl Client {
     }
 }
 
+/// An HTTP/2 connection to the receiver presenting `me`: its request handle and the task
+/// driving it (which ends when the server closes the connection).
+pub async fn h2_connect(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    me: &CertFiles,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let mut cfg = tls::client_config(
+        &tls::ClientTlsFiles {
+            ca_file: ca,
+            cert_file: &me.cert,
+            key_file: &me.key,
+        },
+        false,
+    )
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    (send, tokio::spawn(conn))
+}
+
 /// A bare TLS stream to the receiver presenting `me`, for requests written by hand (slow
 /// clients, partial bodies, disconnects).
 pub async fn raw_tls(

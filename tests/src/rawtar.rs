@@ -60,6 +60,17 @@ impl Header {
         self.0
     }
 
+    /// The right checksum written in base-256, a form GNU tar does not read (Python does).
+    pub fn finish_base256_checksum(&mut self) -> [u8; 512] {
+        self.0[148..156].fill(b' ');
+        let sum: u64 = self.0.iter().map(|&b| u64::from(b)).sum();
+        let mut f = [0u8; 8];
+        f[0] = 0x80;
+        f[6..].copy_from_slice(&(sum as u16).to_be_bytes());
+        self.field(148..156, &f);
+        self.0
+    }
+
     /// Like [`Header::finish`] but leaves the checksum field as it is.
     pub fn raw(&self) -> [u8; 512] {
         self.0

@@ -360,13 +360,7 @@ fn hardening_cases(put: &mut impl FnMut(&str, Vec<u8>, u16, &str)) {
         hidden.file(&format!("{EP}/evil.txt"), b"evil");
         let data = hidden.0;
         let mut h = Header::gnu(format!("{EP}/good").as_bytes(), b'0', data.len() as u64);
-        h.0[148..156].fill(b' ');
-        let sum: u64 = h.0.iter().map(|&b| u64::from(b)).sum();
-        let mut f = [0u8; 8];
-        f[0] = 0x80;
-        f[6..].copy_from_slice(&(sum as u16).to_be_bytes());
-        h.field(148..156, &f);
-        t.push(h.raw(), &data);
+        t.push(h.finish_base256_checksum(), &data);
         put("base256-checksum", zst(&t.end()), 422, "malformed checksum");
     }
     {

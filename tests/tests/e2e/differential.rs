@@ -317,16 +317,8 @@ fn member(rng: &mut Lcg, ep: &str, i: usize, t: &mut Tar) {
     }
     let bytes = match rng.below(100) {
         0..=2 => h.raw(),
-        3..=5 => {
-            // A base-256 checksum of the right value: GNU tar reads checksums as octal only.
-            h.0[148..156].fill(b' ');
-            let sum: u64 = h.0.iter().map(|&b| u64::from(b)).sum();
-            let mut f = [0u8; 8];
-            f[0] = 0x80;
-            f[6..].copy_from_slice(&(sum as u16).to_be_bytes());
-            h.field(148..156, &f);
-            h.raw()
-        }
+        // A base-256 checksum of the right value: GNU tar reads checksums as octal only.
+        3..=5 => h.finish_base256_checksum(),
         _ => h.finish(),
     };
     t.push(bytes, &data);

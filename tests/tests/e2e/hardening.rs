@@ -467,31 +467,7 @@ async fn connections_without_a_request_close_after_idle_timeout_over_http1_and_h
         "not before idle_timeout_s: {h1:?}"
     );
     // HTTP/2: one request, then nothing; the server ends the connection.
-    let mut cfg = cis490_common::tls::client_config(
-        &cis490_common::tls::ClientTlsFiles {
-            ca_file: &w.pki.ca_file,
-            cert_file: &me.cert,
-            key_file: &me.key,
-        },
-        false,
-    )
-    .unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut send, conn) = cis490_tests::client::h2_connect(p.addr, &w.pki.ca_file, &me).await;
     let req = http::Request::builder()
         .method("POST")
         .uri("https://localhost/v1/ping")

@@ -197,31 +197,7 @@ async fn a_revoked_certificate_is_refused_after_sighup_and_its_open_connection_c
     let ca = &w.pki.ca_file;
     assert_eq!(Client::new(p.addr, ca, &doomed).handshake().await, Ok(()));
     // A long-lived HTTP/2 connection made before the revocation.
-    let mut tls_cfg = cis490_common::tls::client_config(
-        &cis490_common::tls::ClientTlsFiles {
-            ca_file: ca,
-            cert_file: &doomed.cert,
-            key_file: &doomed.key,
-        },
-        false,
-    )
-    .unwrap();
-    tls_cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls_cfg))
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut send, conn) = cis490_tests::client::h2_connect(p.addr, ca, &doomed).await;
     assert_eq!(h2_ping(&mut send).await, Ok(200));
 
     std::fs::write(&crl, w.pki.crl(&[0x0bad_cafe])).unwrap();
