@@ -191,18 +191,10 @@ pub async fn h2_connect(
     hyper::client::conn::http2::SendRequest<Full<Bytes>>,
     tokio::task::JoinHandle<Result<(), hyper::Error>>,
 ) {
-    let mut cfg = tls::client_config(
-        &tls::ClientTlsFiles {
-            ca_file: ca,
-            cert_file: &me.cert,
-            key_file: &me.key,
-        },
-        false,
-    )
-    .unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // The config of an HTTP/2 [`Client`]: ALPN h2 and `me` as the client certificate.
+    let cfg = Client::new(addr, ca, me).http2().cfg;
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let tls = TlsConnector::from(Arc::new(cfg))
+    let tls = TlsConnector::from(cfg)
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .unwrap();
