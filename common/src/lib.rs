@@ -1,6 +1,8 @@
 //! Protocol pieces both daemons agree on: identifiers, header names, commit parsing, the
-//! `meta.json` reader, TLS loading, the systemd notify wrapper and the one durable-write helper.
+//! `meta.json` reader, TLS loading, the systemd notify wrapper, the one durable-write helper,
+//! the refusal vocabulary and the exit-code error both command lines use.
 
+pub mod cli;
 pub mod config_file;
 pub mod durable;
 pub mod headers;
@@ -10,7 +12,9 @@ pub mod logging;
 pub mod memory;
 pub mod meta;
 pub mod notify;
+pub mod reason;
 pub mod timefmt;
 pub mod tls;
 
 pub use ids::{validate_id, Commit, IdError};
+pub use reason::{Disposition, ErrorCode, Reason};

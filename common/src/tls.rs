@@ -39,6 +39,39 @@ pub enum TlsError {
     BadCrl { path: PathBuf, detail: String },
 }
 
+/// The config keys naming a daemon's TLS files, so that a [`TlsError`] can name the key to fix.
+#[derive(Debug, Clone, Copy)]
+pub struct TlsKeys<'a> {
+    pub cert: (&'a Path, &'a str),
+    pub key: (&'a Path, &'a str),
+    pub ca: (&'a Path, &'a str),
+    pub crl: Option<(&'a Path, &'a str)>,
+    /// Named when the certificate and the key do not belong together.
+    pub pair: &'a str,
+}
+
+impl TlsError {
+    /// The config key whose file this error is about.
+    pub fn config_key<'a>(&self, keys: &TlsKeys<'a>) -> &'a str {
+        let by_path = |p: &Path| {
+            [Some(keys.ca), keys.crl, Some(keys.key)]
+                .into_iter()
+                .flatten()
+                .find(|(path, _)| *path == p)
+                .map_or(keys.cert.1, |(_, key)| key)
+        };
+        match self {
+            TlsError::NoKey { .. } => keys.key.1,
+            TlsError::BadCa { .. } => keys.ca.1,
+            TlsError::BadPair { .. } => keys.pair,
+            TlsError::BadCrl { path, .. } => keys.crl.map_or_else(|| by_path(path), |(_, k)| k),
+            TlsError::Read { path, .. }
+            | TlsError::NoCertificate { path }
+            | TlsError::Parse { path, .. } => by_path(path),
+        }
+    }
+}
+
 /// The crypto provider every config in this project uses.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

@@ -153,24 +153,13 @@ fn load_tls(cfg: &Config, path: &Path) -> Result<ServerConfig, ConfigError> {
         crl_file: cfg.tls.crl_file.as_deref(),
     };
     tls::server_config(&files).map_err(|e| {
-        let key = match &e {
-            tls::TlsError::Read { path: p, .. }
-            | tls::TlsError::NoCertificate { path: p }
-            | tls::TlsError::BadCa { path: p, .. }
-            | tls::TlsError::Parse { path: p, .. }
-                if *p == cfg.tls.client_ca_file =>
-            {
-                "tls.client_ca_file"
-            }
-            tls::TlsError::BadCrl { .. } => "tls.crl_file",
-            tls::TlsError::Read { path: p, .. } if Some(p) == cfg.tls.crl_file.as_ref() => {
-                "tls.crl_file"
-            }
-            tls::TlsError::NoKey { .. } => "tls.key_file",
-            tls::TlsError::Read { path: p, .. } if *p == cfg.tls.key_file => "tls.key_file",
-            tls::TlsError::BadPair { .. } => "tls.cert_file/tls.key_file",
-            _ => "tls.cert_file",
-        };
+        let key = e.config_key(&tls::TlsKeys {
+            cert: (&cfg.tls.cert_file, "tls.cert_file"),
+            key: (&cfg.tls.key_file, "tls.key_file"),
+            ca: (&cfg.tls.client_ca_file, "tls.client_ca_file"),
+            crl: cfg.tls.crl_file.as_deref().map(|p| (p, "tls.crl_file")),
+            pair: "tls.cert_file/tls.key_file",
+        });
         ConfigError::new(path, key, e.to_string())
     })
 }

@@ -103,20 +103,13 @@ fn load(cli: &Cli) -> Result<(Config, PathBuf), ConfigError> {
 pub fn transport(cfg: &Config, path: &Path) -> Result<Transport, ConfigError> {
     let r = &cfg.receiver;
     let tls = crate::transport::client_tls(&r.ca_file, &r.cert_file, &r.key_file).map_err(|e| {
-        let key = match &e {
-            cis490_common::tls::TlsError::Read { path: p, .. }
-            | cis490_common::tls::TlsError::NoCertificate { path: p }
-            | cis490_common::tls::TlsError::BadCa { path: p, .. }
-                if *p == r.ca_file =>
-            {
-                "receiver.ca_file"
-            }
-            cis490_common::tls::TlsError::NoKey { .. } => "receiver.key_file",
-            cis490_common::tls::TlsError::Read { path: p, .. } if *p == r.key_file => {
-                "receiver.key_file"
-            }
-            _ => "receiver.cert_file",
-        };
+        let key = e.config_key(&cis490_common::tls::TlsKeys {
+            cert: (&r.cert_file, "receiver.cert_file"),
+            key: (&r.key_file, "receiver.key_file"),
+            ca: (&r.ca_file, "receiver.ca_file"),
+            crl: None,
+            pair: "receiver.cert_file",
+        });
         ConfigError::new(path, key, e.to_string())
     })?;
     let token = cfg.token(path)?;
