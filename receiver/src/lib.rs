@@ -1,12 +1,12 @@
 //! `cis490-receiver`: admits episodes produced by current code over mutual TLS, validates them
 //! in one streaming pass and stores them durably with an index.
 
+pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod gate;
-pub mod handlers;
 pub mod ingest;
 pub mod metrics;
 pub mod pki;

@@ -20,11 +20,11 @@ use tokio_util::sync::CancellationToken;
 
 use cis490_common::{notify, tls};
 
+use crate::api;
 use crate::auth::Tokens;
 use crate::config::StoreKind;
 use crate::config::{Config, ConfigError};
 use crate::gate::Gate;
-use crate::handlers;
 use crate::metrics::Metrics;
 use crate::s3::{S3Options, S3Store};
 use crate::store::{EpisodeStore, FsOptions, FsStore, Store};
@@ -382,7 +382,7 @@ async fn connection(
         let id = identity.clone();
         let busy = act.begin();
         async move {
-            let resp = handlers::handle(st, id, req).await;
+            let resp = api::handle(st, id, req).await;
             drop(busy);
             Ok::<_, Infallible>(resp)
         }
