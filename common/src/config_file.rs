@@ -57,6 +57,27 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// A config type whose values are checked beyond what parsing checks (ranges, required keys,
+/// combinations). [`load`] and [`parse`] run it, so a parsed config is a valid one.
+pub trait Validate {
+    fn validate(&self, path: &Path) -> Result<(), ConfigError>;
+}
+
+/// Parses `text` as the config file at `path` and validates it.
+pub fn parse<T: serde::de::DeserializeOwned + Validate>(
+    path: &Path,
+    text: &str,
+) -> Result<T, ConfigError> {
+    let cfg: T = parse_toml(path, text)?;
+    cfg.validate(path)?;
+    Ok(cfg)
+}
+
+/// Reads, parses and validates the config file at `path`.
+pub fn load<T: serde::de::DeserializeOwned + Validate>(path: &Path) -> Result<T, ConfigError> {
+    parse(path, &read(path)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,6 +87,22 @@ mod tests {
     #[allow(dead_code)]
     struct T {
         a: u32,
+    }
+
+    impl Validate for T {
+        fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+            if self.a == 0 {
+                return Err(ConfigError::new(path, "a", "must be greater than 0"));
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn parse_validates() {
+        assert_eq!(parse::<T>(Path::new("x.toml"), "a = 3\n").unwrap().a, 3);
+        let e = parse::<T>(Path::new("x.toml"), "a = 0\n").unwrap_err();
+        assert_eq!(e.to_string(), "x.toml: a: must be greater than 0");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Command line of `cis490-receiver` (SPEC §7) and the exit codes it maps errors to.
+//! Command line of `cis490-receiver` (SPEC §7). Each command returns a `Result`; the exit
+//! code is decided by the error (`cis490_common::cli`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,15 +8,13 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use cis490_common::cli::{self, CliError, EXIT_CONFIG, EXIT_FAILURE};
 use cis490_common::notify;
 
-use crate::config::{self, Config, ConfigError, StoreKind};
-use crate::gate::Gate;
-use crate::server::{open_s3, Receiver};
+use crate::config::{self, Config, StoreKind};
+use crate::server::Receiver;
+use crate::setup::open_s3;
 use crate::store;
-
-pub const EXIT_FAILURE: u8 = 1;
-pub const EXIT_CONFIG: u8 = 2;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,153 +59,103 @@ pub enum PkiCommand {
     },
 }
 
-fn pki(cmd: &PkiCommand) -> ExitCode {
+fn pki(cmd: &PkiCommand) -> Result<(), CliError> {
     match cmd {
-        PkiCommand::Revoke { host_id, dir } => match crate::pki::revoke(dir, host_id) {
-            Ok(r) => {
-                if r.newly {
-                    println!("revoked {host_id}: certificate serial {}", r.serial);
-                } else {
-                    println!(
-                        "{host_id}: certificate serial {} was revoked already",
-                        r.serial
-                    );
-                }
+        PkiCommand::Revoke { host_id, dir } => {
+            let r = crate::pki::revoke(dir, host_id).map_err(|e| {
+                let code = match e {
+                    crate::pki::PkiError::BadHostId(..) => EXIT_CONFIG,
+                    _ => EXIT_FAILURE,
+                };
+                CliError::new(code, format_args!("pki revoke: {e}"))
+            })?;
+            if r.newly {
+                println!("revoked {host_id}: certificate serial {}", r.serial);
+            } else {
                 println!(
-                    "{} now lists {} revoked certificate(s). With [tls] crl_file = \"{}\" in receiver.toml, apply it with:",
-                    r.crl.display(),
-                    r.total,
-                    r.crl.display()
+                    "{host_id}: certificate serial {} was revoked already",
+                    r.serial
                 );
-                println!("  sudo systemctl reload cis490-receiver");
-                ExitCode::SUCCESS
             }
-            Err(e @ crate::pki::PkiError::BadHostId(..)) => {
-                eprintln!("cis490-receiver: pki revoke: {e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-            Err(e) => {
-                eprintln!("cis490-receiver: pki revoke: {e}");
-                ExitCode::from(EXIT_FAILURE)
-            }
-        },
+            println!(
+                "{} now lists {} revoked certificate(s). With [tls] crl_file = \"{}\" in receiver.toml, apply it with:",
+                r.crl.display(),
+                r.total,
+                r.crl.display()
+            );
+            println!("  sudo systemctl reload cis490-receiver");
+            Ok(())
+        }
     }
-}
-
-fn config_fail(e: &ConfigError) -> ExitCode {
-    eprintln!("cis490-receiver: config error: {e}");
-    ExitCode::from(EXIT_CONFIG)
-}
-
-fn load(cli: &Cli) -> Result<(Config, PathBuf), ConfigError> {
-    let path = config::resolve_path(cli.config.clone(), std::env::var_os(config::ENV_PATH));
-    let cfg = Config::load(&path)?;
-    cfg.validate(&path)?;
-    Ok((cfg, path))
 }
 
 pub fn main() -> ExitCode {
     cis490_common::memory::limit_malloc_arenas();
     let cli = Cli::parse();
     cis490_common::logging::init();
+    cli::exit("cis490-receiver", run(cli))
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
     if let Some(Command::Pki(cmd)) = &cli.command {
         return pki(cmd);
     }
-    let (cfg, path) = match load(&cli) {
-        Ok(x) => x,
-        Err(e) => return config_fail(&e),
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    let path = cli::config_path(cli.config.clone(), config::ENV_PATH, config::DEFAULT_PATH);
+    let cfg = Config::load(&path)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cis490-receiver: failed to start the runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
+        .map_err(|e| CliError::failure(format_args!("failed to start the runtime: {e}")))?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            let code = rt.block_on(serve(cfg, path));
+            let outcome = rt.block_on(serve(cfg, path));
             // Validators still blocked on a disk must not hold up the exit; their temp files
             // are removed on the next start.
             rt.shutdown_timeout(std::time::Duration::from_secs(1));
-            code
+            outcome
         }
-        Command::CheckConfig => match Receiver::check(&cfg, &path) {
-            Ok(_) => {
-                println!("{}: ok", path.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => config_fail(&e),
-        },
+        Command::CheckConfig => {
+            Receiver::check(&cfg, &path)?;
+            println!("{}: ok", path.display());
+            Ok(())
+        }
         Command::Reindex if cfg.store.kind == StoreKind::S3 => {
-            let s3 = match cfg.validate(&path).and_then(|()| open_s3(&cfg, &path)) {
-                Ok(s) => s,
-                Err(e) => return config_fail(&e),
-            };
-            match rt.block_on(s3.reindex()) {
-                Ok((ok, bad)) => {
-                    println!("reindexed {ok} episode(s); {bad} object(s) skipped");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!(
-                        "cis490-receiver: failed to reindex {}: {e:#}",
-                        s3.describe()
-                    );
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
+            let s3 = open_s3(&cfg, &path)?;
+            let (ok, bad) = rt.block_on(s3.reindex()).map_err(|e| {
+                CliError::failure(format_args!("failed to reindex {}: {e:#}", s3.describe()))
+            })?;
+            println!("reindexed {ok} episode(s); {bad} object(s) skipped");
+            Ok(())
         }
         Command::ExportIndex if cfg.store.kind == StoreKind::S3 => {
-            let s3 = match cfg.validate(&path).and_then(|()| open_s3(&cfg, &path)) {
-                Ok(s) => s,
-                Err(e) => return config_fail(&e),
-            };
-            match rt.block_on(s3.export_index(&mut std::io::stdout().lock())) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("cis490-receiver: failed to export the index: {e:#}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
+            let s3 = open_s3(&cfg, &path)?;
+            rt.block_on(s3.export_index(&mut std::io::stdout().lock()))
+                .map_err(export_failed)
         }
         Command::Reindex => {
-            match store::reindex(&cfg.store_dir, cfg.limits.max_uncompressed_bytes) {
-                Ok((ok, bad)) => {
-                    println!("reindexed {ok} episode(s); {bad} file(s) skipped");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!(
-                        "cis490-receiver: failed to reindex {}: {e:#}",
+            let (ok, bad) = store::reindex(&cfg.store_dir, cfg.limits.max_uncompressed_bytes)
+                .map_err(|e| {
+                    CliError::failure(format_args!(
+                        "failed to reindex {}: {e:#}",
                         cfg.store_dir.display()
-                    );
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
+                    ))
+                })?;
+            println!("reindexed {ok} episode(s); {bad} file(s) skipped");
+            Ok(())
         }
-        Command::ExportIndex => {
-            match store::export_index(&cfg.store_dir, &mut std::io::stdout().lock()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("cis490-receiver: failed to export the index: {e:#}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
-        }
+        Command::ExportIndex => store::export_index(&cfg.store_dir, &mut std::io::stdout().lock())
+            .map_err(export_failed),
         Command::Gate => rt.block_on(gate_once(cfg, &path)),
         Command::Pki(cmd) => pki(&cmd),
     }
 }
 
-async fn gate_once(cfg: Config, path: &std::path::Path) -> ExitCode {
-    let gate = match Gate::new(cfg.version_gate.clone()) {
-        Ok(g) => g,
-        Err((key, msg)) => return config_fail(&ConfigError::new(path, key, msg)),
-    };
+fn export_failed(e: anyhow::Error) -> CliError {
+    CliError::failure(format_args!("failed to export the index: {e:#}"))
+}
+
+async fn gate_once(cfg: Config, path: &std::path::Path) -> Result<(), CliError> {
+    let gate = crate::setup::gate(&cfg, path)?;
     let refreshed = if gate.enabled() {
         gate.refresh().await
     } else {
@@ -225,10 +174,7 @@ async fn gate_once(cfg: Config, path: &std::path::Path) -> ExitCode {
             .unwrap_or_else(|| "-".into())
     );
     println!("last_error: {}", v.last_error.as_deref().unwrap_or("-"));
-    match refreshed {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(_) => ExitCode::from(EXIT_FAILURE),
-    }
+    refreshed.map_err(|_| CliError::reported(EXIT_FAILURE))
 }
 
 /// Lifts the soft open-file limit to the hard one: `max_connections` sockets plus the store's
@@ -253,41 +199,29 @@ fn raise_nofile_limit(want: u64) {
     }
 }
 
-async fn serve(cfg: Config, path: PathBuf) -> ExitCode {
+async fn serve(cfg: Config, path: PathBuf) -> Result<(), CliError> {
     raise_nofile_limit(cfg.limits.max_connections as u64 + 256);
     let (listen, metrics_listen) = (cfg.listen, cfg.metrics_listen);
-    let receiver = match Receiver::new(cfg, &path) {
-        Ok(r) => r,
-        Err(e) => return config_fail(&e),
-    };
+    let receiver = Receiver::new(cfg, &path)?;
     // Installed before anything announces the receiver as up: a SIGTERM that follows the
     // "receiver listening" line (or READY=1) is always a clean, drained stop, never the
     // default action's abrupt exit.
     let shutdown = CancellationToken::new();
-    if let Err(e) = spawn_signals(receiver.clone(), shutdown.clone()) {
-        eprintln!("cis490-receiver: failed to install signal handlers: {e}");
-        return ExitCode::from(EXIT_FAILURE);
-    }
-    let listener = match tokio::net::TcpListener::bind(listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!(
-                "cis490-receiver: failed to listen on {listen} (listen in {}): {e}",
-                path.display()
-            );
-            return ExitCode::from(EXIT_FAILURE);
+    spawn_signals(receiver.clone(), shutdown.clone())
+        .map_err(|e| CliError::failure(format_args!("failed to install signal handlers: {e}")))?;
+    let bind = |addr: std::net::SocketAddr, key: &'static str| {
+        let path = &path;
+        async move {
+            tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                CliError::failure(format_args!(
+                    "failed to listen on {addr} ({key} in {}): {e}",
+                    path.display()
+                ))
+            })
         }
     };
-    let ops = match tokio::net::TcpListener::bind(metrics_listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!(
-                "cis490-receiver: failed to listen on {metrics_listen} (metrics_listen in {}): {e}",
-                path.display()
-            );
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
+    let listener = bind(listen, "listen").await?;
+    let ops = bind(metrics_listen, "metrics_listen").await?;
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         metrics_listen = %ops.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -298,15 +232,14 @@ async fn serve(cfg: Config, path: PathBuf) -> ExitCode {
     if !shutdown.is_cancelled() {
         notify::ready();
     }
-    let result = receiver.serve(listener, Some(ops), shutdown).await;
-    match result {
+    match receiver.serve(listener, Some(ops), shutdown).await {
         Ok(()) => {
             tracing::info!("receiver stopped");
-            ExitCode::SUCCESS
+            Ok(())
         }
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "receiver failed");
-            ExitCode::from(EXIT_FAILURE)
+            Err(CliError::reported(EXIT_FAILURE))
         }
     }
 }

@@ -184,27 +184,27 @@ impl Default for QuarantineConfig {
 }
 
 pub use cis490_common::config_file::ConfigError;
+use cis490_common::config_file::{self, Validate};
 
 /// Longest timeout accepted: deadlines are computed as now + timeout.
 const MAX_TIMEOUT_S: u64 = 365 * 86_400;
 
-/// Where the config comes from: `--config`, then the environment variable, then the default.
-pub fn resolve_path(flag: Option<PathBuf>, env: Option<std::ffi::OsString>) -> PathBuf {
-    cis490_common::config_file::resolve_path(flag, env, DEFAULT_PATH)
+impl Config {
+    /// Reads, parses and validates the file. What the config names (certificates, key
+    /// files, the store) is checked when the receiver is set up (`setup`).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        config_file::load(path)
+    }
+
+    /// Parses and validates a config's text.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        config_file::parse(path, text)
+    }
 }
 
-impl Config {
-    /// Reads and parses the file; semantic checks are [`Config::validate`].
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        Self::parse(path, &cis490_common::config_file::read(path)?)
-    }
-
-    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        cis490_common::config_file::parse_toml(path, text)
-    }
-
-    /// Checks values that parse but cannot work. File-touching checks live in `validate_files`.
-    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+impl Validate for Config {
+    /// Checks values that parse but cannot work.
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let err = |k: &str, m: &str| Err(ConfigError::new(path, k, m));
         if self.limits.max_body_bytes == 0 {
             return err("limits.max_body_bytes", "must be greater than 0");
@@ -361,7 +361,6 @@ client_ca_file = "/ca.pem"
         assert!(c.tls.crl_file.is_none());
         let example = include_str!("../../etc/receiver.toml.example");
         let e = Config::parse(Path::new("receiver.toml.example"), example).unwrap();
-        e.validate(Path::new("receiver.toml.example")).unwrap();
         assert_eq!(format!("{:?}", e.limits), format!("{:?}", c.limits));
         assert_eq!(e.quarantine.max_entries, c.quarantine.max_entries);
     }
@@ -383,8 +382,9 @@ client_ca_file = "/ca.pem"
             ),
         ] {
             let text = format!("{MIN}{extra}");
-            let c = Config::parse(Path::new("r.toml"), &text).unwrap();
-            let e = c.validate(Path::new("r.toml")).unwrap_err().to_string();
+            let e = Config::parse(Path::new("r.toml"), &text)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(key), "{extra}: {e}");
         }
         // The same Forgejo URL with the explicit opt-in, or without a token, is accepted.
@@ -393,8 +393,7 @@ client_ca_file = "/ca.pem"
             "[version_gate.forgejo]\nbase_url = \"http://f.lab\"\nowner = \"o\"\nrepo = \"r\"\n",
         ] {
             let text = format!("{MIN}{extra}");
-            let c = Config::parse(Path::new("r.toml"), &text).unwrap();
-            c.validate(Path::new("r.toml")).unwrap();
+            Config::parse(Path::new("r.toml"), &text).unwrap();
         }
     }
 
@@ -418,8 +417,7 @@ client_ca_file = "/ca.pem"
     #[test]
     fn zero_window_is_rejected() {
         let text = format!("{MIN}\n[version_gate]\nwindow = 0\n");
-        let c = Config::parse(Path::new("r.toml"), &text).unwrap();
-        let e = c.validate(Path::new("r.toml")).unwrap_err();
+        let e = Config::parse(Path::new("r.toml"), &text).unwrap_err();
         assert_eq!(
             e.to_string(),
             "r.toml: version_gate.window: must be greater than 0"
@@ -430,7 +428,6 @@ client_ca_file = "/ca.pem"
     fn s3_store_keys_are_checked_by_name() {
         let full = "[store]\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:3900\"\nbucket = \"b\"\naccess_key_file = \"/k\"\nsecret_key_file = \"/s\"\n";
         let ok = Config::parse(Path::new("r.toml"), &format!("{MIN}\n{full}")).unwrap();
-        ok.validate(Path::new("r.toml")).unwrap();
         assert_eq!(ok.store.prefix, "");
         let cases = [
             ("endpoint = \"http://127.0.0.1:3900\"\n", "", "r.toml: store.endpoint: is required when store.kind = \"s3\""),
@@ -444,27 +441,17 @@ client_ca_file = "/ca.pem"
         ];
         for (from, to, want) in cases {
             let text = format!("{MIN}\n{}", full.replace(from, to));
-            let c = Config::parse(Path::new("r.toml"), &text).unwrap();
             assert_eq!(
-                c.validate(Path::new("r.toml")).unwrap_err().to_string(),
+                Config::parse(Path::new("r.toml"), &text)
+                    .unwrap_err()
+                    .to_string(),
                 want
             );
         }
         let good_prefix = full.replace("bucket = \"b\"", "bucket = \"b\"\nprefix = \"lab1/raw/\"");
-        let c = Config::parse(Path::new("r.toml"), &format!("{MIN}\n{good_prefix}")).unwrap();
-        c.validate(Path::new("r.toml")).unwrap();
+        Config::parse(Path::new("r.toml"), &format!("{MIN}\n{good_prefix}")).unwrap();
         let bad_kind = format!("{MIN}\n[store]\nkind = \"nfs\"\n");
         let e = Config::parse(Path::new("r.toml"), &bad_kind).unwrap_err();
         assert!(e.to_string().contains("nfs"), "{e}");
-    }
-
-    #[test]
-    fn env_and_flag_precedence() {
-        assert_eq!(
-            resolve_path(Some("/a".into()), Some("/b".into())),
-            PathBuf::from("/a")
-        );
-        assert_eq!(resolve_path(None, Some("/b".into())), PathBuf::from("/b"));
-        assert_eq!(resolve_path(None, None), PathBuf::from(DEFAULT_PATH));
     }
 }

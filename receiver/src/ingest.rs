@@ -187,30 +187,64 @@ pub fn validate_listing<R: Read, W: Write>(
     body: R,
     sink: W,
     expect: &Expect,
-    mut on_entry: impl FnMut(&str, Kind),
+    on_entry: impl FnMut(&str, Kind),
 ) -> Result<Validated, Rejection> {
     let probe = Rc::new(Probe::default());
-    let classify = |e: io::Error, what: &str| -> Rejection {
-        if let Some(e) = take_err(&probe.sink_err) {
+    let mut hashing = open(body, sink, expect, &probe)?;
+    let (walked, meta_commit) = walk_members(&mut hashing, expect, &probe, on_entry)?;
+    debug_assert_eq!(walked.total, hashing.count);
+    let sha = hex::encode(hashing.hasher.finalize());
+    let compressed_bytes = end_of_body(hashing.inner, expect, &probe)?;
+    let commit = meta_commit.ok_or_else(|| {
+        invalid(format!(
+            "tar has no {}/meta.json regular file",
+            expect.episode_id
+        ))
+    })?;
+    matches_headers(expect, &commit, &sha)?;
+    Ok(Validated {
+        tar_sha256: sha,
+        uncompressed_bytes: walked.total,
+        compressed_bytes,
+        files: walked.files,
+        commit,
+    })
+}
+
+type Streams<R, W> = Hashing<zstd::stream::read::Decoder<'static, io::BufReader<Tee<R, W>>>>;
+
+impl Probe {
+    /// Names the cause of a failed read: the layer that recorded one wins, else `what`.
+    fn classify(&self, e: io::Error, what: &str, expect: &Expect) -> Rejection {
+        if let Some(e) = take_err(&self.sink_err) {
             return Rejection::Sink(e);
         }
-        if let Some(e) = take_err(&probe.source_err) {
+        if let Some(e) = take_err(&self.source_err) {
             return Rejection::Source(e);
         }
-        if let Some(e) = take_err(&probe.frame_err) {
+        if let Some(e) = take_err(&self.frame_err) {
             return invalid(e.to_string());
         }
-        if probe.too_large.get() {
+        if self.too_large.get() {
             return Rejection::TooLarge(expect.max_uncompressed);
         }
-        if probe.ratio.get() {
+        if self.ratio.get() {
             return Rejection::Ratio(expect.max_ratio);
         }
-        if probe.bytes_in.get() == 0 {
+        if self.bytes_in.get() == 0 {
             return invalid("body is empty");
         }
         invalid(format!("{what}: {e}"))
-    };
+    }
+}
+
+/// Step 1: body -> tee into the sink -> zstd -> hashing and limits.
+fn open<R: Read, W: Write>(
+    body: R,
+    sink: W,
+    expect: &Expect,
+    probe: &Rc<Probe>,
+) -> Result<Streams<R, W>, Rejection> {
     let tee = Tee {
         inner: body,
         sink,
@@ -218,99 +252,108 @@ pub fn validate_listing<R: Read, W: Write>(
         frames: FrameScanner::new(),
         probe: probe.clone(),
     };
-    let mut decoder =
-        zstd::stream::read::Decoder::new(tee).map_err(|e| classify(e, "zstd decoder"))?;
+    let mut decoder = zstd::stream::read::Decoder::new(tee)
+        .map_err(|e| probe.classify(e, "zstd decoder", expect))?;
     decoder
         .window_log_max(WINDOW_LOG_MAX)
-        .map_err(|e| classify(e, "zstd decoder"))?;
-    let mut hashing = Hashing {
+        .map_err(|e| probe.classify(e, "zstd decoder", expect))?;
+    Ok(Hashing {
         inner: decoder,
         hasher: Sha256::new(),
         count: 0,
         limit: expect.max_uncompressed,
         max_ratio: expect.max_ratio,
         probe: probe.clone(),
-    };
+    })
+}
+
+/// Step 2: the tar walk, which also reads the commit out of `meta.json`.
+fn walk_members<R: Read>(
+    tar: &mut R,
+    expect: &Expect,
+    probe: &Probe,
+    mut on_entry: impl FnMut(&str, Kind),
+) -> Result<(tarwalk::Walked, Option<Commit>), Rejection> {
     let limits = WalkLimits {
         max_path_bytes: expect.max_path_bytes,
         max_entries: MAX_ENTRIES,
     };
     let mut meta_commit: Option<Commit> = None;
-    let walked = tarwalk::walk(&mut hashing, &expect.episode_id, &limits, |m, data| {
+    let walked = tarwalk::walk(tar, &expect.episode_id, &limits, |m, data| {
         on_entry(m.rel, m.kind);
-        if m.kind != Kind::File || m.rel != "meta.json" {
-            return Ok(());
+        if m.kind == Kind::File && m.rel == "meta.json" {
+            meta_commit = Some(read_meta(m.size, data)?);
         }
-        if m.size > MAX_META_BYTES {
-            return Err(WalkError::Invalid(format!(
-                "meta.json is {} bytes; at most {MAX_META_BYTES} are accepted",
-                m.size
-            )));
-        }
-        let mut buf = Vec::with_capacity(m.size as usize);
-        data.read_to_end(&mut buf)
-            .map_err(|e| WalkError::Io(e, "failed to read meta.json"))?;
-        if (buf.len() as u64) < m.size {
-            return Err(WalkError::Invalid(
-                "tar stream is truncated: it does not end with two zero blocks".into(),
-            ));
-        }
-        let c = commit_from_meta(&buf).map_err(|e| WalkError::Invalid(e.to_string()))?;
-        meta_commit = Some(c);
         Ok(())
     });
-    let walked = match walked {
-        Ok(w) => w,
+    match walked {
+        Ok(w) => Ok((w, meta_commit)),
         Err(WalkError::Invalid(m)) => {
             // A refusal can follow a read error the walk saw as an end of data.
             if let Some(e) = take_err(&probe.frame_err) {
                 return Err(invalid(e.to_string()));
             }
-            return Err(invalid(m));
+            Err(invalid(m))
         }
-        Err(WalkError::Io(e, what)) => return Err(classify(e, what)),
-    };
-    let total = walked.total;
-    debug_assert_eq!(total, hashing.count);
-    let sha = hex::encode(hashing.hasher.finalize());
-    let mut rest = hashing.inner.finish();
+        Err(WalkError::Io(e, what)) => Err(probe.classify(e, what, expect)),
+    }
+}
+
+/// The commit `meta.json` names, bounded by [`MAX_META_BYTES`].
+fn read_meta(size: u64, data: &mut dyn Read) -> Result<Commit, WalkError> {
+    if size > MAX_META_BYTES {
+        return Err(WalkError::Invalid(format!(
+            "meta.json is {size} bytes; at most {MAX_META_BYTES} are accepted"
+        )));
+    }
+    let mut buf = Vec::with_capacity(size as usize);
+    data.read_to_end(&mut buf)
+        .map_err(|e| WalkError::Io(e, "failed to read meta.json"))?;
+    if (buf.len() as u64) < size {
+        return Err(WalkError::Invalid(
+            "tar stream is truncated: it does not end with two zero blocks".into(),
+        ));
+    }
+    commit_from_meta(&buf).map_err(|e| WalkError::Invalid(e.to_string()))
+}
+
+/// Step 3: nothing follows the last zstd frame, and the sink has every byte. Returns the
+/// compressed length.
+fn end_of_body<R: Read, W: Write>(
+    decoder: zstd::stream::read::Decoder<'static, io::BufReader<Tee<R, W>>>,
+    expect: &Expect,
+    probe: &Probe,
+) -> Result<u64, Rejection> {
+    let mut rest = decoder.finish();
     let leftover = rest
         .fill_buf()
-        .map_err(|e| classify(e, "body is not a valid zstd stream"))?;
+        .map_err(|e| probe.classify(e, "body is not a valid zstd stream", expect))?;
     if !leftover.is_empty() || !rest.get_ref().frames.at_boundary() {
         return Err(invalid("data follows the last zstd frame"));
     }
     let compressed_bytes = rest.get_ref().count;
     let mut tee = rest.into_inner();
     tee.sink.flush().map_err(Rejection::Sink)?;
+    Ok(compressed_bytes)
+}
 
-    let commit = meta_commit.ok_or_else(|| {
-        invalid(format!(
-            "tar has no {}/meta.json regular file",
-            expect.episode_id
-        ))
-    })?;
+/// Step 4: the body is what the headers declared.
+fn matches_headers(expect: &Expect, commit: &Commit, sha: &str) -> Result<(), Rejection> {
     if let Some(want) = &expect.commit {
-        if *want != commit {
+        if want != commit {
             return Err(invalid(format!(
                 "meta.json commit {commit} differs from the X-Cis490-Code-Commit header {want}"
             )));
         }
     }
     if let Some(want) = &expect.tar_sha256 {
-        if *want != sha {
+        if want != sha {
             return Err(invalid(format!(
                 "SHA-256 of the tar stream is {sha}, the X-Cis490-Tar-SHA256 header says {want}"
             )));
         }
     }
-    Ok(Validated {
-        tar_sha256: sha,
-        uncompressed_bytes: total,
-        compressed_bytes,
-        files: walked.files,
-        commit,
-    })
+    Ok(())
 }
 
 /// Summarises a stored tarball (reindex and start-up repair).

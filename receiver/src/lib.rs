@@ -1,21 +1,29 @@
 //! `cis490-receiver`: admits episodes produced by current code over mutual TLS, validates them
 //! in one streaming pass and stores them durably with an index.
+//!
+//! Arrows run down: `cli` -> `server` (accept loop, drain, watchdog) -> `setup` (start-up),
+//! `api` (the endpoints) and `ops` (operations listener) -> `gate`, `ingest`, `store` ->
+//! `error`, `config`, `metrics`, `auth`, `state`.
 
-pub mod api;
-pub mod auth;
+pub(crate) mod api;
+pub(crate) mod auth;
 pub mod cli;
 pub mod config;
-pub mod error;
+pub(crate) mod error;
 pub mod gate;
 pub mod ingest;
-pub mod metrics;
-pub mod pki;
-pub mod s3;
-pub mod server;
-pub mod slots;
-pub mod store;
+pub(crate) mod metrics;
+pub(crate) mod ops;
+pub(crate) mod pki;
+pub(crate) mod s3;
+pub(crate) mod server;
+pub(crate) mod setup;
+pub(crate) mod slots;
+pub(crate) mod state;
+pub(crate) mod store;
 pub mod tarwalk;
-pub mod zframes;
+pub(crate) mod zframes;
 
 pub use config::Config;
 pub use server::Receiver;
+pub use state::AppState;

@@ -1,143 +1,31 @@
-//! The HTTPS listener (mTLS, HTTP/1.1 and HTTP/2), the plain operations listener, the watchdog
-//! and the shutdown/reload plumbing. Request handling itself lives in `handlers`.
+//! The HTTPS listener (mTLS, HTTP/1.1 and HTTP/2): the accept loop, each connection's ends
+//! (idle, reload, drain), the watchdog and the quarantine janitor. Start-up is `setup`,
+//! requests are `api`, the operations listener is `ops`.
 
 use std::convert::Infallible;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::ServerConfig;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use cis490_common::{notify, tls};
 
-use crate::api;
-use crate::auth::Tokens;
-use crate::config::StoreKind;
 use crate::config::{Config, ConfigError};
-use crate::gate::Gate;
-use crate::metrics::Metrics;
-use crate::s3::{S3Options, S3Store};
-use crate::store::{EpisodeStore, FsOptions, FsStore, Store};
+use crate::state::AppState;
+use crate::store::Store;
+use crate::{api, ops, setup};
 
 /// How often the work loops bump their heartbeat counters.
-pub const HEARTBEAT: Duration = Duration::from_millis(250);
+pub(crate) const HEARTBEAT: Duration = Duration::from_millis(250);
 
 /// Time granted to in-flight requests after SIGTERM before they are cut off.
-pub const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
-
-pub struct AppState {
-    pub cfg: Config,
-    pub config_path: PathBuf,
-    pub tls: ArcSwap<ServerConfig>,
-    pub tokens: ArcSwap<Option<Tokens>>,
-    pub store: Store,
-    pub gate: Arc<Gate>,
-    pub metrics: Arc<Metrics>,
-    pub uploads: Arc<Semaphore>,
-    pub host_slots: Arc<crate::slots::HostSlots>,
-    /// `[limits] max_connections`: a permit per open API connection.
-    pub connections: Arc<Semaphore>,
-    /// `[limits] max_handshakes`: a permit per TLS handshake in progress.
-    pub handshakes: Arc<Semaphore>,
-    /// Bumped by every reload of the TLS material: connections made under older material
-    /// close once they are idle, so a revoked or replaced certificate does not live on in a
-    /// long HTTP/2 connection.
-    pub tls_generation: tokio::sync::watch::Sender<u64>,
-    /// The last store-writability probe and when it ran (at most one a second, SPEC §16).
-    pub probe_cache: tokio::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
-    /// Store probes actually run (each writes a file or an object).
-    pub probes_run: AtomicU64,
-    pub accept_heartbeat: AtomicU64,
-}
-
-/// How long a store-writability probe answers for.
-const PROBE_TTL: Duration = Duration::from_secs(1);
-
-impl AppState {
-    /// The store's writability, probed at most once a second; concurrent callers wait for the
-    /// one probe in progress and share its answer.
-    pub async fn probe_store(&self) -> Result<(), String> {
-        let mut cache = self.probe_cache.lock().await;
-        if let Some((at, answer)) = cache.as_ref() {
-            if at.elapsed() < PROBE_TTL {
-                return answer.clone();
-            }
-        }
-        self.probes_run.fetch_add(1, Ordering::Relaxed);
-        let answer = self.store.probe().await;
-        *cache = Some((tokio::time::Instant::now(), answer.clone()));
-        answer
-    }
-}
-
-fn read_secret(cfg_path: &Path, key: &str, file: Option<&Path>) -> Result<String, ConfigError> {
-    let Some(file) = file else {
-        return Err(ConfigError::new(
-            cfg_path,
-            key,
-            "is required when store.kind = \"s3\"",
-        ));
-    };
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| ConfigError::new(cfg_path, key, format!("{}: {e}", file.display())))?;
-    let v = text.trim();
-    if v.is_empty() {
-        return Err(ConfigError::new(
-            cfg_path,
-            key,
-            format!("{} is empty", file.display()),
-        ));
-    }
-    Ok(v.to_string())
-}
-
-/// Builds the S3 store the config names (reads the key files; contacts nothing).
-pub fn open_s3(cfg: &Config, cfg_path: &Path) -> Result<S3Store, ConfigError> {
-    let st = &cfg.store;
-    let access_key = read_secret(
-        cfg_path,
-        "store.access_key_file",
-        st.access_key_file.as_deref(),
-    )?;
-    let secret_key = read_secret(
-        cfg_path,
-        "store.secret_key_file",
-        st.secret_key_file.as_deref(),
-    )?;
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
-    let instance = format!(
-        "{}-{}",
-        if host.is_empty() { "receiver" } else { &host },
-        cfg.listen.port()
-    );
-    S3Store::new(S3Options {
-        endpoint: st.endpoint.clone().unwrap_or_default(),
-        region: st.region.clone().unwrap_or_else(|| "us-east-1".into()),
-        bucket: st.bucket.clone().unwrap_or_default(),
-        prefix: st.prefix.clone(),
-        access_key,
-        secret_key,
-        request_timeout: Duration::from_secs(10),
-        max_uncompressed: cfg.limits.max_uncompressed_bytes,
-        quarantine_keep_days: cfg.quarantine.keep_days,
-        quarantine_max_bytes: cfg.quarantine.max_bytes,
-        quarantine_max_entries: cfg.quarantine.max_entries,
-        instance,
-    })
-    .map_err(|e| ConfigError::new(cfg_path, "store.endpoint", e))
-}
+pub(crate) const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
 
 /// A configured receiver, ready to serve on listeners the caller bound.
 #[derive(Clone)]
@@ -145,111 +33,25 @@ pub struct Receiver {
     pub state: Arc<AppState>,
 }
 
-fn load_tls(cfg: &Config, path: &Path) -> Result<ServerConfig, ConfigError> {
-    let files = tls::ServerTlsFiles {
-        cert_file: &cfg.tls.cert_file,
-        key_file: &cfg.tls.key_file,
-        client_ca_file: &cfg.tls.client_ca_file,
-        crl_file: cfg.tls.crl_file.as_deref(),
-    };
-    tls::server_config(&files).map_err(|e| {
-        let key = e.config_key(&tls::TlsKeys {
-            cert: (&cfg.tls.cert_file, "tls.cert_file"),
-            key: (&cfg.tls.key_file, "tls.key_file"),
-            ca: (&cfg.tls.client_ca_file, "tls.client_ca_file"),
-            crl: cfg.tls.crl_file.as_deref().map(|p| (p, "tls.crl_file")),
-            pair: "tls.cert_file/tls.key_file",
-        });
-        ConfigError::new(path, key, e.to_string())
-    })
-}
-
-fn load_tokens(cfg: &Config, path: &Path) -> Result<Option<Tokens>, ConfigError> {
-    match &cfg.auth.tokens_file {
-        None => Ok(None),
-        Some(f) => Tokens::load(f).map(Some).map_err(|e| {
-            ConfigError::new(path, "auth.tokens_file", format!("{}: {e}", f.display()))
-        }),
-    }
-}
-
 impl Receiver {
     /// Checks everything the config names (certificates, tokens, store) and opens the store.
     pub fn new(cfg: Config, config_path: &Path) -> Result<Receiver, ConfigError> {
-        cfg.validate(config_path)?;
-        let tls_cfg = load_tls(&cfg, config_path)?;
-        let tokens = load_tokens(&cfg, config_path)?;
-        let metrics = Arc::new(Metrics::default());
-        let store = match cfg.store.kind {
-            StoreKind::Fs => {
-                let store = FsStore::open(
-                    &cfg.store_dir,
-                    &FsOptions {
-                        max_uncompressed: cfg.limits.max_uncompressed_bytes,
-                        quarantine_keep_days: cfg.quarantine.keep_days,
-                        quarantine_max_bytes: cfg.quarantine.max_bytes,
-                        quarantine_max_entries: cfg.quarantine.max_entries,
-                    },
-                )
-                .map_err(|e| ConfigError::new(config_path, "store_dir", e.to_string()))?;
-                if let Ok(q) = store.clean_quarantine() {
-                    metrics.quarantine_bytes.store(q, Ordering::Relaxed);
-                }
-                Store::Fs(store)
-            }
-            // Nothing is contacted here: a bucket that is down at start is answered 503 and
-            // shown by /healthz, like one that goes down later.
-            StoreKind::S3 => Store::S3(open_s3(&cfg, config_path)?),
-        };
-        let gate = Arc::new(
-            Gate::new(cfg.version_gate.clone())
-                .map_err(|(key, msg)| ConfigError::new(config_path, key, msg))?,
-        );
-        if !gate.enabled() {
-            tracing::warn!("version gate is DISABLED: any well-formed commit is admitted");
-        }
-        let uploads = Arc::new(Semaphore::new(cfg.limits.max_concurrent_uploads));
         Ok(Receiver {
-            state: Arc::new(AppState {
-                config_path: config_path.to_path_buf(),
-                tls: ArcSwap::from_pointee(tls_cfg),
-                tokens: ArcSwap::from_pointee(tokens),
-                store,
-                gate,
-                metrics,
-                uploads,
-                host_slots: crate::slots::HostSlots::new(cfg.limits.max_uploads_per_host),
-                connections: Arc::new(Semaphore::new(cfg.limits.max_connections)),
-                handshakes: Arc::new(Semaphore::new(cfg.limits.max_handshakes)),
-                probe_cache: tokio::sync::Mutex::new(None),
-                tls_generation: tokio::sync::watch::Sender::new(0),
-                probes_run: AtomicU64::new(0),
-                accept_heartbeat: AtomicU64::new(0),
-                cfg,
-            }),
+            state: Arc::new(setup::state(cfg, config_path)?),
         })
     }
 
     /// `check-config`: everything [`Receiver::new`] checks, without taking or touching the
     /// store (a receiver may be serving from it).
     pub fn check(cfg: &Config, config_path: &Path) -> Result<(), ConfigError> {
-        cfg.validate(config_path)?;
-        load_tls(cfg, config_path)?;
-        load_tokens(cfg, config_path)?;
-        Gate::new(cfg.version_gate.clone())
-            .map_err(|(key, msg)| ConfigError::new(config_path, key, msg))?;
-        match cfg.store.kind {
-            StoreKind::Fs => FsStore::check(&cfg.store_dir)
-                .map_err(|e| ConfigError::new(config_path, "store_dir", e.to_string())),
-            StoreKind::S3 => open_s3(cfg, config_path).map(|_| ()),
-        }
+        setup::check(cfg, config_path)
     }
 
     /// Re-reads certificates and tokens (SIGHUP); on error the old ones stay in force.
     pub fn reload(&self) -> Result<(), ConfigError> {
         let s = &self.state;
-        let tls_cfg = load_tls(&s.cfg, &s.config_path)?;
-        let tokens = load_tokens(&s.cfg, &s.config_path)?;
+        let tls_cfg = setup::load_tls(&s.cfg, &s.config_path)?;
+        let tokens = setup::load_tokens(&s.cfg, &s.config_path)?;
         s.tls.store(Arc::new(tls_cfg));
         s.tokens.store(Arc::new(tokens));
         s.tls_generation.send_modify(|g| *g += 1);
@@ -265,9 +67,9 @@ impl Receiver {
     ) -> anyhow::Result<()> {
         let state = self.state.clone();
         let tasks = CancellationToken::new();
-        let refresher = tokio::spawn(state.gate.clone().run_refresher(tasks.clone()));
+        let refresher = tokio::spawn(state.gate.clone().run_refresher(HEARTBEAT, tasks.clone()));
         if let Some(ops) = ops {
-            tokio::spawn(serve_ops(state.clone(), ops, tasks.clone()));
+            tokio::spawn(ops::serve(state.clone(), ops, tasks.clone()));
         }
         tokio::spawn(quarantine_janitor(state.clone(), tasks.clone()));
         if let Some(every) = notify::watchdog_interval() {
@@ -576,89 +378,5 @@ async fn quarantine_janitor(state: Arc<AppState>, stop: CancellationToken) {
                 tracing::warn!(error = %e, "failed to apply the receiver quarantine retention")
             }
         }
-    }
-}
-
-async fn serve_ops(state: Arc<AppState>, listener: TcpListener, stop: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(_) => { tokio::time::sleep(Duration::from_millis(100)).await; continue; }
-            }
-        };
-        let st = state.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let st = st.clone();
-                async move { Ok::<_, Infallible>(ops_response(&st, req.uri().path()).await) }
-            });
-            let mut b = hyper::server::conn::http1::Builder::new();
-            b.timer(TokioTimer::new())
-                .header_read_timeout(Some(Duration::from_secs(10)));
-            let _ = b.serve_connection(TokioIo::new(stream), svc).await;
-        });
-    }
-}
-
-async fn ops_response(state: &Arc<AppState>, path: &str) -> hyper::Response<Full<Bytes>> {
-    let text = |status: u16, ct: &str, body: String| {
-        hyper::Response::builder()
-            .status(status)
-            .header("content-type", ct)
-            .body(Full::new(Bytes::from(body)))
-            .unwrap_or_default()
-    };
-    match path {
-        "/healthz" => {
-            let mut problems = Vec::new();
-            if !state.gate.ready() {
-                let why = state
-                    .gate
-                    .view()
-                    .last_error
-                    .unwrap_or_else(|| "not loaded yet".into());
-                problems.push(format!("version gate has no commit list: {why}"));
-            }
-            if let Err(e) = state.probe_store().await {
-                problems.push(e);
-            }
-            let mut body = serde_json::json!({
-                "ok": problems.is_empty(),
-                "problems": problems,
-                "store": state.store.describe(),
-                "gate": state.gate.view(),
-            });
-            if !state.gate.enabled() {
-                body["warning"] =
-                    "version gate is disabled: any well-formed commit is admitted".into();
-            }
-            text(
-                if problems.is_empty() { 200 } else { 503 },
-                "application/json",
-                body.to_string() + "\n",
-            )
-        }
-        "/metrics" => {
-            let mut out = String::new();
-            state.metrics.render(&mut out);
-            state.gate.render_metrics(&mut out);
-            state.store.render_metrics(&mut out);
-            out.push_str(&format!(
-                "# HELP cis490_receiver_store_probes_total Store writability probes run for /healthz (at most one a second).\n# TYPE cis490_receiver_store_probes_total counter\ncis490_receiver_store_probes_total {}\n",
-                state.probes_run.load(Ordering::Relaxed)
-            ));
-            let handshaking = state
-                .cfg
-                .limits
-                .max_handshakes
-                .saturating_sub(state.handshakes.available_permits());
-            out.push_str(&format!(
-                "# HELP cis490_receiver_handshakes_in_progress TLS handshakes running (at most limits.max_handshakes).\n# TYPE cis490_receiver_handshakes_in_progress gauge\ncis490_receiver_handshakes_in_progress {handshaking}\n"
-            ));
-            text(200, "text/plain; version=0.0.4", out)
-        }
-        _ => text(404, "text/plain", "not found\n".into()),
     }
 }

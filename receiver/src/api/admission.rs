@@ -7,7 +7,7 @@ use cis490_common::{headers, Commit};
 
 use crate::error::{ApiError, ConflictSeen};
 use crate::gate::Admission;
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::store::IndexRow;
 
 use super::{header_str, own_episode};

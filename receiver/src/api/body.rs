@@ -12,8 +12,8 @@ use hyper::body::Incoming;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::server::AppState;
 use crate::slots::HostSlot;
+use crate::state::AppState;
 
 /// What the network side tells the validator.
 pub(super) enum Chunk {

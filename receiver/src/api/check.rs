@@ -7,7 +7,7 @@ use hyper::Response;
 use cis490_common::headers;
 
 use crate::error::ApiError;
-use crate::server::AppState;
+use crate::state::AppState;
 
 use super::admission::{admit, declared, Verdict};
 use super::{already_stored, parse_len, Resp};

@@ -3,7 +3,7 @@
 use http::StatusCode;
 
 use crate::error::ApiError;
-use crate::server::AppState;
+use crate::state::AppState;
 
 use super::{json_response, own_episode, Resp};
 

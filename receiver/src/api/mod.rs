@@ -22,7 +22,7 @@ use serde_json::json;
 use cis490_common::validate_id;
 
 use crate::error::ApiError;
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::store::IndexRow;
 
 pub(crate) const RECEIVER_VERSION: &str = env!("CARGO_PKG_VERSION");

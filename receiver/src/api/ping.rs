@@ -7,7 +7,7 @@ use cis490_common::{headers, Commit};
 
 use crate::error::ApiError;
 use crate::gate::Admission;
-use crate::server::AppState;
+use crate::state::AppState;
 
 use super::{header_str, json_response, Resp, RECEIVER_VERSION};
 

@@ -14,7 +14,7 @@ use cis490_common::timefmt;
 
 use crate::error::{ApiError, ConflictSeen};
 use crate::ingest::{self, Expect};
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::store::{CommitOutcome, IndexRow, QuarantineNote, Store};
 
 use super::admission::{admit, declared, host_overloaded, Declared, Verdict};

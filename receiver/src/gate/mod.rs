@@ -150,10 +150,6 @@ impl Gate {
         self.cfg.enabled
     }
 
-    pub fn config(&self) -> &GateConfig {
-        &self.cfg
-    }
-
     pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
         self.snapshot.load_full()
     }
@@ -327,14 +323,15 @@ impl Gate {
         );
     }
 
-    /// Runs the background refresher until `shutdown` fires.
-    pub async fn run_refresher(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Runs the background refresher until `shutdown` fires, bumping `heartbeat` at least every
+    /// `beat` (the watchdog reads it).
+    pub async fn run_refresher(self: Arc<Self>, beat: Duration, shutdown: CancellationToken) {
         if !self.cfg.enabled {
             loop {
                 self.heartbeat.fetch_add(1, Ordering::Relaxed);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(crate::server::HEARTBEAT) => {}
+                    _ = tokio::time::sleep(beat) => {}
                 }
             }
         }
@@ -347,7 +344,7 @@ impl Gate {
             while Instant::now() < until {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep((until - Instant::now()).min(crate::server::HEARTBEAT)) => {}
+                    _ = tokio::time::sleep((until - Instant::now()).min(beat)) => {}
                 }
                 self.heartbeat.fetch_add(1, Ordering::Relaxed);
             }
