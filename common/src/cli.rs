@@ -72,10 +72,21 @@ pub fn exit(program: &str, outcome: Result<(), CliError>) -> ExitCode {
     }
 }
 
-/// The config file to read: `--config`, then the environment variable `env` (when set and
-/// not empty), then `default`.
-pub fn config_path(flag: Option<PathBuf>, env: &str, default: &str) -> PathBuf {
-    crate::config_file::resolve_path(flag, std::env::var_os(env), default)
+/// The `--config PATH` flag both daemons take, on every subcommand.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigFlag {
+    /// Config file (default: $CIS490_RECEIVER_CONFIG or $CIS490_SHIPPER_CONFIG, else the
+    /// daemon's file under /etc/cis490/).
+    #[arg(long = "config", global = true, value_name = "PATH")]
+    pub path: Option<PathBuf>,
+}
+
+impl ConfigFlag {
+    /// The config file to read: the flag, then the environment variable `env` (when set and
+    /// not empty), then `default`.
+    pub fn resolve(&self, env: &str, default: &str) -> PathBuf {
+        crate::config_file::resolve_path(self.path.clone(), std::env::var_os(env), default)
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use cis490_common::cli::{self, CliError, EXIT_CONFIG, EXIT_FAILURE};
+use cis490_common::cli::{self, CliError, ConfigFlag, EXIT_CONFIG, EXIT_FAILURE};
 use cis490_common::notify;
 
 use crate::config::{self, Config, StoreKind};
@@ -23,9 +23,8 @@ use crate::store;
     about = "Admits lab episodes from current code over mutual TLS and stores them durably"
 )]
 pub struct Cli {
-    /// Config file (default: $CIS490_RECEIVER_CONFIG, else /etc/cis490/receiver.toml).
-    #[arg(long, global = true, value_name = "PATH")]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigFlag,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -100,7 +99,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
     if let Some(Command::Pki(cmd)) = &cli.command {
         return pki(cmd);
     }
-    let path = cli::config_path(cli.config.clone(), config::ENV_PATH, config::DEFAULT_PATH);
+    let path = cli.config.resolve(config::ENV_PATH, config::DEFAULT_PATH);
     let cfg = Config::load(&path)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
