@@ -11,10 +11,9 @@ use tokio_util::sync::CancellationToken;
 use cis490_common::cli::{self, CliError, ConfigFlag, EXIT_CONFIG, EXIT_FAILURE};
 use cis490_common::notify;
 
-use crate::config::{self, Config, StoreKind};
+use crate::config::{self, Config};
 use crate::server::Receiver;
-use crate::setup::open_s3;
-use crate::store;
+use crate::setup::offline_store;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -118,39 +117,28 @@ fn run(cli: Cli) -> Result<(), CliError> {
             println!("{}: ok", path.display());
             Ok(())
         }
-        Command::Reindex if cfg.store.kind == StoreKind::S3 => {
-            let s3 = open_s3(&cfg, &path)?;
-            let (ok, bad) = rt.block_on(s3.reindex()).map_err(|e| {
-                CliError::failure(format_args!("failed to reindex {}: {e:#}", s3.describe()))
-            })?;
-            println!("reindexed {ok} episode(s); {bad} object(s) skipped");
-            Ok(())
-        }
-        Command::ExportIndex if cfg.store.kind == StoreKind::S3 => {
-            let s3 = open_s3(&cfg, &path)?;
-            rt.block_on(s3.export_index(&mut std::io::stdout().lock()))
-                .map_err(export_failed)
-        }
         Command::Reindex => {
-            let (ok, bad) = store::reindex(&cfg.store_dir, cfg.limits.max_uncompressed_bytes)
-                .map_err(|e| {
-                    CliError::failure(format_args!(
-                        "failed to reindex {}: {e:#}",
-                        cfg.store_dir.display()
-                    ))
-                })?;
-            println!("reindexed {ok} episode(s); {bad} file(s) skipped");
+            let store = offline_store(&cfg, &path)?;
+            let r = rt.block_on(store.reindex()).map_err(|e| {
+                CliError::failure(format_args!(
+                    "failed to reindex {}: {e:#}",
+                    store.describe()
+                ))
+            })?;
+            println!(
+                "reindexed {} episode(s); {} {} skipped",
+                r.ok, r.bad, r.unit
+            );
             Ok(())
         }
-        Command::ExportIndex => store::export_index(&cfg.store_dir, &mut std::io::stdout().lock())
-            .map_err(export_failed),
+        Command::ExportIndex => {
+            let store = offline_store(&cfg, &path)?;
+            rt.block_on(store.export_index(&mut std::io::stdout().lock()))
+                .map_err(|e| CliError::failure(format_args!("failed to export the index: {e:#}")))
+        }
         Command::Gate => rt.block_on(gate_once(cfg, &path)),
         Command::Pki(cmd) => pki(&cmd),
     }
-}
-
-fn export_failed(e: anyhow::Error) -> CliError {
-    CliError::failure(format_args!("failed to export the index: {e:#}"))
 }
 
 async fn gate_once(cfg: Config, path: &std::path::Path) -> Result<(), CliError> {

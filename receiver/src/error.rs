@@ -9,7 +9,7 @@ use http::StatusCode;
 use serde_json::{json, Map, Value};
 
 use crate::ingest::Rejection;
-use crate::s3::StoreUnavailable;
+use crate::store::StoreUnavailable;
 
 #[derive(Debug, Clone)]
 pub(crate) enum ApiError {

@@ -15,7 +15,6 @@ pub mod ingest;
 pub(crate) mod metrics;
 pub(crate) mod ops;
 pub(crate) mod pki;
-pub(crate) mod s3;
 pub(crate) mod server;
 pub(crate) mod setup;
 pub(crate) mod slots;

@@ -17,9 +17,8 @@ use crate::auth::Tokens;
 use crate::config::{Config, ConfigError, StoreKind};
 use crate::gate::Gate;
 use crate::metrics::Metrics;
-use crate::s3::{S3Options, S3Store};
 use crate::state::AppState;
-use crate::store::{EpisodeStore, FsOptions, FsStore, Store};
+use crate::store::{FsOptions, FsStore, Offline, S3Options, S3Store, Store};
 
 /// Opens the store and builds the state a receiver serves from.
 pub(crate) fn state(cfg: Config, config_path: &Path) -> Result<AppState, ConfigError> {
@@ -61,6 +60,17 @@ pub(crate) fn check(cfg: &Config, config_path: &Path) -> Result<(), ConfigError>
             .map_err(|e| ConfigError::new(config_path, "store_dir", e.to_string())),
         StoreKind::S3 => open_s3(cfg, config_path).map(|_| ()),
     }
+}
+
+/// The store for `reindex` and `export-index`, reached without opening it for serving.
+pub(crate) fn offline_store(cfg: &Config, config_path: &Path) -> Result<Offline, ConfigError> {
+    Ok(match cfg.store.kind {
+        StoreKind::Fs => Offline::Fs {
+            root: cfg.store_dir.clone(),
+            max_uncompressed: cfg.limits.max_uncompressed_bytes,
+        },
+        StoreKind::S3 => Offline::S3(open_s3(cfg, config_path)?),
+    })
 }
 
 pub(crate) fn gate(cfg: &Config, config_path: &Path) -> Result<Gate, ConfigError> {

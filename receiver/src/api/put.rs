@@ -10,8 +10,6 @@ use http::{HeaderMap, StatusCode};
 use hyper::body::Incoming;
 use tokio::task::JoinHandle;
 
-use cis490_common::timefmt;
-
 use crate::error::{ApiError, ConflictSeen};
 use crate::ingest::{self, Expect};
 use crate::state::AppState;
@@ -135,15 +133,14 @@ fn spawn_validator(
 
 /// The reason file kept beside a quarantined upload: what the client was answered.
 fn note(error: &ApiError, host_id: String, episode_id: String, commit: String) -> QuarantineNote {
-    QuarantineNote {
+    QuarantineNote::new(
         host_id,
         episode_id,
         commit,
-        http_status: error.status().as_u16(),
-        error: error.code().as_str().into(),
-        message: error.message(),
-        quarantined_at: timefmt::now_rfc3339(),
-    }
+        error.status().as_u16(),
+        error.code().as_str(),
+        error.message(),
+    )
 }
 
 async fn finish(
@@ -187,12 +184,7 @@ fn stored(state: &AppState, row: &IndexRow) -> Resp {
 }
 
 async fn refresh_quarantine_gauge(state: &AppState) {
-    let held = match &state.store {
-        // The S3 quarantine applied its retention when it kept the upload.
-        Store::S3(s) => Some(s.quarantine_bytes()),
-        Store::Fs(_) => state.store.clean_quarantine().await.ok(),
-    };
-    if let Some(q) = held {
+    if let Some(q) = state.store.quarantine_held().await {
         state.metrics.quarantine_bytes.store(q, Ordering::Relaxed);
     }
 }

@@ -32,8 +32,8 @@ use tokio::task::JoinHandle;
 
 use cis490_common::timefmt;
 
+use super::{CommitOutcome, IndexRow, QuarantineNote, StoreUnavailable, Upload};
 use crate::ingest::{self, Validated};
-use crate::store::{CommitOutcome, IndexRow, QuarantineNote, Upload};
 
 /// Bodies up to this size go up in one PUT; larger ones as a multipart upload of parts this
 /// big (S3 wants at least 5 MiB for every part but the last). At most one part is in flight
@@ -47,22 +47,6 @@ pub const BUFFER_BUDGET: usize = 64 << 20;
 
 /// How long an upload waits for buffer memory before it is answered 503.
 const BUFFER_WAIT: Duration = Duration::from_secs(30);
-
-/// A store request failed or timed out: the client should retry (503 `store_unavailable`).
-#[derive(Debug, thiserror::Error)]
-#[error("the object store is unavailable: {0}")]
-pub struct StoreUnavailable(pub String);
-
-impl StoreUnavailable {
-    pub fn into_io(self) -> io::Error {
-        io::Error::other(self)
-    }
-
-    /// Whether an I/O error carries a store failure (as opposed to a local one).
-    pub fn is(e: &io::Error) -> bool {
-        e.get_ref().is_some_and(|i| i.is::<StoreUnavailable>())
-    }
-}
 
 fn unavailable(op: &str, e: object_store::Error) -> StoreUnavailable {
     StoreUnavailable(format!("{op}: {e}"))
@@ -709,7 +693,7 @@ impl S3Store {
     /// `reindex`: writes the index object of every episode whose row is missing or names
     /// another body; reports ids with several bodies on stderr. Returns (rows ok, skipped).
     pub async fn reindex(&self) -> anyhow::Result<(usize, usize)> {
-        let (groups, _) = self.all_bodies().await?;
+        let groups = self.all_bodies().await?;
         let (mut ok, mut bad) = (0, 0);
         for ((host, ep), bodies) in groups {
             report_conflict(&host, &ep, &bodies);
@@ -736,7 +720,7 @@ impl S3Store {
     /// `export-index`: every index row as a JSON line, in key order; conflicts and bodies
     /// without a row are reported on stderr.
     pub async fn export_index(&self, out: &mut dyn Write) -> anyhow::Result<()> {
-        let (groups, _) = self.all_bodies().await?;
+        let groups = self.all_bodies().await?;
         let rows = self.list("list", "index").await?;
         let mut indexed = std::collections::HashSet::new();
         for m in rows {
@@ -764,11 +748,8 @@ impl S3Store {
     }
 
     /// Every body in the bucket grouped by (host, id), each group in episode order.
-    async fn all_bodies(
-        &self,
-    ) -> Result<(BTreeMap<(String, String), Vec<Body>>, usize), StoreUnavailable> {
+    async fn all_bodies(&self) -> Result<BTreeMap<(String, String), Vec<Body>>, StoreUnavailable> {
         let metas = self.list("list", "episodes").await?;
-        let n = metas.len();
         let mut groups: BTreeMap<(String, String), Vec<Body>> = BTreeMap::new();
         let strip = format!("{}episodes/", self.inner.prefix);
         for m in metas {
@@ -786,7 +767,7 @@ impl S3Store {
         for v in groups.values_mut() {
             v.sort_by(episode_order);
         }
-        Ok((groups, n))
+        Ok(groups)
     }
 }
 
@@ -908,17 +889,14 @@ impl S3Upload {
     }
 
     fn row(&self, v: &Validated, bytes: u64) -> IndexRow {
-        IndexRow {
-            ts: timefmt::now_rfc3339(),
-            host_id: self.host.clone(),
-            episode_id: self.ep.clone(),
-            path: self.key.to_string(),
+        IndexRow::new(
+            &self.host,
+            &self.ep,
+            self.key.to_string(),
             bytes,
-            tar_sha256: v.tar_sha256.clone(),
-            uncompressed_bytes: v.uncompressed_bytes,
-            files: v.files,
-            commit: v.commit.to_string(),
-        }
+            v,
+            timefmt::now_rfc3339(),
+        )
     }
 }
 

@@ -11,64 +11,10 @@ use std::time::{Duration, SystemTime};
 
 use cis490_common::durable::{self, DurableFile, Existing};
 use cis490_common::timefmt;
-use serde::{Deserialize, Serialize};
 
 use crate::ingest::{self, Validated};
 
-/// One line of `index.jsonl` (SPEC §5).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IndexRow {
-    pub ts: String,
-    pub host_id: String,
-    pub episode_id: String,
-    pub path: String,
-    pub bytes: u64,
-    pub tar_sha256: String,
-    pub uncompressed_bytes: u64,
-    pub files: u64,
-    pub commit: String,
-}
-
-/// How a commit attempt ended.
-#[derive(Debug, Clone)]
-pub enum CommitOutcome {
-    Stored(IndexRow),
-    /// Someone stored the same bytes first: the upload is discarded.
-    AlreadyStored(IndexRow),
-    /// Someone stored different bytes under this id: the upload is discarded.
-    Conflict(IndexRow),
-}
-
-/// Why an upload was set aside, written beside it in the receiver's quarantine.
-#[derive(Debug, Clone, Serialize)]
-pub struct QuarantineNote {
-    pub host_id: String,
-    pub episode_id: String,
-    pub commit: String,
-    pub http_status: u16,
-    pub error: String,
-    pub message: String,
-    pub quarantined_at: String,
-}
-
-/// An upload being written; dropped without `commit` or `quarantine`, it leaves nothing.
-pub trait Upload: Write + Send {
-    fn commit(self: Box<Self>, v: &Validated) -> io::Result<CommitOutcome>;
-    fn quarantine(self: Box<Self>, note: &QuarantineNote) -> io::Result<()>;
-}
-
-/// What the HTTP layer needs from a store.
-pub trait EpisodeStore: Send + Sync {
-    /// The stored row of an id; `Err` when the index cannot be read back.
-    fn get(&self, host_id: &str, episode_id: &str) -> io::Result<Option<IndexRow>>;
-    fn begin(&self, host_id: &str, episode_id: &str) -> io::Result<Box<dyn Upload>>;
-    /// Bytes free for new uploads, if the store can tell.
-    fn free_bytes(&self) -> Option<u64>;
-    /// Proves the store accepts writes right now (for `/healthz`).
-    fn probe_writable(&self) -> io::Result<()>;
-    /// Applies quarantine retention; returns the bytes still held.
-    fn clean_quarantine(&self) -> io::Result<u64>;
-}
+use super::{CommitOutcome, IndexRow, QuarantineNote, Upload};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -462,17 +408,14 @@ fn row_for_file(
             .map(timefmt::rfc3339)
             .unwrap_or_else(|_| timefmt::now_rfc3339())
     });
-    Ok(IndexRow {
+    Ok(IndexRow::new(
+        host,
+        ep,
+        rel_path(root, path),
+        v.compressed_bytes,
+        &v,
         ts,
-        host_id: host.to_string(),
-        episode_id: ep.to_string(),
-        path: rel_path(root, path),
-        bytes: v.compressed_bytes,
-        tar_sha256: v.tar_sha256,
-        uncompressed_bytes: v.uncompressed_bytes,
-        files: v.files,
-        commit: v.commit.to_string(),
-    })
+    ))
 }
 
 fn rel_path(root: &Path, path: &Path) -> String {
@@ -483,7 +426,7 @@ fn rel_path(root: &Path, path: &Path) -> String {
 }
 
 /// Rebuilds `index.jsonl` from the files under `episodes/`, keeping known `ts` values.
-pub fn reindex(root: &Path, max_uncompressed: u64) -> anyhow::Result<(usize, usize)> {
+pub(crate) fn reindex(root: &Path, max_uncompressed: u64) -> anyhow::Result<(usize, usize)> {
     // A serving receiver appends to the index it holds open: never replace it under its feet.
     let _lock = lock_store(root)?;
     let index_path = root.join("index.jsonl");
@@ -570,17 +513,14 @@ impl Upload for FsUpload {
             }
             Err(e) => return Err(e),
         }
-        let row = IndexRow {
-            ts: timefmt::now_rfc3339(),
-            host_id,
-            episode_id,
-            path: rel_path(root, &dest),
-            bytes: v.compressed_bytes,
-            tar_sha256: v.tar_sha256.clone(),
-            uncompressed_bytes: v.uncompressed_bytes,
-            files: v.files,
-            commit: v.commit.to_string(),
-        };
+        let row = IndexRow::new(
+            &host_id,
+            &episode_id,
+            rel_path(root, &dest),
+            v.compressed_bytes,
+            v,
+            timefmt::now_rfc3339(),
+        );
         if let Err(e) = store.append_row(&mut w, &row) {
             // No row, no file: the client gets an error (507 when the disk is full) and retries.
             let _ = fs::remove_file(&dest);
@@ -630,12 +570,19 @@ fn judge(row: &IndexRow, v: &Validated) -> CommitOutcome {
     }
 }
 
-impl EpisodeStore for FsStore {
-    fn get(&self, host_id: &str, episode_id: &str) -> io::Result<Option<IndexRow>> {
+impl FsStore {
+    /// Listings of the quarantine directory so far (for `/metrics`).
+    pub(crate) fn quarantine_scans(&self) -> u64 {
+        self.inner
+            .quarantine_scans
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn get(&self, host_id: &str, episode_id: &str) -> io::Result<Option<IndexRow>> {
         self.lookup(host_id, episode_id)
     }
 
-    fn begin(&self, host_id: &str, episode_id: &str) -> io::Result<Box<dyn Upload>> {
+    pub(crate) fn begin(&self, host_id: &str, episode_id: &str) -> io::Result<Box<dyn Upload>> {
         let file = DurableFile::create_in(&self.inner.root.join("tmp"), "upload")?;
         Ok(Box::new(FsUpload {
             store: self.clone(),
@@ -645,19 +592,19 @@ impl EpisodeStore for FsStore {
         }))
     }
 
-    fn free_bytes(&self) -> Option<u64> {
+    pub(crate) fn free_bytes(&self) -> Option<u64> {
         let st = nix::sys::statvfs::statvfs(&self.inner.root).ok()?;
         Some(st.blocks_available() as u64 * st.fragment_size() as u64)
     }
 
-    fn probe_writable(&self) -> io::Result<()> {
+    pub(crate) fn probe_writable(&self) -> io::Result<()> {
         let mut f = DurableFile::create_in(&self.inner.root.join("tmp"), "healthz")?;
         f.write_all(b"ok")?;
         drop(f);
         Ok(())
     }
 
-    fn clean_quarantine(&self) -> io::Result<u64> {
+    pub(crate) fn clean_quarantine(&self) -> io::Result<u64> {
         let qdir = self.inner.root.join("quarantine");
         // Invariant: the ledger is only ever left consistent, so a poisoned lock is still good.
         let mut ledger = self.inner.ledger.lock().unwrap_or_else(|p| p.into_inner());
@@ -755,7 +702,7 @@ impl QuarantineLedger {
 }
 
 /// Writes every row of `index.jsonl` to `out`, one JSON object per line, in stored order.
-pub fn export_index(root: &Path, out: &mut dyn Write) -> anyhow::Result<()> {
+pub(crate) fn export_index(root: &Path, out: &mut dyn Write) -> anyhow::Result<()> {
     let path = root.join("index.jsonl");
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
@@ -768,109 +715,6 @@ pub fn export_index(root: &Path, out: &mut dyn Write) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// The store a receiver serves from, as the request handlers see it.
-#[derive(Clone)]
-pub enum Store {
-    Fs(FsStore),
-    S3(crate::s3::S3Store),
-}
-
-impl Store {
-    /// The stored row of an id, if any (S3: decided from the bodies in the bucket).
-    pub async fn find(
-        &self,
-        host_id: &str,
-        episode_id: &str,
-    ) -> Result<Option<IndexRow>, crate::s3::StoreUnavailable> {
-        match self {
-            Store::Fs(s) => s.get(host_id, episode_id).map_err(|e| {
-                tracing::error!(error = %e, "failed to read a row back from index.jsonl");
-                crate::s3::StoreUnavailable(format!("index.jsonl: {e}"))
-            }),
-            Store::S3(s) => s.find(host_id, episode_id).await,
-        }
-    }
-
-    /// Opens an upload; called on a blocking thread (the S3 upload drives its requests from it).
-    pub fn begin(
-        &self,
-        host_id: &str,
-        episode_id: &str,
-        tar_sha256: &str,
-        commit: &str,
-        length: u64,
-    ) -> io::Result<Box<dyn Upload>> {
-        match self {
-            Store::Fs(s) => s.begin(host_id, episode_id),
-            Store::S3(s) => s.begin(host_id, episode_id, tar_sha256, commit, length),
-        }
-    }
-
-    pub fn free_bytes(&self) -> Option<u64> {
-        match self {
-            Store::Fs(s) => s.free_bytes(),
-            Store::S3(_) => None,
-        }
-    }
-
-    /// For `/healthz`: `Err` says why the store cannot take writes now.
-    pub async fn probe(&self) -> Result<(), String> {
-        match self {
-            Store::Fs(s) => {
-                let s = s.clone();
-                match tokio::task::spawn_blocking(move || s.probe_writable()).await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(format!("store is not writable: {e}")),
-                    Err(e) => Err(format!("store probe failed: {e}")),
-                }
-            }
-            Store::S3(s) => s
-                .probe()
-                .await
-                .map_err(|e| format!("bucket is not writable: {e}")),
-        }
-    }
-
-    /// Quarantine retention; returns the bytes still held.
-    pub async fn clean_quarantine(&self) -> io::Result<u64> {
-        match self {
-            Store::Fs(s) => {
-                let s = s.clone();
-                tokio::task::spawn_blocking(move || s.clean_quarantine())
-                    .await
-                    .map_err(io::Error::other)?
-            }
-            Store::S3(s) => s
-                .clean_quarantine()
-                .await
-                .map_err(crate::s3::StoreUnavailable::into_io),
-        }
-    }
-
-    /// What `/healthz` names as the store.
-    pub fn describe(&self) -> String {
-        match self {
-            Store::Fs(s) => format!("fs {}", s.root().display()),
-            Store::S3(s) => s.describe(),
-        }
-    }
-
-    pub fn render_metrics(&self, out: &mut String) {
-        match self {
-            Store::S3(s) => s.metrics().render(out),
-            Store::Fs(s) => {
-                let n = s
-                    .inner
-                    .quarantine_scans
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                out.push_str(&format!(
-                    "# HELP cis490_receiver_quarantine_scans_total Listings of the quarantine directory (at start, then at most hourly).\n# TYPE cis490_receiver_quarantine_scans_total counter\ncis490_receiver_quarantine_scans_total {n}\n"
-                ));
-            }
-        }
-    }
 }
 
 #[cfg(test)]
