@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use cis490_common::notify;
+use cis490_common::{notify, Reason};
 
 use crate::config::{self, Config, ConfigError};
 use crate::daemon::Shipper;
@@ -467,10 +467,10 @@ fn quarantine_unstamped(cfg: &Config, layout: &Layout, dry_run: bool) -> ExitCod
             moved += 1;
             continue;
         }
-        let r = queue::reason(&c.id, "unstamped", None, None, None);
+        let r = queue::QuarantineReason::new(&c.id, Reason::Unstamped, None, None, None);
         match layout.quarantine(&c.id, &r) {
             Ok(dest) => {
-                tracing::warn!(event = "quarantined", episode = %c.id, reason = "unstamped", detail = %why, "episode quarantined");
+                tracing::warn!(event = "quarantined", episode = %c.id, reason = Reason::Unstamped.as_str(), detail = %why, "episode quarantined");
                 println!("quarantined {} → {}: {why}", c.id, dest.display());
                 moved += 1;
             }

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use cis490_common::notify;
+use cis490_common::{notify, ErrorCode, Reason};
 
 use crate::config::Config;
 use crate::pack::{Compression, PackError};
@@ -242,8 +242,8 @@ impl Shipper {
             Stamp::Commit(commit) => commit.to_string(),
             Stamp::Missing => return Verdict::Kept,
             Stamp::Bad(why) => {
-                tracing::error!(event = "ship_rejected", episode = %id, reason = "unstamped", detail = %why, "meta.json has no usable code_version.commit");
-                return self.quarantine(&id, "unstamped", None, None, None);
+                tracing::error!(event = "ship_rejected", episode = %id, reason = Reason::Unstamped.as_str(), detail = %why, "meta.json has no usable code_version.commit");
+                return self.quarantine(&id, Reason::Unstamped, None, None, None);
             }
         };
         let cached = lock(&self.packed)
@@ -290,12 +290,12 @@ impl Shipper {
                         (sha, tarball)
                     }
                     Ok(Err(PackError::Unsupported { path, kind })) => {
-                        tracing::error!(event = "ship_rejected", episode = %id, reason = "unsupported_entry", path = %path.display(), kind, "episode holds an entry that cannot be shipped");
-                        return self.quarantine(&id, "unsupported_entry", None, None, Some(commit));
+                        tracing::error!(event = "ship_rejected", episode = %id, reason = Reason::UnsupportedEntry.as_str(), path = %path.display(), kind, "episode holds an entry that cannot be shipped");
+                        return self.quarantine(&id, Reason::UnsupportedEntry, None, None, Some(commit));
                     }
                     Ok(Err(PackError::NonUtf8 { path })) => {
-                        tracing::error!(event = "ship_rejected", episode = %id, reason = "unsupported_entry", path = %path.display(), "episode holds a file name that is not UTF-8");
-                        return self.quarantine(&id, "unsupported_entry", None, None, Some(commit));
+                        tracing::error!(event = "ship_rejected", episode = %id, reason = Reason::UnsupportedEntry.as_str(), path = %path.display(), "episode holds a file name that is not UTF-8");
+                        return self.quarantine(&id, Reason::UnsupportedEntry, None, None, Some(commit));
                     }
                     Ok(Err(e)) => {
                         let delay = self.transient_delay(&id, None);
@@ -342,17 +342,17 @@ impl Shipper {
     fn quarantine(
         &self,
         id: &str,
-        reason: &str,
+        reason: Reason,
         status: Option<u16>,
         body: Option<serde_json::Value>,
         commit: Option<String>,
     ) -> Verdict {
-        let r = queue::reason(id, reason, status, body, commit);
+        let r = queue::QuarantineReason::new(id, reason, status, body, commit);
         match self.layout.quarantine(id, &r) {
             Ok(dest) => {
                 lock(&self.retries).remove(id);
                 lock(&self.packed).remove(id);
-                tracing::warn!(event = "quarantined", episode = %id, reason, status = status.map_or_else(|| "none".to_string(), |s| s.to_string()), dir = %dest.display(), "episode quarantined");
+                tracing::warn!(event = "quarantined", episode = %id, reason = reason.as_str(), status = status.map_or_else(|| "none".to_string(), |s| s.to_string()), dir = %dest.display(), "episode quarantined");
                 Verdict::Quarantined
             }
             Err(e)
@@ -396,7 +396,7 @@ impl Shipper {
                     .and_then(|m| m.as_str())
                     .unwrap_or("")
                     .to_string();
-                if status == 412 {
+                if reason == Reason::CommitNotInWindow {
                     let remediation = body
                         .as_ref()
                         .and_then(|b| b.get("remediation"))
@@ -407,13 +407,13 @@ impl Shipper {
                         event = "ship_rejected",
                         episode = %id,
                         status,
-                        reason,
+                        reason = reason.as_str(),
                         commit,
                         remediation = ?remediation,
                         "this lab host's code is out of date; run on this host:\n{remediation}"
                     );
                 } else {
-                    tracing::error!(event = "ship_rejected", episode = %id, status, reason, message = %message, "receiver refused the episode");
+                    tracing::error!(event = "ship_rejected", episode = %id, status, reason = reason.as_str(), message = %message, "receiver refused the episode");
                 }
                 self.quarantine(id, reason, Some(status), body, Some(commit.to_string()))
             }
@@ -426,7 +426,7 @@ impl Shipper {
                     .and_then(|m| m.as_str())
                     .unwrap_or("")
                     .to_string();
-                tracing::error!(event = "ship_rejected", episode = %id, status, reason = if status == 401 { "unauthorized" } else { "forbidden" }, message = %message, retry_in_s = cap.as_secs(), "receiver refused this host's credentials; check the certificate and token");
+                tracing::error!(event = "ship_rejected", episode = %id, status, reason = if status == 401 { ErrorCode::Unauthorized } else { ErrorCode::Forbidden }.as_str(), message = %message, retry_in_s = cap.as_secs(), "receiver refused this host's credentials; check the certificate and token");
                 Verdict::Kept
             }
             Outcome::Transient {

@@ -14,25 +14,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use cis490_common::durable::{self, DurableFile, Existing};
-use cis490_common::{timefmt, validate_id, Commit};
+use cis490_common::{timefmt, validate_id, Commit, Reason};
 
 use crate::pack::{self, Compression, PackError, Packed};
 
 pub const REASON_FILE: &str = "quarantine_reason.json";
 const PENDING_SUFFIX: &str = ".reason.pending";
 
-/// The reasons SPEC §2 allows in `quarantine_reason.json`.
-pub const REASONS: [&str; 7] = [
-    "commit_not_in_window",
-    "malformed_request",
-    "conflict",
-    "too_large",
-    "invalid_content",
-    "unstamped",
-    "unsupported_entry",
-];
-
-/// `quarantine/<id>/quarantine_reason.json`.
+/// `quarantine/<id>/quarantine_reason.json`. `reason` stays a string when read back, so a
+/// file written by another version still counts under its own name in `status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QuarantineReason {
     pub episode_id: String,
@@ -586,20 +576,23 @@ pub fn read_stamp(dir: &Path) -> Stamp {
     }
 }
 
-pub fn reason(
-    id: &str,
-    reason: &str,
-    http_status: Option<u16>,
-    receiver_response: Option<Value>,
-    commit: Option<String>,
-) -> QuarantineReason {
-    QuarantineReason {
-        episode_id: id.to_string(),
-        reason: reason.to_string(),
-        http_status,
-        receiver_response,
-        commit,
-        quarantined_at: timefmt::now_rfc3339(),
+impl QuarantineReason {
+    /// The reason file for `id`, stamped now.
+    pub fn new(
+        id: &str,
+        reason: Reason,
+        http_status: Option<u16>,
+        receiver_response: Option<Value>,
+        commit: Option<String>,
+    ) -> QuarantineReason {
+        QuarantineReason {
+            episode_id: id.to_string(),
+            reason: reason.as_str().to_string(),
+            http_status,
+            receiver_response,
+            commit,
+            quarantined_at: timefmt::now_rfc3339(),
+        }
     }
 }
 
@@ -803,7 +796,7 @@ mod tests {
         episode(&l, "a");
         episode(&l, "b");
         l.retire("a").unwrap();
-        l.quarantine("b", &reason("b", "conflict", Some(409), None, None))
+        l.quarantine("b", &QuarantineReason::new("b", Reason::Conflict, Some(409), None, None))
             .unwrap();
         assert!(!l.retired_unsynced() && l.retires_durable());
     }
@@ -812,9 +805,9 @@ mod tests {
     fn quarantine_writes_the_reason_inside() {
         let (_t, l) = layout();
         episode(&l, "ep1");
-        let r = reason(
+        let r = QuarantineReason::new(
             "ep1",
-            "conflict",
+            Reason::Conflict,
             Some(409),
             Some(serde_json::json!({"error":"conflict"})),
             Some(C.into()),
@@ -874,10 +867,10 @@ mod tests {
     fn requeue_restores_the_episode_without_its_reason() {
         let (_t, l) = layout();
         episode(&l, "ep1");
-        l.quarantine("ep1", &reason("ep1", "conflict", Some(409), None, None))
+        l.quarantine("ep1", &QuarantineReason::new("ep1", Reason::Conflict, Some(409), None, None))
             .unwrap();
         episode(&l, "ep1");
-        l.quarantine("ep1", &reason("ep1", "conflict", Some(409), None, None))
+        l.quarantine("ep1", &QuarantineReason::new("ep1", Reason::Conflict, Some(409), None, None))
             .unwrap();
         assert!(l.quarantine_dir().join("ep1.1").exists());
         let back = l.requeue("ep1.1").unwrap();
