@@ -8,11 +8,11 @@ use std::time::{Duration, SystemTime};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use cis490_common::notify;
+use cis490_common::{notify, Reason};
 
 use crate::config::{self, Config, ConfigError};
 use crate::daemon::Shipper;
-use crate::queue::{self, Layout, Stamp};
+use crate::queue::{newest_mtime, read_stamp, QuarantineReason, Queue, Stamp};
 use crate::transport::{Settings, Transport};
 
 pub const EXIT_FAILURE: u8 = 1;
@@ -150,7 +150,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let layout = Layout::new(&cfg.data_dir);
+    let queue = Queue::new(&cfg.data_dir);
     match cli.command.clone().unwrap_or(Command::Run) {
         Command::Run | Command::Once => {
             let once = matches!(cli.command, Some(Command::Once));
@@ -158,7 +158,7 @@ pub fn main() -> ExitCode {
                 Ok(t) => t,
                 Err(e) => return config_fail(&e),
             };
-            if let Err(e) = layout.prepare() {
+            if let Err(e) = queue.prepare() {
                 return config_fail(&ConfigError::new(&path, "data_dir", e.to_string()));
             }
             // One shipping process per data_dir for its whole life: two would pack the same
@@ -193,9 +193,9 @@ pub fn main() -> ExitCode {
             };
             rt.block_on(ping(&cfg, &t, commit))
         }
-        Command::Status { json } => status(&layout, json),
-        Command::QuarantineUnstamped { dry_run } => quarantine_unstamped(&cfg, &layout, dry_run),
-        Command::Requeue { ids } => requeue(&layout, &ids),
+        Command::Status { json } => status(&queue, json),
+        Command::QuarantineUnstamped { dry_run } => quarantine_unstamped(&cfg, &queue, dry_run),
+        Command::Requeue { ids } => requeue(&queue, &ids),
         Command::Doctor { .. } => ExitCode::from(EXIT_CONFIG),
     }
 }
@@ -396,8 +396,8 @@ async fn ping_one(cfg: &Config, t: &Transport, i: usize, commit: Option<&str>) -
     }
 }
 
-fn status(layout: &Layout, json: bool) -> ExitCode {
-    let s = layout.status(SystemTime::now());
+fn status(queue: &Queue, json: bool) -> ExitCode {
+    let s = queue.status(SystemTime::now());
     if json {
         println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
         return ExitCode::SUCCESS;
@@ -434,8 +434,8 @@ fn status(layout: &Layout, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn quarantine_unstamped(cfg: &Config, layout: &Layout, dry_run: bool) -> ExitCode {
-    let list = match layout.list() {
+fn quarantine_unstamped(cfg: &Config, queue: &Queue, dry_run: bool) -> ExitCode {
+    let list = match queue.list() {
         Ok(l) => l,
         Err(e) => {
             eprintln!("cis490-shipper: failed to list episodes: {e}");
@@ -447,14 +447,14 @@ fn quarantine_unstamped(cfg: &Config, layout: &Layout, dry_run: bool) -> ExitCod
     let (mut kept, mut moved, mut settling) = (0, 0, 0);
     for c in list {
         // An episode still being written may not have its meta.json yet: leave it alone.
-        let quiet = queue::newest_mtime(&c.dir)
+        let quiet = newest_mtime(&c.dir)
             .map(|t| now.duration_since(t).unwrap_or_default() >= settle)
             .unwrap_or(false);
         if !quiet {
             settling += 1;
             continue;
         }
-        let why = match queue::read_stamp(&c.dir) {
+        let why = match read_stamp(&c.dir) {
             Stamp::Commit(_) => {
                 kept += 1;
                 continue;
@@ -467,10 +467,10 @@ fn quarantine_unstamped(cfg: &Config, layout: &Layout, dry_run: bool) -> ExitCod
             moved += 1;
             continue;
         }
-        let r = queue::reason(&c.id, "unstamped", None, None, None);
-        match layout.quarantine(&c.id, &r) {
+        let r = QuarantineReason::new(&c.id, Reason::Unstamped, None, None, None);
+        match queue.quarantine(&c.id, &r) {
             Ok(dest) => {
-                tracing::warn!(event = "quarantined", episode = %c.id, reason = "unstamped", detail = %why, "episode quarantined");
+                tracing::warn!(event = "quarantined", episode = %c.id, reason = Reason::Unstamped.as_str(), detail = %why, "episode quarantined");
                 println!("quarantined {} → {}: {why}", c.id, dest.display());
                 moved += 1;
             }
@@ -488,10 +488,10 @@ fn quarantine_unstamped(cfg: &Config, layout: &Layout, dry_run: bool) -> ExitCod
     ExitCode::SUCCESS
 }
 
-fn requeue(layout: &Layout, ids: &[String]) -> ExitCode {
+fn requeue(queue: &Queue, ids: &[String]) -> ExitCode {
     let mut failed = false;
     for id in ids {
-        match layout.requeue(id) {
+        match queue.requeue(id) {
             Ok(dest) => println!("requeued {id} → {}", dest.display()),
             Err(e) => {
                 eprintln!("cis490-shipper: {e}");

@@ -11,11 +11,11 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use cis490_common::notify;
+use cis490_common::{notify, ErrorCode, Reason};
 
 use crate::config::Config;
 use crate::pack::{Compression, PackError};
-use crate::queue::{self, Candidate, Layout, Stamp, Tarball};
+use crate::queue::{self, Candidate, Queue, Stamp, Tarball};
 use crate::transport::{Outcome, Shipment, Transport};
 
 /// Exponential backoff with full jitter, capped, never shorter than the server's Retry-After.
@@ -65,7 +65,7 @@ type UploadProgress = (Arc<std::sync::atomic::AtomicU64>, u64, Instant);
 
 pub struct Shipper {
     pub cfg: Config,
-    pub layout: Layout,
+    pub queue: Queue,
     pub transport: Arc<Transport>,
     retries: Mutex<HashMap<String, Retry>>,
     inflight: Mutex<HashSet<String>>,
@@ -91,7 +91,7 @@ pub struct Shipper {
 /// Episodes in hand per upload slot: one uploading, one packed (or packing) behind it.
 const IN_HAND_PER_SLOT: usize = 2;
 
-/// How long a retire may wait for the fsync that makes it durable (`Layout::sync_retired`); a
+/// How long a retire may wait for the fsync that makes it durable (`Queue::sync_retired`); a
 /// power cut inside that window means re-shipping those episodes, answered with already_stored.
 const RETIRE_SYNC_EVERY: Duration = Duration::from_secs(1);
 
@@ -102,13 +102,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Shipper {
     pub fn new(cfg: Config, transport: Transport) -> Shipper {
-        let layout = Layout::new(&cfg.data_dir);
+        let queue = Queue::new(&cfg.data_dir);
         let conc = cfg.shipping.concurrency.max(1);
         Shipper {
             pack_slots: Arc::new(tokio::sync::Semaphore::new(conc)),
             upload_slots: Arc::new(tokio::sync::Semaphore::new(conc)),
             cfg,
-            layout,
+            queue,
             transport: Arc::new(transport),
             retries: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashSet::new()),
@@ -139,7 +139,7 @@ impl Shipper {
     /// Sweep, recovery and (when due) retention: the start of every scan.
     fn housekeeping(&self) {
         let busy = lock(&self.inflight).clone();
-        match self.layout.sweep(&busy) {
+        match self.queue.sweep(&busy) {
             Ok(removed) => {
                 for name in removed {
                     let episode = name.split(".tar.zst").next().unwrap_or(&name).to_string();
@@ -161,10 +161,10 @@ impl Shipper {
             let now = SystemTime::now();
             let r = &self.cfg.retention;
             for (dir, keep) in [
-                (self.layout.shipped_dir(), r.shipped_keep_days),
-                (self.layout.quarantine_dir(), r.quarantine_keep_days),
+                (self.queue.shipped_dir(), r.shipped_keep_days),
+                (self.queue.quarantine_dir(), r.quarantine_keep_days),
             ] {
-                match self.layout.cleanup(&dir, keep, now) {
+                match self.queue.cleanup(&dir, keep, now) {
                     Ok(removed) => {
                         for name in removed {
                             tracing::info!(event = "cleanup", episode = %name, dir = %dir.display(), keep_days = keep, "removed an expired entry");
@@ -182,7 +182,7 @@ impl Shipper {
         let mut pending = lock(&self.pending);
         let stale = pending.1.is_none_or(|t| t.elapsed() >= scan_every);
         if pending.0.is_empty() || stale {
-            match self.layout.list_all() {
+            match self.queue.list_all() {
                 Ok((l, invalid)) => {
                     let mut warned = lock(&self.warned);
                     for name in invalid {
@@ -214,7 +214,7 @@ impl Shipper {
             if retries.get(&c.id).is_some_and(|r| r.until > now) {
                 continue;
             }
-            if c.dir.is_dir() && self.layout.is_ready(&c, self.settle(), now_sys) {
+            if c.dir.is_dir() && self.queue.is_ready(&c, self.settle(), now_sys) {
                 out.push(c);
             }
         }
@@ -242,16 +242,16 @@ impl Shipper {
             Stamp::Commit(commit) => commit.to_string(),
             Stamp::Missing => return Verdict::Kept,
             Stamp::Bad(why) => {
-                tracing::error!(event = "ship_rejected", episode = %id, reason = "unstamped", detail = %why, "meta.json has no usable code_version.commit");
-                return self.quarantine(&id, "unstamped", None, None, None);
+                tracing::error!(event = "ship_rejected", episode = %id, reason = Reason::Unstamped.as_str(), detail = %why, "meta.json has no usable code_version.commit");
+                return self.quarantine(&id, Reason::Unstamped, None, None, None);
             }
         };
         let cached = lock(&self.packed)
             .get(&id)
             .cloned()
-            .filter(|_| self.layout.tarball(&id).exists())
+            .filter(|_| self.queue.tarball(&id).exists())
             .map(|(sha, len)| {
-                let path = self.layout.tarball(&id);
+                let path = self.queue.tarball(&id);
                 (sha, Tarball::File { path, len })
             });
         let (sha, tarball) = match cached {
@@ -269,13 +269,13 @@ impl Shipper {
                 let me = self.clone();
                 let cc = c.clone();
                 let packed =
-                    tokio::task::spawn_blocking(move || match me.layout.existing_tarball(&cc.id) {
+                    tokio::task::spawn_blocking(move || match me.queue.existing_tarball(&cc.id) {
                         Some((sha, len)) => {
-                            let path = me.layout.tarball(&cc.id);
+                            let path = me.queue.tarball(&cc.id);
                             Ok((sha, Tarball::File { path, len }))
                         }
                         None => me
-                            .layout
+                            .queue
                             .pack(&cc, me.compression())
                             .map(|(p, t)| (p.tar_sha256, t)),
                     })
@@ -290,12 +290,24 @@ impl Shipper {
                         (sha, tarball)
                     }
                     Ok(Err(PackError::Unsupported { path, kind })) => {
-                        tracing::error!(event = "ship_rejected", episode = %id, reason = "unsupported_entry", path = %path.display(), kind, "episode holds an entry that cannot be shipped");
-                        return self.quarantine(&id, "unsupported_entry", None, None, Some(commit));
+                        tracing::error!(event = "ship_rejected", episode = %id, reason = Reason::UnsupportedEntry.as_str(), path = %path.display(), kind, "episode holds an entry that cannot be shipped");
+                        return self.quarantine(
+                            &id,
+                            Reason::UnsupportedEntry,
+                            None,
+                            None,
+                            Some(commit),
+                        );
                     }
                     Ok(Err(PackError::NonUtf8 { path })) => {
-                        tracing::error!(event = "ship_rejected", episode = %id, reason = "unsupported_entry", path = %path.display(), "episode holds a file name that is not UTF-8");
-                        return self.quarantine(&id, "unsupported_entry", None, None, Some(commit));
+                        tracing::error!(event = "ship_rejected", episode = %id, reason = Reason::UnsupportedEntry.as_str(), path = %path.display(), "episode holds a file name that is not UTF-8");
+                        return self.quarantine(
+                            &id,
+                            Reason::UnsupportedEntry,
+                            None,
+                            None,
+                            Some(commit),
+                        );
                     }
                     Ok(Err(e)) => {
                         let delay = self.transient_delay(&id, None);
@@ -342,22 +354,22 @@ impl Shipper {
     fn quarantine(
         &self,
         id: &str,
-        reason: &str,
+        reason: Reason,
         status: Option<u16>,
         body: Option<serde_json::Value>,
         commit: Option<String>,
     ) -> Verdict {
-        let r = queue::reason(id, reason, status, body, commit);
-        match self.layout.quarantine(id, &r) {
+        let r = queue::QuarantineReason::new(id, reason, status, body, commit);
+        match self.queue.quarantine(id, &r) {
             Ok(dest) => {
                 lock(&self.retries).remove(id);
                 lock(&self.packed).remove(id);
-                tracing::warn!(event = "quarantined", episode = %id, reason, status = status.map_or_else(|| "none".to_string(), |s| s.to_string()), dir = %dest.display(), "episode quarantined");
+                tracing::warn!(event = "quarantined", episode = %id, reason = reason.as_str(), status = status.map_or_else(|| "none".to_string(), |s| s.to_string()), dir = %dest.display(), "episode quarantined");
                 Verdict::Quarantined
             }
             Err(e)
                 if e.kind() == std::io::ErrorKind::NotFound
-                    && !self.layout.episodes_dir().join(id).is_dir() =>
+                    && !self.queue.episodes_dir().join(id).is_dir() =>
             {
                 tracing::info!(episode = %id, "episode was moved by another process meanwhile");
                 Verdict::Quarantined
@@ -372,7 +384,7 @@ impl Shipper {
 
     fn apply(&self, id: &str, commit: &str, s: &Shipment, outcome: Outcome) -> Verdict {
         match outcome {
-            Outcome::Stored { status, .. } => match self.layout.retire(id) {
+            Outcome::Stored { status, .. } => match self.queue.retire(id) {
                 Ok(dest) => {
                     lock(&self.retries).remove(id);
                     lock(&self.packed).remove(id);
@@ -396,7 +408,7 @@ impl Shipper {
                     .and_then(|m| m.as_str())
                     .unwrap_or("")
                     .to_string();
-                if status == 412 {
+                if reason == Reason::CommitNotInWindow {
                     let remediation = body
                         .as_ref()
                         .and_then(|b| b.get("remediation"))
@@ -407,13 +419,13 @@ impl Shipper {
                         event = "ship_rejected",
                         episode = %id,
                         status,
-                        reason,
+                        reason = reason.as_str(),
                         commit,
                         remediation = ?remediation,
                         "this lab host's code is out of date; run on this host:\n{remediation}"
                     );
                 } else {
-                    tracing::error!(event = "ship_rejected", episode = %id, status, reason, message = %message, "receiver refused the episode");
+                    tracing::error!(event = "ship_rejected", episode = %id, status, reason = reason.as_str(), message = %message, "receiver refused the episode");
                 }
                 self.quarantine(id, reason, Some(status), body, Some(commit.to_string()))
             }
@@ -426,7 +438,7 @@ impl Shipper {
                     .and_then(|m| m.as_str())
                     .unwrap_or("")
                     .to_string();
-                tracing::error!(event = "ship_rejected", episode = %id, status, reason = if status == 401 { "unauthorized" } else { "forbidden" }, message = %message, retry_in_s = cap.as_secs(), "receiver refused this host's credentials; check the certificate and token");
+                tracing::error!(event = "ship_rejected", episode = %id, status, reason = if status == 401 { ErrorCode::Unauthorized } else { ErrorCode::Forbidden }.as_str(), message = %message, retry_in_s = cap.as_secs(), "receiver refused this host's credentials; check the certificate and token");
                 Verdict::Kept
             }
             Outcome::Transient {
@@ -479,8 +491,8 @@ impl Shipper {
     }
 
     async fn sync_retired(&self) {
-        let layout = self.layout.clone();
-        match tokio::task::spawn_blocking(move || layout.sync_retired()).await {
+        let queue = self.queue.clone();
+        match tokio::task::spawn_blocking(move || queue.sync_retired()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "failed to fsync shipped/ after retiring; will try again")
@@ -501,7 +513,7 @@ impl Shipper {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(RETIRE_SYNC_EVERY) => {}
                 }
-                if me.layout.retired_unsynced() {
+                if me.queue.retired_unsynced() {
                     me.sync_retired().await;
                 }
             }
@@ -518,7 +530,7 @@ impl Shipper {
         stop.cancel();
         let _ = syncer.await;
         self.sync_retired().await;
-        if !self.layout.retires_durable() {
+        if !self.queue.retires_durable() {
             anyhow::bail!(
                 "an fsync of shipped/ or episodes/ failed: the last retired episodes may not be durable (they are re-shipped if the move is lost)"
             );
@@ -528,7 +540,7 @@ impl Shipper {
 
     /// `once`: every ready episode gets one attempt. Returns true when nothing is left to retry.
     pub async fn run_once(self: &Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<bool> {
-        self.layout.prepare()?;
+        self.queue.prepare()?;
         self.housekeeping();
         let stop_syncer = CancellationToken::new();
         let syncer = self.spawn_retire_syncer(stop_syncer.clone());
@@ -578,9 +590,9 @@ impl Shipper {
         shutdown: CancellationToken,
         on_ready: impl FnOnce(),
     ) -> anyhow::Result<()> {
-        self.layout.prepare()?;
+        self.queue.prepare()?;
         self.housekeeping();
-        let initial = self.layout.list()?.len();
+        let initial = self.queue.list()?.len();
         tracing::info!(queued = initial, data_dir = %self.cfg.data_dir.display(), "shipper started");
         on_ready();
         let watchdog = notify::watchdog_interval().map(|every| {

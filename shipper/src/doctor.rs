@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::queue::Layout;
+use crate::queue::Queue;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -433,7 +433,7 @@ fn cert_rows(cfg: &Config) -> Vec<Row> {
 
 fn queue_rows(cfg: &Config) -> Vec<Row> {
     let mut rows = Vec::new();
-    let s = Layout::new(&cfg.data_dir).status(SystemTime::now());
+    let s = Queue::new(&cfg.data_dir).status(SystemTime::now());
     let oldest = s.episodes.oldest_age_s.unwrap_or(0);
     let level = if oldest > 6 * 3600 {
         Level::Yellow

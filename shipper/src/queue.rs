@@ -14,25 +14,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use cis490_common::durable::{self, DurableFile, Existing};
-use cis490_common::{timefmt, validate_id, Commit};
+use cis490_common::{timefmt, validate_id, Commit, Reason};
 
 use crate::pack::{self, Compression, PackError, Packed};
 
 pub const REASON_FILE: &str = "quarantine_reason.json";
 const PENDING_SUFFIX: &str = ".reason.pending";
 
-/// The reasons SPEC §2 allows in `quarantine_reason.json`.
-pub const REASONS: [&str; 7] = [
-    "commit_not_in_window",
-    "malformed_request",
-    "conflict",
-    "too_large",
-    "invalid_content",
-    "unstamped",
-    "unsupported_entry",
-];
-
-/// `quarantine/<id>/quarantine_reason.json`.
+/// `quarantine/<id>/quarantine_reason.json`. `reason` stays a string when read back, so a
+/// file written by another version still counts under its own name in `status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QuarantineReason {
     pub episode_id: String,
@@ -43,14 +33,15 @@ pub struct QuarantineReason {
     pub quarantined_at: String,
 }
 
-/// The shipper's directories under `data_dir`.
+/// The on-disk queue: the shipper's four directories under `data_dir` and the transitions
+/// between them.
 #[derive(Debug, Clone)]
-pub struct Layout {
+pub struct Queue {
     pub root: PathBuf,
-    /// Set by [`Layout::retire`], cleared by [`Layout::sync_retired`]: moves into shipped/ whose
+    /// Set by [`Queue::retire`], cleared by [`Queue::sync_retired`]: moves into shipped/ whose
     /// directory entries may not be on disk yet.
     retired_unsynced: Arc<AtomicBool>,
-    /// Set by any failed [`Layout::sync_retired`] and never cleared: after an fsync error a
+    /// Set by any failed [`Queue::sync_retired`] and never cleared: after an fsync error a
     /// later successful fsync proves nothing, so `once` must not report success.
     retire_sync_failed: Arc<AtomicBool>,
 }
@@ -75,9 +66,9 @@ fn io_ctx(path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
-impl Layout {
-    pub fn new(root: &Path) -> Layout {
-        Layout {
+impl Queue {
+    pub fn new(root: &Path) -> Queue {
+        Queue {
             root: root.to_path_buf(),
             retired_unsynced: Arc::new(AtomicBool::new(false)),
             retire_sync_failed: Arc::new(AtomicBool::new(false)),
@@ -128,7 +119,7 @@ impl Layout {
         self.list_all().map(|(ok, _)| ok)
     }
 
-    /// Like [`Layout::list`], plus the names in episodes/ that are not valid episode ids (they
+    /// Like [`Queue::list`], plus the names in episodes/ that are not valid episode ids (they
     /// are never shipped; the daemon warns about each once).
     pub fn list_all(&self) -> io::Result<(Vec<Candidate>, Vec<String>)> {
         let dir = self.episodes_dir();
@@ -290,7 +281,7 @@ impl Layout {
     /// to `shipped/`. A crash in between leaves the episode in episodes/ without a tarball: it is
     /// packed and sent again and the receiver answers 200 already_stored, so nothing duplicates.
     ///
-    /// The move is not fsynced here: [`Layout::sync_retired`] makes any number of them durable
+    /// The move is not fsynced here: [`Queue::sync_retired`] makes any number of them durable
     /// with one fsync of each parent. On a journalling filesystem (ext4, XFS) a power cut before
     /// that can only undo a move (the rename is atomic), and an undone move is a re-ship the
     /// receiver answers with already_stored. Without a journal no fsync order makes a rename
@@ -312,7 +303,7 @@ impl Layout {
         Ok(dest)
     }
 
-    /// Makes every earlier [`Layout::retire`] durable: one fsync of shipped/ and one of
+    /// Makes every earlier [`Queue::retire`] durable: one fsync of shipped/ and one of
     /// episodes/, however many moves there were (none if there were none). On failure the moves
     /// stay marked, so the next call tries again.
     pub fn sync_retired(&self) -> io::Result<()> {
@@ -334,7 +325,7 @@ impl Layout {
         !self.retired_unsynced() && !self.retire_sync_failed.load(Ordering::Acquire)
     }
 
-    /// Whether a retire is waiting for [`Layout::sync_retired`].
+    /// Whether a retire is waiting for [`Queue::sync_retired`].
     pub fn retired_unsynced(&self) -> bool {
         self.retired_unsynced.load(Ordering::Acquire)
     }
@@ -586,20 +577,23 @@ pub fn read_stamp(dir: &Path) -> Stamp {
     }
 }
 
-pub fn reason(
-    id: &str,
-    reason: &str,
-    http_status: Option<u16>,
-    receiver_response: Option<Value>,
-    commit: Option<String>,
-) -> QuarantineReason {
-    QuarantineReason {
-        episode_id: id.to_string(),
-        reason: reason.to_string(),
-        http_status,
-        receiver_response,
-        commit,
-        quarantined_at: timefmt::now_rfc3339(),
+impl QuarantineReason {
+    /// The reason file for `id`, stamped now.
+    pub fn new(
+        id: &str,
+        reason: Reason,
+        http_status: Option<u16>,
+        receiver_response: Option<Value>,
+        commit: Option<String>,
+    ) -> QuarantineReason {
+        QuarantineReason {
+            episode_id: id.to_string(),
+            reason: reason.as_str().to_string(),
+            http_status,
+            receiver_response,
+            commit,
+            quarantined_at: timefmt::now_rfc3339(),
+        }
     }
 }
 
@@ -650,7 +644,7 @@ fn dir_status(dir: &Path, want_dirs: bool, now: SystemTime) -> DirStatus {
     s
 }
 
-impl Layout {
+impl Queue {
     pub fn status(&self, now: SystemTime) -> Status {
         let q = dir_status(&self.quarantine_dir(), true, now);
         let mut by_reason = BTreeMap::new();
@@ -685,14 +679,14 @@ mod tests {
 
     const C: &str = "0123456789abcdef0123456789abcdef01234567";
 
-    fn layout() -> (tempfile::TempDir, Layout) {
+    fn queue() -> (tempfile::TempDir, Queue) {
         let t = tempfile::tempdir().unwrap();
-        let l = Layout::new(t.path());
+        let l = Queue::new(t.path());
         l.prepare().unwrap();
         (t, l)
     }
 
-    fn episode(l: &Layout, id: &str) -> Candidate {
+    fn episode(l: &Queue, id: &str) -> Candidate {
         let d = l.episodes_dir().join(id);
         fs::create_dir_all(&d).unwrap();
         fs::write(
@@ -723,7 +717,7 @@ mod tests {
 
     #[test]
     fn small_tarballs_stay_in_memory_and_large_ones_go_to_the_outbox() {
-        let (_t, l) = layout();
+        let (_t, l) = queue();
         for (id, size, in_memory) in [
             ("small", 1000, true),
             ("edge", IN_MEMORY_MAX - 64 * 1024, true),
@@ -755,7 +749,7 @@ mod tests {
 
     #[test]
     fn retire_moves_and_drops_the_tarball_and_suffixes_collisions() {
-        let (_t, l) = layout();
+        let (_t, l) = queue();
         let c = episode(&l, "ep1");
         fs::write(c.dir.join("data"), noise(IN_MEMORY_MAX + 1)).unwrap();
         let (_, t) = l.pack(&c, Compression::default()).unwrap();
@@ -771,7 +765,7 @@ mod tests {
 
     #[test]
     fn retires_wait_for_one_sync_that_is_retried_until_it_succeeds() {
-        let (_t, l) = layout();
+        let (_t, l) = queue();
         assert!(!l.retired_unsynced());
         l.sync_retired().unwrap();
         for id in ["a", "b"] {
@@ -789,7 +783,7 @@ mod tests {
         assert!(!l.retired_unsynced());
         assert!(!l.retires_durable(), "a failed fsync is remembered");
         assert!(l.shipped_dir().join("a").is_dir() && l.shipped_dir().join("b").is_dir());
-        let (_t2, fresh) = layout();
+        let (_t2, fresh) = queue();
         episode(&fresh, "c");
         fresh.retire("c").unwrap();
         assert!(!fresh.retires_durable());
@@ -799,22 +793,25 @@ mod tests {
 
     #[test]
     fn a_quarantine_first_makes_earlier_retires_durable() {
-        let (_t, l) = layout();
+        let (_t, l) = queue();
         episode(&l, "a");
         episode(&l, "b");
         l.retire("a").unwrap();
-        l.quarantine("b", &reason("b", "conflict", Some(409), None, None))
-            .unwrap();
+        l.quarantine(
+            "b",
+            &QuarantineReason::new("b", Reason::Conflict, Some(409), None, None),
+        )
+        .unwrap();
         assert!(!l.retired_unsynced() && l.retires_durable());
     }
 
     #[test]
     fn quarantine_writes_the_reason_inside() {
-        let (_t, l) = layout();
+        let (_t, l) = queue();
         episode(&l, "ep1");
-        let r = reason(
+        let r = QuarantineReason::new(
             "ep1",
-            "conflict",
+            Reason::Conflict,
             Some(409),
             Some(serde_json::json!({"error":"conflict"})),
             Some(C.into()),
@@ -831,7 +828,7 @@ mod tests {
 
     #[test]
     fn interrupted_quarantines_are_finished_or_discarded() {
-        let (_t, l) = layout();
+        let (_t, l) = queue();
         // Crash after the directory rename, before the reason moved in.
         episode(&l, "ep1");
         fs::rename(l.episodes_dir().join("ep1"), l.quarantine_dir().join("ep1")).unwrap();
@@ -848,7 +845,7 @@ mod tests {
 
     #[test]
     fn sweep_removes_partials_and_orphans_only() {
-        let (_t, l) = layout();
+        let (_t, l) = queue();
         episode(&l, "live");
         fs::write(l.tarball("live"), b"x").unwrap();
         fs::write(l.tarball("gone"), b"x").unwrap();
@@ -861,7 +858,7 @@ mod tests {
 
     #[test]
     fn readiness_needs_meta_and_quiet() {
-        let (_t, l) = layout();
+        let (_t, l) = queue();
         let c = episode(&l, "ep1");
         let now = SystemTime::now();
         assert!(!l.is_ready(&c, Duration::from_secs(60), now));
@@ -872,13 +869,19 @@ mod tests {
 
     #[test]
     fn requeue_restores_the_episode_without_its_reason() {
-        let (_t, l) = layout();
+        let (_t, l) = queue();
         episode(&l, "ep1");
-        l.quarantine("ep1", &reason("ep1", "conflict", Some(409), None, None))
-            .unwrap();
+        l.quarantine(
+            "ep1",
+            &QuarantineReason::new("ep1", Reason::Conflict, Some(409), None, None),
+        )
+        .unwrap();
         episode(&l, "ep1");
-        l.quarantine("ep1", &reason("ep1", "conflict", Some(409), None, None))
-            .unwrap();
+        l.quarantine(
+            "ep1",
+            &QuarantineReason::new("ep1", Reason::Conflict, Some(409), None, None),
+        )
+        .unwrap();
         assert!(l.quarantine_dir().join("ep1.1").exists());
         let back = l.requeue("ep1.1").unwrap();
         assert_eq!(back, l.episodes_dir().join("ep1"));
@@ -889,7 +892,7 @@ mod tests {
 
     #[test]
     fn cleanup_honours_keep_days_and_zero() {
-        let (_t, l) = layout();
+        let (_t, l) = queue();
         episode(&l, "ep1");
         l.retire("ep1").unwrap();
         let later = SystemTime::now() + Duration::from_secs(15 * 86_400);
@@ -905,7 +908,7 @@ mod tests {
 
     #[test]
     fn stamps() {
-        let (_t, l) = layout();
+        let (_t, l) = queue();
         let c = episode(&l, "ep1");
         assert_eq!(read_stamp(&c.dir), Stamp::Commit(Commit::parse(C).unwrap()));
         fs::write(c.dir.join("meta.json"), b"{}").unwrap();

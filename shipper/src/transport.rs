@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_rustls::TlsConnector;
 
-use cis490_common::headers;
+use cis490_common::{headers, Disposition, Reason};
 
 /// Tarballs above this size get a preflight `check` before their bytes are sent (SPEC §3).
 pub const CHECK_THRESHOLD: u64 = 1 << 20;
@@ -78,7 +78,7 @@ pub enum Outcome {
     Stored { status: u16, body: Value },
     /// Never retried: quarantine with `reason`.
     Fatal {
-        reason: &'static str,
+        reason: Reason,
         status: u16,
         body: Option<Value>,
     },
@@ -93,38 +93,18 @@ pub enum Outcome {
 
 /// Maps an HTTP status (with its JSON body) to an outcome, as SPEC §3's table says.
 pub fn classify(status: u16, body: Option<Value>, retry_after: Option<Duration>) -> Outcome {
-    match status {
-        200 | 201 => Outcome::Stored {
+    match Disposition::of_status(status) {
+        Disposition::Stored => Outcome::Stored {
             status,
             body: body.unwrap_or(Value::Null),
         },
-        400 | 411 => Outcome::Fatal {
-            reason: "malformed_request",
+        Disposition::Quarantine(reason) => Outcome::Fatal {
+            reason,
             status,
             body,
         },
-        409 => Outcome::Fatal {
-            reason: "conflict",
-            status,
-            body,
-        },
-        412 => Outcome::Fatal {
-            reason: "commit_not_in_window",
-            status,
-            body,
-        },
-        413 => Outcome::Fatal {
-            reason: "too_large",
-            status,
-            body,
-        },
-        422 => Outcome::Fatal {
-            reason: "invalid_content",
-            status,
-            body,
-        },
-        401 | 403 => Outcome::Auth { status, body },
-        _ => Outcome::Transient {
+        Disposition::Auth => Outcome::Auth { status, body },
+        Disposition::Transient => Outcome::Transient {
             detail: format!(
                 "receiver answered {status}{}",
                 body.as_ref()
@@ -747,7 +727,7 @@ mod tests {
     #[test]
     fn statuses_map_to_the_spec_table() {
         let reason = |s| match classify(s, None, None) {
-            Outcome::Fatal { reason, .. } => reason,
+            Outcome::Fatal { reason, .. } => reason.as_str(),
             Outcome::Stored { .. } => "stored",
             Outcome::Auth { .. } => "auth",
             Outcome::Transient { .. } => "transient",
