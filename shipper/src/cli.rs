@@ -241,7 +241,7 @@ async fn run(shipper: Arc<Shipper>, once: bool) -> ExitCode {
         return ExitCode::from(EXIT_FAILURE);
     }
     if once {
-        return match shipper.run_once(shutdown).await {
+        return match shipper.once(shutdown).await {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(EXIT_FAILURE),
             Err(e) => {

@@ -1,9 +1,12 @@
 //! `lab-host.toml` (SPEC §6): every key with its default, unknown keys rejected by name, and a
-//! validation pass that loads the certificates and prepares `data_dir` before anything runs.
+//! check of every value. The files it names are read later, by whoever needs them: the
+//! certificates and the token by `host::transport`, `data_dir` by the commands that use it.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::pack::Compression;
 
 pub const DEFAULT_PATH: &str = "/etc/cis490/lab-host.toml";
 pub const ENV_PATH: &str = "CIS490_SHIPPER_CONFIG";
@@ -76,6 +79,23 @@ pub struct Shipping {
     pub zstd_threads: u32,
     pub max_backoff_s: u64,
     pub bandwidth_limit_mbps: f64,
+}
+
+impl Shipping {
+    /// The zstd settings of one pack. `zstd_threads = 0` means "all cores" for the host, shared
+    /// by the `concurrency` packs that may run at once, so packing never oversubscribes the
+    /// cores (nor multiplies zstd's buffers).
+    pub fn compression(&self, cores: usize) -> Compression {
+        let threads = if self.zstd_threads > 0 {
+            self.zstd_threads
+        } else {
+            (cores / self.concurrency.max(1)).max(1) as u32
+        };
+        Compression {
+            level: self.zstd_level,
+            threads,
+        }
+    }
 }
 
 impl Default for Shipping {
@@ -231,6 +251,23 @@ key_file = "/k.pem"
         assert_eq!(c.retention.quarantine_keep_days, 30);
         assert_eq!(c.retention.cleanup_interval_s, 3600);
         assert_eq!(c.receiver.url.list(), vec!["https://receiver.lab:8443"]);
+    }
+
+    #[test]
+    fn zero_zstd_threads_share_the_cores_between_packs() {
+        let threads = |zstd_threads, concurrency, cores| {
+            let s = Shipping {
+                zstd_threads,
+                concurrency,
+                ..Shipping::default()
+            };
+            s.compression(cores).threads
+        };
+        assert_eq!(threads(0, 2, 2), 1);
+        assert_eq!(threads(0, 2, 8), 4);
+        assert_eq!(threads(0, 4, 2), 1);
+        assert_eq!(threads(3, 2, 2), 3, "an explicit value is kept");
+        assert_eq!(Shipping::default().compression(8).level, 3);
     }
 
     #[test]

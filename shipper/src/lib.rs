@@ -6,4 +6,5 @@ pub mod daemon;
 pub mod doctor;
 pub mod pack;
 pub mod queue;
+pub(crate) mod retry;
 pub mod transport;

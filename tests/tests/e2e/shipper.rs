@@ -273,6 +273,51 @@ async fn reship_after_a_crash_between_put_and_retire_is_not_a_duplicate() {
     r.stop().await;
 }
 
+/// SPEC §2 "oldest first": with one upload at a time, a small episode packed ahead must not be
+/// stored before an older, larger one that is still packing. Each round races the two (the
+/// small one's pack finishes first whenever it wins the pack slot), so a shipper that lets a
+/// packed episode jump the queue fails within a few rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_concurrency_1_episodes_are_stored_oldest_first() {
+    const ROUNDS: usize = 20;
+    let w = World::new(1);
+    let r = start(&w, "").await;
+    let cfg = w.shipper_config(HOST, &url(r.addr), "[shipping]\nconcurrency = 1\n");
+    let eps = episodes_dir(&w);
+    // Incompressible and over 1 MiB: packed to the outbox, with a preflight, so it takes long.
+    let big = episode::noise(2_500_000, 0x9e37_79b9_7f4a_7c15);
+    let mut expected = Vec::new();
+    for round in 0..ROUNDS {
+        let older = format!("ep-{round:02}-older");
+        let newer = format!("ep-{round:02}-newer");
+        let d_old = episode::write(&eps, &older, &w.commits[0], &[("big.bin", &big)]);
+        let d_new = episode::write(&eps, &newer, &w.commits[0], &[("x", b"small")]);
+        // The queue's age is the directory's mtime: set both, a minute apart.
+        let now = std::time::SystemTime::now();
+        for (d, ago) in [(&d_old, 120), (&d_new, 60)] {
+            std::fs::File::open(d)
+                .unwrap()
+                .set_modified(now - std::time::Duration::from_secs(ago))
+                .unwrap();
+        }
+        let (code, out, err) = run(&cfg, &["once"]).await;
+        assert_eq!(code, 0, "round {round}: {out}\n{err}");
+        expected.extend([older, newer]);
+    }
+    let stored: Vec<String> = index_rows(&w.store_dir())
+        .iter()
+        .map(|row| row["episode_id"].as_str().unwrap().to_string())
+        .collect();
+    let overtaken: Vec<usize> = (0..ROUNDS)
+        .filter(|&k| stored.get(2 * k..2 * k + 2) != expected.get(2 * k..2 * k + 2))
+        .collect();
+    assert!(
+        overtaken.is_empty(),
+        "rounds {overtaken:?} of {ROUNDS} stored the newer episode first: {stored:?}"
+    );
+    r.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweep_settle_and_unstamped_drain() {
     let w = World::new(1);

@@ -1,0 +1,396 @@
+//! The work loop shared by `run` and `once`: scan, sweep, clean up, hand ready episodes to
+//! workers (two per upload slot, so the next is packed while the current one is on the wire),
+//! make retires durable in batches, and feed the systemd watchdog only while the loop and every
+//! upload make progress. `in_hand` holds what is known about each episode; `steps` is one
+//! episode's attempt.
+
+mod in_hand;
+mod steps;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Semaphore;
+use tokio::task::{JoinError, JoinSet};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use cis490_common::notify;
+
+use crate::config::Config;
+use crate::pack::Compression;
+use crate::queue::{Candidate, Queue};
+use crate::retry::{RetryPolicy, Setback};
+use crate::transport::Transport;
+use in_hand::InHand;
+
+/// How one attempt ended, for `once`'s exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Shipped,
+    Quarantined,
+    Kept,
+}
+
+/// What the work loop is run for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `run`: until shutdown, sweeping and cleaning up every `scan_interval_s`.
+    Daemon,
+    /// `once`: every ready episode gets one attempt, then the loop ends.
+    Once,
+}
+
+/// Episodes in hand per upload slot: one uploading, one packed (or packing) behind it.
+const IN_HAND_PER_SLOT: usize = 2;
+
+/// How long a retire may wait for the fsync that makes it durable (`Queue::sync_retired`); a
+/// power cut inside that window means re-shipping those episodes, answered with already_stored.
+const RETIRE_SYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a stopping daemon waits for its aborted workers.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+pub(crate) struct Shipper {
+    cfg: Config,
+    queue: Queue,
+    transport: Transport,
+    retry: RetryPolicy,
+    /// `[shipping]`'s zstd settings, `zstd_threads = 0` resolved for this host's cores.
+    compression: Compression,
+    in_hand: InHand,
+    /// At most `concurrency` packs at once (the upload slots are counted in `in_hand`).
+    pack_slots: Semaphore,
+    /// Last time the work loop went round: the watchdog's first condition.
+    loop_turned: Mutex<Instant>,
+}
+
+/// The work loop's own bookkeeping. Only the loop touches it, so it needs no lock.
+#[derive(Default)]
+struct Rounds {
+    /// The last listing of episodes/, consumed front to back between listings so that a large
+    /// backlog is listed once per scan interval, not once per upload.
+    listing: VecDeque<Candidate>,
+    listed_at: Option<Instant>,
+    /// Names in episodes/ that are not episode ids, already warned about.
+    warned: HashSet<String>,
+    last_cleanup: Option<Instant>,
+    /// `once`: the episodes already given their one attempt.
+    attempted: HashSet<String>,
+    workers: JoinSet<(String, Verdict)>,
+    /// Each worker's episode, for a worker that panics (its result carries no id then).
+    worker_ids: HashMap<tokio::task::Id, String>,
+    /// Attempts that ended with the episode kept.
+    kept: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Invariant: the only critical section stores an Instant, which cannot panic midway.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shipper {
+    pub(crate) fn new(cfg: Config, transport: Transport) -> Shipper {
+        let conc = cfg.shipping.concurrency.max(1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Shipper {
+            queue: Queue::new(&cfg.data_dir),
+            transport,
+            retry: RetryPolicy::new(Duration::from_secs(cfg.shipping.max_backoff_s)),
+            compression: cfg.shipping.compression(cores),
+            in_hand: InHand::new(conc),
+            pack_slots: Semaphore::new(conc),
+            loop_turned: Mutex::new(Instant::now()),
+            cfg,
+        }
+    }
+
+    /// The daemon: runs until `shutdown`; `on_ready` fires once the queue is built.
+    pub(crate) async fn run(
+        self: &Arc<Self>,
+        shutdown: CancellationToken,
+        on_ready: impl FnOnce(),
+    ) -> anyhow::Result<()> {
+        let mut rounds = Rounds::default();
+        self.queue.prepare()?;
+        self.housekeeping(&mut rounds);
+        let initial = self.queue.list()?.len();
+        tracing::info!(queued = initial, data_dir = %self.cfg.data_dir.display(), "shipper started");
+        on_ready();
+        let watchdog = notify::watchdog_interval().map(|every| {
+            let me = self.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move { me.watchdog(every, stop).await })
+        });
+        let worked = self.work(Mode::Daemon, &mut rounds, &shutdown).await;
+        if let Some(w) = watchdog {
+            w.abort();
+        }
+        worked
+    }
+
+    /// `once`: every ready episode gets one attempt. Returns true when nothing is left to retry.
+    pub(crate) async fn once(
+        self: &Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<bool> {
+        let mut rounds = Rounds::default();
+        self.queue.prepare()?;
+        self.housekeeping(&mut rounds);
+        self.work(Mode::Once, &mut rounds, &shutdown).await?;
+        Ok(rounds.kept == 0 && !shutdown.is_cancelled())
+    }
+
+    /// The loop both modes share; the caller has prepared the queue and swept it once.
+    async fn work(
+        self: &Arc<Self>,
+        mode: Mode,
+        rounds: &mut Rounds,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let stop_syncer = CancellationToken::new();
+        let syncer = self.spawn_retire_syncer(stop_syncer.clone());
+        let in_hand_max = self.cfg.shipping.concurrency * IN_HAND_PER_SLOT;
+        let scan_every = Duration::from_secs(self.cfg.shipping.scan_interval_s);
+        let mut next_scan = Instant::now() + scan_every;
+        let mut refill = true;
+        loop {
+            *lock(&self.loop_turned) = Instant::now();
+            if mode == Mode::Daemon && Instant::now() >= next_scan {
+                self.housekeeping(rounds);
+                next_scan = Instant::now() + scan_every;
+                refill = true;
+            }
+            let free = in_hand_max.saturating_sub(rounds.workers.len());
+            if refill && free > 0 {
+                refill = false;
+                let batch = self.ready(rounds, free, mode);
+                if mode == Mode::Once && batch.is_empty() && rounds.workers.is_empty() {
+                    break;
+                }
+                for c in batch {
+                    self.spawn(rounds, c);
+                }
+            }
+            // Wake a few times a second so the watchdog sees the loop alive even with a short
+            // WatchdogSec.
+            let wait = next_scan
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(250));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(r) = rounds.workers.join_next_with_id(), if !rounds.workers.is_empty() => {
+                    self.finished(rounds, r);
+                    // A worker is free: take more work right away (the sweep waits for the
+                    // next scan).
+                    refill = true;
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        if mode == Mode::Daemon {
+            tracing::info!(
+                in_flight = rounds.workers.len(),
+                "stopping: abandoning in-flight uploads (they are re-shipped on the next start)"
+            );
+        }
+        rounds.workers.abort_all();
+        let _ = tokio::time::timeout(DRAIN_LIMIT, async {
+            while rounds.workers.join_next().await.is_some() {}
+        })
+        .await;
+        self.finish_retires(stop_syncer, syncer).await
+    }
+
+    fn settle(&self) -> Duration {
+        Duration::from_secs(self.cfg.shipping.settle_s)
+    }
+
+    /// Sweep, recovery and (when due) retention: the start of every scan.
+    fn housekeeping(&self, rounds: &mut Rounds) {
+        match self.queue.sweep(&self.in_hand.busy()) {
+            Ok(removed) => {
+                for name in removed {
+                    let episode = name.split(".tar.zst").next().unwrap_or(&name).to_string();
+                    tracing::info!(event = "outbox_swept", episode = %episode, file = %name, "removed a stale outbox file");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "outbox sweep failed"),
+        }
+        let interval = Duration::from_secs(self.cfg.retention.cleanup_interval_s);
+        if rounds.last_cleanup.is_some_and(|t| t.elapsed() < interval) {
+            return;
+        }
+        rounds.last_cleanup = Some(Instant::now());
+        let now = SystemTime::now();
+        let r = &self.cfg.retention;
+        for (dir, keep) in [
+            (self.queue.shipped_dir(), r.shipped_keep_days),
+            (self.queue.quarantine_dir(), r.quarantine_keep_days),
+        ] {
+            match self.queue.cleanup(&dir, keep, now) {
+                Ok(removed) => {
+                    for name in removed {
+                        tracing::info!(event = "cleanup", episode = %name, dir = %dir.display(), keep_days = keep, "removed an expired entry");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, dir = %dir.display(), "cleanup failed"),
+            }
+        }
+    }
+
+    /// Ready episodes no worker has and not backing off, oldest first, at most `limit`; in
+    /// `once`, each episode at most once.
+    fn ready(&self, rounds: &mut Rounds, limit: usize, mode: Mode) -> Vec<Candidate> {
+        let scan_every = Duration::from_secs(self.cfg.shipping.scan_interval_s);
+        let stale = rounds.listed_at.is_none_or(|t| t.elapsed() >= scan_every);
+        if rounds.listing.is_empty() || stale {
+            match self.queue.list_all() {
+                Ok((listing, invalid)) => {
+                    for name in invalid {
+                        if rounds.warned.insert(name.clone()) {
+                            tracing::warn!(entry = %name, "episodes/ holds an entry whose name is not a valid episode id (letters, digits, '.', '_', '-'; at most 128); it is never shipped");
+                        }
+                    }
+                    rounds.listing = listing.into();
+                    rounds.listed_at = Some(Instant::now());
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "failed to list episodes");
+                    return Vec::new();
+                }
+            }
+        }
+        let now_sys = SystemTime::now();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        // Episodes skipped here come back with the next listing.
+        while out.len() < limit {
+            let Some(c) = rounds.listing.pop_front() else {
+                break;
+            };
+            if !self.in_hand.available(&c.id, now)
+                || (mode == Mode::Once && rounds.attempted.contains(&c.id))
+            {
+                continue;
+            }
+            if c.dir.is_dir() && self.queue.is_ready(&c, self.settle(), now_sys) {
+                if mode == Mode::Once {
+                    rounds.attempted.insert(c.id.clone());
+                }
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// Hands `c` to a worker of its own, so a panic in one episode's work stops only that one.
+    fn spawn(self: &Arc<Self>, rounds: &mut Rounds, c: Candidate) {
+        self.in_hand.take(&c);
+        let id = c.id.clone();
+        let me = self.clone();
+        let task = rounds.workers.spawn(async move {
+            let id = c.id.clone();
+            let verdict = me.attempt(c).await;
+            me.in_hand.finish(&id);
+            (id, verdict)
+        });
+        rounds.worker_ids.insert(task.id(), id);
+    }
+
+    fn finished(
+        &self,
+        rounds: &mut Rounds,
+        r: Result<(tokio::task::Id, (String, Verdict)), JoinError>,
+    ) {
+        match r {
+            Ok((task, (_, verdict))) => {
+                // Forget the task's id too, or a months-long run grows by one entry an episode.
+                rounds.worker_ids.remove(&task);
+                if verdict == Verdict::Kept {
+                    rounds.kept += 1;
+                }
+            }
+            Err(e) => {
+                // A panic inside one episode's work: log it, set the episode aside, keep going.
+                if let Some(id) = rounds.worker_ids.remove(&e.id()) {
+                    let delay = self.retry.delay(Setback::WorkerFailed, 0);
+                    self.in_hand.back_off(&id, delay);
+                    self.in_hand.finish(&id);
+                    tracing::error!(episode = %id, error = %e, "episode worker failed");
+                }
+            }
+        }
+    }
+
+    async fn sync_retired(&self) {
+        let queue = self.queue.clone();
+        match tokio::task::spawn_blocking(move || queue.sync_retired()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "failed to fsync shipped/ after retiring; will try again")
+            }
+            Err(e) => tracing::error!(error = %e, "retire sync task failed; will try again"),
+        }
+    }
+
+    /// Makes retires durable in batches until `stop` ([`Shipper::finish_retires`] does the last).
+    fn spawn_retire_syncer(
+        self: &Arc<Self>,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(RETIRE_SYNC_EVERY) => {}
+                }
+                if me.queue.retired_unsynced() {
+                    me.sync_retired().await;
+                }
+            }
+        })
+    }
+
+    /// Stops the retire syncer after its last round, then syncs once more for a retire that
+    /// outlived the abort of its task; an error if any retire may not be durable.
+    async fn finish_retires(
+        &self,
+        stop: CancellationToken,
+        syncer: tokio::task::JoinHandle<()>,
+    ) -> anyhow::Result<()> {
+        stop.cancel();
+        let _ = syncer.await;
+        self.sync_retired().await;
+        if !self.queue.retires_durable() {
+            anyhow::bail!(
+                "an fsync of shipped/ or episodes/ failed: the last retired episodes may not be durable (they are re-shipped if the move is lost)"
+            );
+        }
+        Ok(())
+    }
+
+    /// `WATCHDOG=1` while the loop turns and every upload's bytes move (or it just started).
+    async fn watchdog(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+        let window = every * 2;
+        loop {
+            let loop_ok = lock(&self.loop_turned).elapsed() < window;
+            let uploads_ok = self.in_hand.uploads_moving(window);
+            if loop_ok && uploads_ok {
+                notify::watchdog();
+            } else {
+                tracing::error!(
+                    loop_ok,
+                    uploads_ok,
+                    "work stalled; withholding the watchdog heartbeat"
+                );
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+}
