@@ -8,20 +8,19 @@ use std::time::{Duration, SystemTime};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use cis490_common::cli::{CliError, EXIT_CONFIG, EXIT_FAILURE};
 use cis490_common::{notify, Reason};
 
 use crate::config::{self, Config, ConfigError};
 use crate::daemon::Shipper;
+use crate::host::{self, INSTALL_ROOT};
 use crate::queue::{newest_mtime, read_stamp, QuarantineReason, Queue, Stamp};
-use crate::transport::{Settings, Transport};
+use crate::transport::Transport;
 
-pub const EXIT_FAILURE: u8 = 1;
-pub const EXIT_CONFIG: u8 = 2;
-pub const EXIT_NOT_ADMITTED: u8 = 4;
-/// Where the lab's code is installed; `ping` asks about its HEAD by default.
-pub const INSTALL_ROOT: &str = "/opt/cis490";
-/// What a lab host runs when its code is out of date (the receiver's default remediation).
-pub const DEFAULT_REMEDIATION: &str = "cd /opt/cis490 && sudo -u cis490 git pull origin main\nsudo /opt/cis490/scripts/install-lab-host.sh";
+/// The program name every error line starts with.
+const PROGRAM: &str = "cis490-shipper";
+/// `ping`: the receiver refuses the commit.
+const EXIT_NOT_ADMITTED: u8 = 4;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -89,175 +88,123 @@ fn normalise_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std
         .collect()
 }
 
-fn config_fail(e: &ConfigError) -> ExitCode {
-    eprintln!("cis490-shipper: config error: {e}");
-    ExitCode::from(EXIT_CONFIG)
-}
-
 fn load(cli: &Cli) -> Result<(Config, PathBuf), ConfigError> {
-    let path = config::resolve_path(cli.config.clone(), std::env::var_os(config::ENV_PATH));
+    let path =
+        cis490_common::cli::config_path(cli.config.clone(), config::ENV_PATH, config::DEFAULT_PATH);
     Ok((Config::load(&path)?, path))
-}
-
-/// Builds the transport; certificate and token problems are config errors naming the key.
-pub fn transport(cfg: &Config, path: &Path) -> Result<Transport, ConfigError> {
-    let r = &cfg.receiver;
-    let tls = crate::transport::client_tls(&r.ca_file, &r.cert_file, &r.key_file).map_err(|e| {
-        let key = e.config_key(&cis490_common::tls::TlsKeys {
-            cert: (&r.cert_file, "receiver.cert_file"),
-            key: (&r.key_file, "receiver.key_file"),
-            ca: (&r.ca_file, "receiver.ca_file"),
-            crl: None,
-            pair: "receiver.cert_file",
-        });
-        ConfigError::new(path, key, e.to_string())
-    })?;
-    let token = cfg.token(path)?;
-    Transport::new(Settings {
-        urls: r.url.list(),
-        tls,
-        token,
-        connect_timeout: Duration::from_secs(r.connect_timeout_s),
-        idle_timeout: Duration::from_secs(r.idle_timeout_s),
-        bandwidth_limit_mbps: cfg.shipping.bandwidth_limit_mbps,
-    })
-    .map_err(|e| ConfigError::new(path, "receiver.url", e))
 }
 
 pub fn main() -> ExitCode {
     cis490_common::memory::limit_malloc_arenas();
     let cli = Cli::parse_from(normalise_args(std::env::args_os()));
     cis490_common::logging::init();
-    if let Some(Command::Doctor {
+    cis490_common::cli::exit(PROGRAM, dispatch(&cli))
+}
+
+/// Runs the command `cli` names.
+fn dispatch(cli: &Cli) -> Result<(), CliError> {
+    let command = cli.command.clone().unwrap_or(Command::Run);
+    // doctor reports a config error as one of its rows; every other command needs the config.
+    if let Command::Doctor {
         since,
         log_file,
         json,
-    }) = &cli.command
+    } = command
     {
-        return doctor(&cli, since, log_file.clone(), *json);
+        return doctor(cli, &since, log_file, json);
     }
-    let (cfg, path) = match load(&cli) {
-        Ok(x) => x,
-        Err(e) => return config_fail(&e),
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cis490-shipper: failed to start the runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
+    let (cfg, path) = load(cli)?;
     let queue = Queue::new(&cfg.data_dir);
-    match cli.command.clone().unwrap_or(Command::Run) {
-        Command::Run | Command::Once => {
-            let once = matches!(cli.command, Some(Command::Once));
-            let t = match transport(&cfg, &path) {
-                Ok(t) => t,
-                Err(e) => return config_fail(&e),
-            };
-            if let Err(e) = queue.prepare() {
-                return config_fail(&ConfigError::new(&path, "data_dir", e.to_string()));
-            }
-            // One shipping process per data_dir for its whole life: two would pack the same
-            // .partial and sweep each other's work.
-            let _daemon_lock =
-                match cis490_common::lock::try_exclusive_named(&cfg.data_dir, ".daemon.lock") {
-                    Ok(Some(l)) => l,
-                    Ok(None) => {
-                        return config_fail(&ConfigError::new(
-                            &path,
-                            "data_dir",
-                            format!(
-                            "{} is in use by another cis490-shipper (run or once); stop it first",
-                            cfg.data_dir.display()
-                        ),
-                        ));
-                    }
-                    Err(e) => {
-                        return config_fail(&ConfigError::new(&path, "data_dir", e.to_string()))
-                    }
-                };
-            let code = rt.block_on(run(Arc::new(Shipper::new(cfg, t)), once));
-            // A pack still running on a blocking thread must not hold up the exit: its
-            // .partial file is swept on the next start.
-            rt.shutdown_timeout(Duration::from_secs(1));
-            code
-        }
+    match command {
+        Command::Run => ship(cfg, &path, &queue, false),
+        Command::Once => ship(cfg, &path, &queue, true),
         Command::Ping { commit } => {
-            let t = match transport(&cfg, &path) {
-                Ok(t) => t,
-                Err(e) => return config_fail(&e),
-            };
+            let rt = runtime()?;
+            let t = host::transport(&cfg, &path)?;
             rt.block_on(ping(&cfg, &t, commit))
         }
         Command::Status { json } => status(&queue, json),
         Command::QuarantineUnstamped { dry_run } => quarantine_unstamped(&cfg, &queue, dry_run),
         Command::Requeue { ids } => requeue(&queue, &ids),
-        Command::Doctor { .. } => ExitCode::from(EXIT_CONFIG),
+        Command::Doctor { .. } => unreachable!("invariant: doctor returned above"),
     }
 }
 
-fn doctor(cli: &Cli, since: &str, log_file: Option<PathBuf>, json: bool) -> ExitCode {
-    let since_d = match humantime::parse_duration(since) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("cis490-shipper: --since {since:?}: {e} (examples: 10min, 2h, 30s)");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let cfg = load(cli).map_err(|e| e.to_string());
-    let rt = match tokio::runtime::Builder::new_current_thread()
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cis490-shipper: failed to start the runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
+        .map_err(|e| CliError::failure(format_args!("failed to start the runtime: {e}")))
+}
+
+/// `run` and `once`: everything is checked before the first episode is touched.
+fn ship(cfg: Config, path: &Path, queue: &Queue, once: bool) -> Result<(), CliError> {
+    let rt = runtime()?;
+    let t = host::transport(&cfg, path)?;
+    let data_dir = |e: String| ConfigError::new(path, "data_dir", e);
+    queue.prepare().map_err(|e| data_dir(e.to_string()))?;
+    // One shipping process per data_dir for its whole life: two would pack the same .partial
+    // and sweep each other's work.
+    let _daemon_lock = cis490_common::lock::try_exclusive_named(&cfg.data_dir, ".daemon.lock")
+        .map_err(|e| data_dir(e.to_string()))?
+        .ok_or_else(|| {
+            data_dir(format!(
+                "{} is in use by another cis490-shipper (run or once); stop it first",
+                cfg.data_dir.display()
+            ))
+        })?;
+    let shipped = rt.block_on(run(Arc::new(Shipper::new(cfg, t)), once));
+    // A pack still running on a blocking thread must not hold up the exit: its .partial file
+    // is swept on the next start.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    shipped
+}
+
+fn doctor(cli: &Cli, since: &str, log_file: Option<PathBuf>, json: bool) -> Result<(), CliError> {
+    let since_d = humantime::parse_duration(since).map_err(|e| {
+        CliError::new(
+            EXIT_CONFIG,
+            format_args!("--since {since:?}: {e} (examples: 10min, 2h, 30s)"),
+        )
+    })?;
+    let cfg = load(cli).map_err(|e| e.to_string());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::failure(format_args!("failed to start the runtime: {e}")))?;
     let opts = crate::doctor::Options {
         since: since_d,
         since_text: since.to_string(),
         log_file,
-        json,
     };
     let rows = rt.block_on(crate::doctor::run(cfg, &opts));
     crate::doctor::print(&rows, json);
     if rows.iter().any(|r| r.level == crate::doctor::Level::Red) {
-        ExitCode::from(EXIT_FAILURE)
-    } else {
-        ExitCode::SUCCESS
+        return Err(CliError::reported(EXIT_FAILURE));
     }
+    Ok(())
 }
 
-async fn run(shipper: Arc<Shipper>, once: bool) -> ExitCode {
+async fn run(shipper: Arc<Shipper>, once: bool) -> Result<(), CliError> {
     let shutdown = CancellationToken::new();
-    if let Err(e) = spawn_signals(shutdown.clone()) {
-        eprintln!("cis490-shipper: failed to install signal handlers: {e}");
-        return ExitCode::from(EXIT_FAILURE);
-    }
+    spawn_signals(shutdown.clone())
+        .map_err(|e| CliError::failure(format_args!("failed to install signal handlers: {e}")))?;
     if once {
         return match shipper.once(shutdown).await {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::from(EXIT_FAILURE),
-            Err(e) => {
-                eprintln!("cis490-shipper: {e:#}");
-                ExitCode::from(EXIT_FAILURE)
-            }
+            Ok(true) => Ok(()),
+            // Each episode kept has been logged.
+            Ok(false) => Err(CliError::reported(EXIT_FAILURE)),
+            Err(e) => Err(CliError::failure(format_args!("{e:#}"))),
         };
     }
     match shipper.run(shutdown, notify::ready).await {
         Ok(()) => {
             tracing::info!("shipper stopped");
-            ExitCode::SUCCESS
+            Ok(())
         }
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "shipper failed");
-            ExitCode::from(EXIT_FAILURE)
+            Err(CliError::reported(EXIT_FAILURE))
         }
     }
 }
@@ -278,14 +225,8 @@ fn spawn_signals(shutdown: CancellationToken) -> std::io::Result<()> {
     Ok(())
 }
 
-/// HEAD of the install root, if it is a git checkout.
-pub fn installed_commit(root: &Path) -> Option<String> {
-    let repo = gix::open_opts(root, gix::open::Options::isolated()).ok()?;
-    repo.head_id().ok().map(|id| id.to_string())
-}
-
-async fn ping(cfg: &Config, t: &Transport, commit: Option<String>) -> ExitCode {
-    let commit = commit.or_else(|| installed_commit(Path::new(INSTALL_ROOT)));
+async fn ping(cfg: &Config, t: &Transport, commit: Option<String>) -> Result<(), CliError> {
+    let commit = commit.or_else(|| host::installed_commit(Path::new(INSTALL_ROOT)));
     let eps = t.endpoints();
     println!("host_id:    {} (from the config)", cfg.host_id);
     // Every receiver of the list is asked: a fleet that fails over must be able to reach each.
@@ -305,11 +246,11 @@ async fn ping(cfg: &Config, t: &Transport, commit: Option<String>) -> ExitCode {
         println!("summary:    {ok} of {} receivers OK", eps.len());
     }
     if failed > 0 {
-        ExitCode::from(EXIT_FAILURE)
+        Err(CliError::reported(EXIT_FAILURE))
     } else if not_admitted > 0 {
-        ExitCode::from(EXIT_NOT_ADMITTED)
+        Err(CliError::reported(EXIT_NOT_ADMITTED))
     } else {
-        ExitCode::SUCCESS
+        Ok(())
     }
 }
 
@@ -396,11 +337,11 @@ async fn ping_one(cfg: &Config, t: &Transport, i: usize, commit: Option<&str>) -
     }
 }
 
-fn status(queue: &Queue, json: bool) -> ExitCode {
+fn status(queue: &Queue, json: bool) -> Result<(), CliError> {
     let s = queue.status(SystemTime::now());
     if json {
         println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
-        return ExitCode::SUCCESS;
+        return Ok(());
     }
     let age = |a: Option<u64>| a.map_or_else(|| "-".to_string(), |s| format!("{s}s"));
     println!("{:<11} {:>8}  oldest", "", "count");
@@ -431,17 +372,13 @@ fn status(queue: &Queue, json: bool) -> ExitCode {
     for (r, n) in &s.quarantine.by_reason {
         println!("  {r:<26} {n}");
     }
-    ExitCode::SUCCESS
+    Ok(())
 }
 
-fn quarantine_unstamped(cfg: &Config, queue: &Queue, dry_run: bool) -> ExitCode {
-    let list = match queue.list() {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("cis490-shipper: failed to list episodes: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
+fn quarantine_unstamped(cfg: &Config, queue: &Queue, dry_run: bool) -> Result<(), CliError> {
+    let list = queue
+        .list()
+        .map_err(|e| CliError::failure(format_args!("failed to list episodes: {e}")))?;
     let settle = Duration::from_secs(cfg.shipping.settle_s);
     let now = SystemTime::now();
     let (mut kept, mut moved, mut settling) = (0, 0, 0);
@@ -485,25 +422,25 @@ fn quarantine_unstamped(cfg: &Config, queue: &Queue, dry_run: bool) -> ExitCode 
         "quarantined"
     };
     println!("kept {kept}, {verb} {moved}, still settling {settling}");
-    ExitCode::SUCCESS
+    Ok(())
 }
 
-fn requeue(queue: &Queue, ids: &[String]) -> ExitCode {
+fn requeue(queue: &Queue, ids: &[String]) -> Result<(), CliError> {
     let mut failed = false;
     for id in ids {
         match queue.requeue(id) {
             Ok(dest) => println!("requeued {id} → {}", dest.display()),
+            // Said as it happens, so every unknown ID is named and the rest still move.
             Err(e) => {
-                eprintln!("cis490-shipper: {e}");
+                eprintln!("{PROGRAM}: {e}");
                 failed = true;
             }
         }
     }
     if failed {
-        ExitCode::from(EXIT_FAILURE)
-    } else {
-        ExitCode::SUCCESS
+        return Err(CliError::reported(EXIT_FAILURE));
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::host;
 use crate::queue::Queue;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -264,13 +265,12 @@ pub struct Options {
     pub since: Duration,
     pub since_text: String,
     pub log_file: Option<PathBuf>,
-    pub json: bool,
 }
 
 /// Runs every check; returns the rows (config problems become rows, not an early exit).
 pub async fn run(cfg: Result<(Config, PathBuf), String>, opts: &Options) -> Vec<Row> {
     let mut rows = Vec::new();
-    let mut fix_412 = crate::cli::DEFAULT_REMEDIATION.to_string();
+    let mut fix_412 = host::DEFAULT_REMEDIATION.to_string();
     match &cfg {
         Err(e) => rows.push(row(
             Level::Red,
@@ -286,10 +286,10 @@ pub async fn run(cfg: Result<(Config, PathBuf), String>, opts: &Options) -> Vec<
                 None,
             ));
             rows.extend(cert_rows(cfg));
-            match crate::cli::transport(cfg, path) {
+            match host::transport(cfg, path) {
                 Err(e) => rows.push(row(Level::Red, "receiver", e.to_string(), None)),
                 Ok(t) => {
-                    let commit = crate::cli::installed_commit(Path::new(crate::cli::INSTALL_ROOT));
+                    let commit = host::installed_commit(Path::new(host::INSTALL_ROOT));
                     let urls = cfg.receiver.url.list();
                     let mut reachable = 0;
                     let mut down = Vec::new();
@@ -322,7 +322,7 @@ pub async fn run(cfg: Result<(Config, PathBuf), String>, opts: &Options) -> Vec<
                                     fix_412 = r.to_string();
                                 }
                                 commit_row = Some(match (&commit, body["commit_accepted"].as_bool()) {
-                                    (None, _) => row(Level::Yellow, "commit", format!("{} is not a git checkout; cannot tell which commit this host runs", crate::cli::INSTALL_ROOT), None),
+                                    (None, _) => row(Level::Yellow, "commit", format!("{} is not a git checkout; cannot tell which commit this host runs", host::INSTALL_ROOT), None),
                                     (Some(c), Some(true)) => row(Level::Green, "commit", format!("{c} is admitted"), None),
                                     (Some(c), Some(false)) => row(Level::Red, "commit", format!("{c} is NOT admitted: new episodes will be quarantined"), Some(fix_412.clone())),
                                     (Some(c), None) => row(Level::Yellow, "commit", format!("{c}: the receiver has no commit list yet"), None),

@@ -4,6 +4,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub(crate) mod host;
 pub mod pack;
 pub mod queue;
 pub(crate) mod retry;

@@ -1,7 +1,6 @@
 //! Talking to the receiver: mutual TLS with hyper over kept-alive HTTP/1.1 connections, the
 //! preflight `check`, the streamed PUT, and the mapping of every answer to what the queue does.
 
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -665,22 +664,6 @@ impl FileState {
 }
 
 use std::future::Future as _;
-
-/// Builds the client TLS config from the lab host's files.
-pub fn client_tls(
-    ca: &Path,
-    cert: &Path,
-    key: &Path,
-) -> Result<rustls::ClientConfig, cis490_common::tls::TlsError> {
-    cis490_common::tls::client_config(
-        &cis490_common::tls::ClientTlsFiles {
-            ca_file: ca,
-            cert_file: cert,
-            key_file: key,
-        },
-        false,
-    )
-}
 
 #[cfg(test)]
 mod tests {
