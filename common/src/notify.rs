@@ -23,10 +23,6 @@ pub fn stopping() {
     send(&[NotifyState::Stopping]);
 }
 
-pub fn status(line: &str) {
-    send(&[NotifyState::Status(line)]);
-}
-
 /// `RELOADING=1` with the `MONOTONIC_USEC` systemd needs to match the later `READY=1`.
 pub fn reloading() {
     match NotifyState::monotonic_usec_now() {

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use cis490_common::cli::{CliError, EXIT_CONFIG, EXIT_FAILURE};
+use cis490_common::cli::{CliError, ConfigFlag, EXIT_CONFIG, EXIT_FAILURE};
 use cis490_common::{notify, Reason};
 
 use crate::config::{self, Config, ConfigError};
@@ -29,9 +29,8 @@ const EXIT_NOT_ADMITTED: u8 = 4;
     about = "Ships finished lab episodes to the cis490 receiver over mutual TLS"
 )]
 pub struct Cli {
-    /// Config file (default: $CIS490_SHIPPER_CONFIG, else /etc/cis490/lab-host.toml).
-    #[arg(long, global = true, value_name = "PATH")]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigFlag,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -89,8 +88,7 @@ fn normalise_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std
 }
 
 fn load(cli: &Cli) -> Result<(Config, PathBuf), ConfigError> {
-    let path =
-        cis490_common::cli::config_path(cli.config.clone(), config::ENV_PATH, config::DEFAULT_PATH);
+    let path = cli.config.resolve(config::ENV_PATH, config::DEFAULT_PATH);
     Ok((Config::load(&path)?, path))
 }
 

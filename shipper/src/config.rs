@@ -131,23 +131,23 @@ impl Default for Retention {
 }
 
 pub use cis490_common::config_file::ConfigError;
-
-/// Where the config comes from: `--config`, then the environment variable, then the default.
-pub fn resolve_path(flag: Option<PathBuf>, env: Option<std::ffi::OsString>) -> PathBuf {
-    cis490_common::config_file::resolve_path(flag, env, DEFAULT_PATH)
-}
+use cis490_common::config_file::{self, Validate};
 
 impl Config {
+    /// Reads, parses and validates the file. The certificates and token it names are read
+    /// when the transport is built (`host::transport`).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        Self::parse(path, &cis490_common::config_file::read(path)?)
+        config_file::load(path)
     }
 
+    /// Parses and validates a config's text.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = cis490_common::config_file::parse_toml(path, text)?;
-        cfg.validate(path)?;
-        Ok(cfg)
+        config_file::parse(path, text)
     }
+}
 
+impl Validate for Config {
+    /// Checks values that parse but cannot work.
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let err = |k: &str, m: String| Err(ConfigError::new(path, k, m));
         if let Err(e) = cis490_common::validate_id(&self.host_id) {
@@ -204,7 +204,10 @@ impl Config {
         }
         Ok(())
     }
+}
 
+impl Config {
+    /// The bearer token of `[receiver] token_file`, if set.
     pub fn token(&self, path: &Path) -> Result<Option<String>, ConfigError> {
         match &self.receiver.token_file {
             None => Ok(None),

@@ -2,10 +2,10 @@
 
 pub mod cli;
 pub mod config;
-pub mod daemon;
+pub(crate) mod daemon;
 pub mod doctor;
 pub(crate) mod host;
 pub mod pack;
-pub mod queue;
+pub(crate) mod queue;
 pub(crate) mod retry;
 pub mod transport;

@@ -285,8 +285,8 @@ impl Queue {
     /// with one fsync of each parent. On a journalling filesystem (ext4, XFS) a power cut before
     /// that can only undo a move (the rename is atomic), and an undone move is a re-ship the
     /// receiver answers with already_stored. Without a journal no fsync order makes a rename
-    /// atomic across a power cut; the window is wider here (docs/decisions.md). The three fsyncs
-    /// this saves per episode were 547 → 714 episodes/s for small ones (docs/BENCHMARKS.md).
+    /// atomic across a power cut; the window is wider here (docs/decisions.md). What batching
+    /// the fsyncs gains is measured in docs/BENCHMARKS.md.
     pub fn retire(&self, id: &str) -> io::Result<PathBuf> {
         let _lock = self.lock()?;
         self.drop_tarball(id)?;
