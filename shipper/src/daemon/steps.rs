@@ -103,18 +103,8 @@ impl Shipper {
                 }
                 Ok((sha, tarball))
             }
-            Ok(Err(PackError::Unsupported { path, kind })) => {
-                tracing::error!(event = "ship_rejected", episode = %id, reason = Reason::UnsupportedEntry.as_str(), path = %path.display(), kind, "episode holds an entry that cannot be shipped");
-                Err(self.quarantine(
-                    id,
-                    Reason::UnsupportedEntry,
-                    None,
-                    None,
-                    Some(commit.into()),
-                ))
-            }
-            Ok(Err(PackError::NonUtf8 { path })) => {
-                tracing::error!(event = "ship_rejected", episode = %id, reason = Reason::UnsupportedEntry.as_str(), path = %path.display(), "episode holds a file name that is not UTF-8");
+            Ok(Err(e @ (PackError::Unsupported { .. } | PackError::NonUtf8 { .. }))) => {
+                tracing::error!(event = "ship_rejected", episode = %id, reason = Reason::UnsupportedEntry.as_str(), error = %e, "episode holds an entry that cannot be shipped");
                 Err(self.quarantine(
                     id,
                     Reason::UnsupportedEntry,
