@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs besides the Rust toolchain: git (real repositories), curl
 # (Expect: 100-continue checks), util-linux (unshare, mount for the full-disk test), and the
-# rustfmt/clippy components, systemd-analyze for linting the units, and Garage (below). Safe to run repeatedly; does nothing when all are present.
+# rustfmt/clippy components, systemd-analyze for linting the units, promtool (Debian package
+# prometheus) for checking and unit-testing the alerting rules, and Garage (below). Safe to run
+# repeatedly; does nothing when all are present.
 set -euo pipefail
 
 missing=()
@@ -10,6 +12,7 @@ command -v curl >/dev/null || missing+=(curl)
 command -v unshare >/dev/null || missing+=(util-linux)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v promtool >/dev/null || missing+=(prometheus)
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   sudo_cmd=()

@@ -9,6 +9,7 @@ mod receiver_api;
 mod receiver_limits;
 mod receiver_process;
 mod receiver_tls;
+mod rules;
 mod s3;
 mod scripts;
 mod shipper;
