@@ -4,3 +4,7 @@ pub const CODE_COMMIT: &str = "x-cis490-code-commit";
 pub const TAR_SHA256: &str = "x-cis490-tar-sha256";
 pub const UPLOAD_LENGTH: &str = "x-cis490-upload-length";
 pub const CONTENT_TYPE_ZSTD: &str = "application/zstd";
+/// HEAD of the lab host's install checkout (SPEC §11); informational, never a reason to refuse.
+pub const HOST_COMMIT: &str = "x-cis490-host-commit";
+/// The shipper's `User-Agent` product token; the version follows the `/`.
+pub const SHIPPER_AGENT: &str = "cis490-shipper";

@@ -2,6 +2,7 @@
 //! `meta.json` reader, TLS loading, the systemd notify wrapper, the one durable-write helper,
 //! the refusal vocabulary and the exit-code error both command lines use.
 
+pub mod binary;
 pub mod cli;
 pub mod config_file;
 pub mod durable;
