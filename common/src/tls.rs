@@ -299,6 +299,18 @@ impl CertSummary {
     }
 }
 
+fn epoch_to_system(t: i64) -> SystemTime {
+    u64::try_from(t).map_or(SystemTime::UNIX_EPOCH, |s| {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(s)
+    })
+}
+
+/// When a DER certificate expires; `None` if it does not parse.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(epoch_to_system(parsed.validity().not_after.timestamp()))
+}
+
 pub fn summarize(path: &Path) -> Result<CertSummary, TlsError> {
     let certs = load_certs(path)?;
     let first = &certs[0];
@@ -307,16 +319,9 @@ pub fn summarize(path: &Path) -> Result<CertSummary, TlsError> {
             path: path.to_path_buf(),
             detail: e.to_string(),
         })?;
-    let to_sys = |t: i64| {
-        if t >= 0 {
-            SystemTime::UNIX_EPOCH + Duration::from_secs(t as u64)
-        } else {
-            SystemTime::UNIX_EPOCH
-        }
-    };
     Ok(CertSummary {
         identity: identity(first),
-        not_before: to_sys(parsed.validity().not_before.timestamp()),
-        not_after: to_sys(parsed.validity().not_after.timestamp()),
+        not_before: epoch_to_system(parsed.validity().not_before.timestamp()),
+        not_after: epoch_to_system(parsed.validity().not_after.timestamp()),
     })
 }

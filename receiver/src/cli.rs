@@ -43,6 +43,12 @@ pub enum Command {
     /// The lab's certificates (SPEC §14, §16); needs no receiver config.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Print every lab host's state from the running receiver (exit 1 if any is not ok).
+    Fleet {
+        /// Print the JSON of /v1/fleet instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -133,11 +139,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::ExportIndex => {
             let store = offline_store(&cfg, &path)?;
-            rt.block_on(store.export_index(&mut std::io::stdout().lock()))
+            let mut out = std::io::BufWriter::new(std::io::stdout());
+            rt.block_on(store.export_index(&mut out))
+                .and_then(|()| std::io::Write::flush(&mut out).map_err(Into::into))
                 .map_err(|e| CliError::failure(format_args!("failed to export the index: {e:#}")))
         }
         Command::Gate => rt.block_on(gate_once(cfg, &path)),
         Command::Pki(cmd) => pki(&cmd),
+        Command::Fleet { json } => crate::fleet::client::run(cfg.metrics_listen, json),
     }
 }
 

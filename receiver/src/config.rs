@@ -31,6 +31,24 @@ pub struct Config {
     pub version_gate: GateConfig,
     #[serde(default)]
     pub quarantine: QuarantineConfig,
+    #[serde(default)]
+    pub fleet: FleetConfig,
+}
+
+/// `[fleet]` (SPEC §11).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// A host with no request for this long is `silent`.
+    pub silent_after_s: u64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            silent_after_s: 21_600,
+        }
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -206,6 +224,12 @@ impl Validate for Config {
     /// Checks values that parse but cannot work.
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let err = |k: &str, m: &str| Err(ConfigError::new(path, k, m));
+        if self.fleet.silent_after_s == 0 || self.fleet.silent_after_s > MAX_TIMEOUT_S {
+            return err(
+                "fleet.silent_after_s",
+                "must be between 1 and 31536000 (a year)",
+            );
+        }
         if self.limits.max_body_bytes == 0 {
             return err("limits.max_body_bytes", "must be greater than 0");
         }

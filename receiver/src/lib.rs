@@ -10,6 +10,7 @@ pub(crate) mod auth;
 pub mod cli;
 pub mod config;
 pub(crate) mod error;
+pub(crate) mod fleet;
 pub mod gate;
 pub mod ingest;
 pub(crate) mod metrics;

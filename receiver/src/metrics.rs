@@ -1,122 +1,232 @@
-//! Counters and gauges the operations listener renders in the Prometheus text format.
+//! `/metrics` of the receiver: each series declared once, typed, in one registry that the
+//! `prometheus-client` crate encodes (so HELP/TYPE cannot drift and label values are escaped).
+//! Counters and gauges the request path moves live in [`Metrics`]; values read at scrape time
+//! (gate, store, fleet, limits) come from the collectors registered beside them.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::Arc;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
+
+use crate::state::AppState;
+
+/// The version this binary was built as.
+pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: u16,
+}
+
+/// What the request path counts. Counter names are given without `_total`: the encoder adds it.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    uploads_by_status: Mutex<BTreeMap<u16, u64>>,
-    pub stored_bytes_total: AtomicU64,
-    pub uploads_in_flight: AtomicI64,
+    uploads: Family<StatusLabel, Counter>,
+    /// Compressed bytes stored (201 answers).
+    pub stored_bytes: Counter,
+    pub uploads_in_flight: Gauge,
     /// Request body bytes pulled off the wire, all routes: lets tests prove an early answer
     /// read nothing.
-    pub body_bytes_read_total: AtomicU64,
-    pub quarantine_bytes: AtomicU64,
+    pub body_bytes_read: Counter,
+    pub quarantine_bytes: Gauge,
     /// Connections open on the API listener.
-    pub connections_open: AtomicI64,
+    pub connections_open: Gauge,
     /// Connections closed at accept because `max_connections` were open.
-    pub connections_refused_total: AtomicU64,
+    pub connections_refused: Counter,
     /// Connections closed for idling past `idle_timeout_s`.
-    pub connections_idle_closed_total: AtomicU64,
+    pub connections_idle_closed: Counter,
+    /// Store-writability probes actually run for `/healthz` (each writes a file or object).
+    pub store_probes: Counter,
+    /// 1 once this process's executable has been replaced on disk (SPEC §12).
+    pub binary_stale: Gauge,
 }
 
 impl Metrics {
     pub fn count_upload(&self, status: u16) {
-        // Invariant: the map is never left half-updated, so a poisoned lock still holds good data.
-        let mut m = self
-            .uploads_by_status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        *m.entry(status).or_default() += 1;
+        self.uploads.get_or_create(&StatusLabel { status }).inc();
     }
 
-    pub fn uploads(&self, status: u16) -> u64 {
-        let m = self
-            .uploads_by_status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        m.get(&status).copied().unwrap_or(0)
+    /// Sets a byte gauge from an unsigned count (saturating at `i64::MAX`).
+    pub fn set_bytes(gauge: &Gauge, bytes: u64) {
+        gauge.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
-    /// Renders the receiver's own series; the gate appends its own block.
-    pub fn render(&self, out: &mut String) {
-        let m = self
-            .uploads_by_status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let _ = writeln!(
-            out,
-            "# HELP cis490_receiver_uploads_total Upload requests (PUT) answered, by status.\n# TYPE cis490_receiver_uploads_total counter"
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "cis490_receiver_uploads",
+            "Upload requests (PUT) answered, by status",
+            self.uploads.clone(),
         );
-        for (status, n) in &m {
-            let _ = writeln!(
-                out,
-                "cis490_receiver_uploads_total{{status=\"{status}\"}} {n}"
-            );
-        }
-        let gauge = |out: &mut String, name: &str, kind: &str, help: &str, v: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
-        };
-        gauge(
-            out,
-            "cis490_receiver_stored_bytes_total",
-            "counter",
-            "Compressed bytes stored under episodes/.",
-            self.stored_bytes_total.load(Ordering::Relaxed).to_string(),
+        r.register(
+            "cis490_receiver_stored_bytes",
+            "Compressed bytes stored under episodes/",
+            self.stored_bytes.clone(),
         );
-        gauge(
-            out,
+        r.register(
             "cis490_receiver_uploads_in_flight",
-            "gauge",
-            "Uploads whose body is being received.",
-            self.uploads_in_flight.load(Ordering::Relaxed).to_string(),
+            "Uploads whose body is being received",
+            self.uploads_in_flight.clone(),
         );
-        gauge(
-            out,
-            "cis490_receiver_body_bytes_read_total",
-            "counter",
-            "Request body bytes read from clients.",
-            self.body_bytes_read_total
-                .load(Ordering::Relaxed)
-                .to_string(),
+        r.register(
+            "cis490_receiver_body_bytes_read",
+            "Request body bytes read from clients",
+            self.body_bytes_read.clone(),
         );
-        gauge(
-            out,
+        r.register(
             "cis490_receiver_quarantine_bytes",
-            "gauge",
-            "Bytes held in the receiver's quarantine.",
-            self.quarantine_bytes.load(Ordering::Relaxed).to_string(),
+            "Bytes held in the receiver's quarantine",
+            self.quarantine_bytes.clone(),
         );
-        gauge(
-            out,
+        r.register(
             "cis490_receiver_connections_open",
-            "gauge",
-            "Connections open on the API listener.",
-            self.connections_open.load(Ordering::Relaxed).to_string(),
+            "Connections open on the API listener",
+            self.connections_open.clone(),
         );
+        r.register(
+            "cis490_receiver_connections_refused",
+            "Connections closed before the TLS handshake because limits.max_connections were open",
+            self.connections_refused.clone(),
+        );
+        r.register(
+            "cis490_receiver_connections_idle_closed",
+            "Connections closed after limits.idle_timeout_s without a request",
+            self.connections_idle_closed.clone(),
+        );
+        r.register(
+            "cis490_receiver_store_probes",
+            "Store writability probes run for /healthz (at most one a second)",
+            self.store_probes.clone(),
+        );
+        r.register(
+            "cis490_receiver_binary_stale",
+            "1 when the executable this receiver was started from has been replaced on disk",
+            self.binary_stale.clone(),
+        );
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
+/// The registry `/metrics` encodes, built once when the operations listener starts.
+pub(crate) fn registry(state: &Arc<AppState>) -> Registry {
+    let mut r = Registry::default();
+    state.metrics.register(&mut r);
+    let build = Family::<VersionLabel, Gauge>::default();
+    build
+        .get_or_create(&VersionLabel { version: VERSION })
+        .set(1);
+    r.register(
+        "cis490_receiver_build_info",
+        "The receiver's version (value 1)",
+        build,
+    );
+    r.register_collector(Box::new(crate::gate::Collector(state.gate.clone())));
+    r.register_collector(Box::new(crate::store::Collector(state.store.clone())));
+    r.register_collector(Box::new(crate::fleet::Collector {
+        fleet: state.fleet.clone(),
+        gate: state.gate.clone(),
+    }));
+    r.register_collector(Box::new(Limits {
+        handshakes: state.handshakes.clone(),
+        max_handshakes: state.cfg.limits.max_handshakes,
+    }));
+    r
+}
+
+/// The registry as Prometheus text.
+pub(crate) fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
+/// Limits whose use is read at scrape time.
+#[derive(Debug)]
+struct Limits {
+    handshakes: Arc<tokio::sync::Semaphore>,
+    max_handshakes: usize,
+}
+
+impl Collector for Limits {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let running = self
+            .max_handshakes
+            .saturating_sub(self.handshakes.available_permits());
         gauge(
-            out,
-            "cis490_receiver_connections_refused_total",
-            "counter",
-            "Connections closed before the TLS handshake because limits.max_connections were open.",
-            self.connections_refused_total
-                .load(Ordering::Relaxed)
-                .to_string(),
+            &mut enc,
+            "cis490_receiver_handshakes_in_progress",
+            "TLS handshakes running (at most limits.max_handshakes)",
+            running as i64,
+        )
+    }
+}
+
+/// One unlabelled gauge read at scrape time.
+pub(crate) fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: i64,
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(v);
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+/// One unlabelled float gauge read at scrape time.
+pub(crate) fn gauge_f64(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: f64,
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(v);
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+/// One unlabelled counter read at scrape time (`name` without `_total`).
+pub(crate) fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: u64,
+) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(v);
+    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_exposed_with_total_and_help() {
+        let m = Metrics::default();
+        m.count_upload(201);
+        m.count_upload(201);
+        m.stored_bytes.inc_by(42);
+        let mut r = Registry::default();
+        m.register(&mut r);
+        let text = encode(&r);
+        assert!(
+            text.contains("cis490_receiver_uploads_total{status=\"201\"} 2\n"),
+            "{text}"
         );
-        gauge(
-            out,
-            "cis490_receiver_connections_idle_closed_total",
-            "counter",
-            "Connections closed after limits.idle_timeout_s without a request.",
-            self.connections_idle_closed_total
-                .load(Ordering::Relaxed)
-                .to_string(),
+        assert!(
+            text.contains("# TYPE cis490_receiver_stored_bytes counter\n"),
+            "{text}"
         );
+        assert!(
+            text.contains("cis490_receiver_stored_bytes_total 42\n"),
+            "{text}"
+        );
+        assert!(text.contains("cis490_receiver_binary_stale 0\n"), "{text}");
     }
 }

@@ -1,20 +1,24 @@
-//! The plain-HTTP operations listener (`metrics_listen`): `/healthz` and `/metrics`.
+//! The plain-HTTP operations listener (`metrics_listen`): `/healthz`, `/metrics`, and the fleet
+//! view (SPEC §11) as JSON (`/v1/fleet`) and as a page (`/`).
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::fleet;
+use crate::metrics;
 use crate::state::AppState;
 
 pub(crate) async fn serve(state: Arc<AppState>, listener: TcpListener, stop: CancellationToken) {
+    let registry = Arc::new(metrics::registry(&state));
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -24,10 +28,12 @@ pub(crate) async fn serve(state: Arc<AppState>, listener: TcpListener, stop: Can
             }
         };
         let st = state.clone();
+        let reg = registry.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let st = st.clone();
-                async move { Ok::<_, Infallible>(answer(&st, req.uri().path()).await) }
+                let reg = reg.clone();
+                async move { Ok::<_, Infallible>(answer(&st, &reg, req.uri().path()).await) }
             });
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new())
@@ -37,7 +43,11 @@ pub(crate) async fn serve(state: Arc<AppState>, listener: TcpListener, stop: Can
     }
 }
 
-async fn answer(state: &Arc<AppState>, path: &str) -> hyper::Response<Full<Bytes>> {
+async fn answer(
+    state: &Arc<AppState>,
+    registry: &Registry,
+    path: &str,
+) -> hyper::Response<Full<Bytes>> {
     let text = |status: u16, ct: &str, body: String| {
         hyper::Response::builder()
             .status(status)
@@ -76,23 +86,27 @@ async fn answer(state: &Arc<AppState>, path: &str) -> hyper::Response<Full<Bytes
             )
         }
         "/metrics" => {
-            let mut out = String::new();
-            state.metrics.render(&mut out);
-            state.gate.render_metrics(&mut out);
-            state.store.render_metrics(&mut out);
-            out.push_str(&format!(
-                "# HELP cis490_receiver_store_probes_total Store writability probes run for /healthz (at most one a second).\n# TYPE cis490_receiver_store_probes_total counter\ncis490_receiver_store_probes_total {}\n",
-                state.probes_run.load(Ordering::Relaxed)
-            ));
-            let handshaking = state
-                .cfg
-                .limits
-                .max_handshakes
-                .saturating_sub(state.handshakes.available_permits());
-            out.push_str(&format!(
-                "# HELP cis490_receiver_handshakes_in_progress TLS handshakes running (at most limits.max_handshakes).\n# TYPE cis490_receiver_handshakes_in_progress gauge\ncis490_receiver_handshakes_in_progress {handshaking}\n"
-            ));
-            text(200, "text/plain; version=0.0.4", out)
+            state.check_binary();
+            text(
+                200,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                metrics::encode(registry),
+            )
+        }
+        "/v1/fleet" => {
+            let view = state.fleet.view(&state.gate, SystemTime::now());
+            match serde_json::to_string(&view) {
+                Ok(body) => text(200, "application/json", body + "\n"),
+                Err(e) => text(
+                    500,
+                    "text/plain",
+                    format!("failed to encode the fleet: {e}\n"),
+                ),
+            }
+        }
+        "/" => {
+            let view = state.fleet.view(&state.gate, SystemTime::now());
+            text(200, "text/html; charset=utf-8", fleet::page::html(&view))
         }
         _ => text(404, "text/plain", "not found\n".into()),
     }

@@ -72,6 +72,8 @@ impl Receiver {
             tokio::spawn(ops::serve(state.clone(), ops, tasks.clone()));
         }
         tokio::spawn(quarantine_janitor(state.clone(), tasks.clone()));
+        tokio::spawn(fleet_from_index(state.clone()));
+        tokio::spawn(binary_watch(state.clone(), tasks.clone()));
         if let Some(every) = notify::watchdog_interval() {
             tokio::spawn(watchdog(state.clone(), every, tasks.clone()));
         }
@@ -92,7 +94,7 @@ impl Receiver {
                         Ok((stream, peer)) => {
                             // Over max_connections: closed before any TLS work is spent on it.
                             let Ok(permit) = state.connections.clone().try_acquire_owned() else {
-                                let n = state.metrics.connections_refused_total.fetch_add(1, Ordering::Relaxed);
+                                let n = state.metrics.connections_refused.inc();
                                 if (n + 1).is_power_of_two() {
                                     tracing::warn!(peer = %peer, refused = n + 1, limit = state.cfg.limits.max_connections, "connection limit reached: closing new connections (limits.max_connections)");
                                 }
@@ -103,9 +105,9 @@ impl Receiver {
                             let st = state.clone();
                             let drain = drain.clone();
                             tokio::spawn(async move {
-                                st.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+                                st.metrics.connections_open.inc();
                                 connection(st.clone(), stream, peer, drain).await;
-                                st.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+                                st.metrics.connections_open.dec();
                                 drop(permit);
                             });
                         }
@@ -122,7 +124,7 @@ impl Receiver {
         tracing::info!("shutting down: draining in-flight requests");
         drain.cancel();
         let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
-        while state.metrics.connections_open.load(Ordering::Relaxed) > 0 {
+        while state.metrics.connections_open.get() > 0 {
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!("drain deadline passed; aborting the remaining requests");
                 break;
@@ -170,18 +172,23 @@ async fn connection(
         }
     };
     let (_, conn) = tls.get_ref();
-    let identity = conn
+    let caller = conn
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(tls::identity);
+        .and_then(|cert| {
+            Some(api::Caller {
+                host: tls::identity(cert)?,
+                cert_not_after: tls::not_after(cert),
+            })
+        });
     let h2 = conn.alpn_protocol() == Some(b"h2");
-    let identity: Arc<Option<String>> = Arc::new(identity);
+    let caller: Arc<Option<api::Caller>> = Arc::new(caller);
     let st = state.clone();
     let activity = Arc::new(Activity::default());
     let act = activity.clone();
     let svc = service_fn(move |req| {
         let st = st.clone();
-        let id = identity.clone();
+        let id = caller.clone();
         let busy = act.begin();
         async move {
             let resp = api::handle(st, id, req).await;
@@ -249,7 +256,7 @@ where
         tokio::select! {
             r = &mut conn => return r,
             () = ends.activity.idle_for(ends.idle), if !closing => {
-                ends.state.metrics.connections_idle_closed_total.fetch_add(1, Ordering::Relaxed);
+                ends.state.metrics.connections_idle_closed.inc();
                 shut(conn.as_mut());
                 closing = true;
             }
@@ -358,6 +365,47 @@ async fn watchdog(state: Arc<AppState>, every: Duration, stop: CancellationToken
     }
 }
 
+/// Gives the fleet view the stored counts of every host in the index (SPEC §11), in the
+/// background: an S3 index is one object per episode.
+async fn fleet_from_index(state: Arc<AppState>) {
+    let started = std::time::Instant::now();
+    let offline = match setup::offline_store(&state.cfg, &state.config_path) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(error = %e, "fleet view: cannot open the store to read its index");
+            return;
+        }
+    };
+    let mut lines = Vec::new();
+    if let Err(e) = offline.export_index(&mut lines).await {
+        tracing::error!(error = %e, "fleet view: failed to read the index; stored counts start from zero");
+        state.fleet.load_index(std::iter::empty());
+        return;
+    }
+    let rows = lines
+        .split(|b| *b == b'\n')
+        .filter_map(|l| serde_json::from_slice::<crate::store::IndexRow>(l).ok());
+    state.fleet.load_index(rows);
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        "fleet view: stored counts read from the index"
+    );
+}
+
+/// How often the receiver looks whether its executable was replaced (SPEC §12); a scrape of
+/// `/metrics` looks too.
+const BINARY_CHECK_EVERY: Duration = Duration::from_secs(60);
+
+async fn binary_watch(state: Arc<AppState>, stop: CancellationToken) {
+    loop {
+        state.check_binary();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(BINARY_CHECK_EVERY) => {}
+        }
+    }
+}
+
 async fn quarantine_janitor(state: Arc<AppState>, stop: CancellationToken) {
     let mut first = true;
     loop {
@@ -373,7 +421,7 @@ async fn quarantine_janitor(state: Arc<AppState>, stop: CancellationToken) {
             _ = tokio::time::sleep(wait) => {}
         }
         match state.store.clean_quarantine().await {
-            Ok(q) => state.metrics.quarantine_bytes.store(q, Ordering::Relaxed),
+            Ok(q) => crate::metrics::Metrics::set_bytes(&state.metrics.quarantine_bytes, q),
             Err(e) => {
                 tracing::warn!(error = %e, "failed to apply the receiver quarantine retention")
             }

@@ -3,7 +3,7 @@
 //! config itself was validated when it was parsed ([`Config::parse`]).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,14 +37,17 @@ pub(crate) fn state(cfg: Config, config_path: &Path) -> Result<AppState, ConfigE
         store,
         gate,
         metrics,
+        fleet: Arc::new(crate::fleet::Fleet::new(Duration::from_secs(
+            cfg.fleet.silent_after_s,
+        ))),
         uploads: Arc::new(Semaphore::new(cfg.limits.max_concurrent_uploads)),
         host_slots: crate::slots::HostSlots::new(cfg.limits.max_uploads_per_host),
         connections: Arc::new(Semaphore::new(cfg.limits.max_connections)),
         handshakes: Arc::new(Semaphore::new(cfg.limits.max_handshakes)),
         probe_cache: tokio::sync::Mutex::new(None),
         tls_generation: tokio::sync::watch::Sender::new(0),
-        probes_run: AtomicU64::new(0),
         accept_heartbeat: AtomicU64::new(0),
+        binary: cis490_common::binary::BinaryWatch::of_self(),
         cfg,
     })
 }
@@ -92,7 +95,7 @@ fn open_store(cfg: &Config, config_path: &Path, metrics: &Metrics) -> Result<Sto
             )
             .map_err(|e| ConfigError::new(config_path, "store_dir", e.to_string()))?;
             if let Ok(q) = store.clean_quarantine() {
-                metrics.quarantine_bytes.store(q, Ordering::Relaxed);
+                Metrics::set_bytes(&metrics.quarantine_bytes, q);
             }
             Ok(Store::Fs(store))
         }

@@ -3,7 +3,6 @@
 //! (SPEC §3, §16). However the body ends, the validator learns how.
 
 use std::io::{self, Read};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -119,10 +118,7 @@ pub(super) async fn pump(
         let n = data.len() as u64;
         received += n;
         host_slot.progress(n);
-        state
-            .metrics
-            .body_bytes_read_total
-            .fetch_add(n, Ordering::Relaxed);
+        state.metrics.body_bytes_read.inc_by(n);
         if rate.too_slow(received) {
             let _ = tx.send(Chunk::Failed(rate.failure())).await;
             return;

@@ -19,15 +19,25 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use serde_json::json;
 
-use cis490_common::validate_id;
+use cis490_common::{validate_id, ErrorCode};
 
 use crate::error::ApiError;
+use crate::fleet::Upload;
 use crate::state::AppState;
 use crate::store::IndexRow;
 
 pub(crate) const RECEIVER_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub(crate) type Resp = Response<Full<Bytes>>;
+
+/// Who is calling, from the client certificate of the connection.
+#[derive(Debug)]
+pub(crate) struct Caller {
+    /// The certificate's identity (first DNS SAN, else CN): the caller's `host_id`.
+    pub(crate) host: String,
+    /// When that certificate expires, for the fleet view (SPEC §14).
+    pub(crate) cert_not_after: Option<std::time::SystemTime>,
+}
 
 /// Where a request goes, decided from its path alone.
 #[derive(Clone, Copy)]
@@ -63,15 +73,23 @@ impl<'a> Route<'a> {
 /// One request on the API listener, from routing to the logged and counted answer.
 pub(crate) async fn handle(
     state: Arc<AppState>,
-    identity: Arc<Option<String>>,
+    caller: Arc<Option<Caller>>,
     req: Request<Incoming>,
 ) -> Resp {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
     let route = Route::parse(path);
-    let is_put = parts.method == Method::PUT && matches!(route, Some(Route::Episode { .. }));
+    let upload = match (route, &parts.method) {
+        (Some(Route::Episode { .. }), &Method::PUT) => Some(Upload::Put),
+        (Some(Route::Check { .. }), &Method::POST) => Some(Upload::Check),
+        _ => None,
+    };
+    let is_put = upload == Some(Upload::Put);
+    let caller = caller.as_ref().as_ref();
+    let identity = caller.map(|c| c.host.as_str());
     let mut body = Some(body);
-    let result = dispatch(&state, identity.as_deref(), route, &parts, &mut body).await;
+    let result = dispatch(&state, identity, route, &parts, &mut body).await;
+    let refusal = result.as_ref().err().map(ApiError::code);
     if let Some(unread) = body {
         linger(&parts.headers, unread);
     }
@@ -97,7 +115,46 @@ pub(crate) async fn handle(
     if is_put {
         state.metrics.count_upload(resp.status().as_u16());
     }
+    if let Some(c) = caller {
+        record(
+            &state,
+            c,
+            &parts.headers,
+            route,
+            upload,
+            resp.status(),
+            refusal,
+        );
+    }
     resp
+}
+
+/// What the fleet view learns from one answered request of a host.
+fn record(
+    state: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    route: Option<Route<'_>>,
+    upload: Option<Upload>,
+    status: StatusCode,
+    refusal: Option<ErrorCode>,
+) {
+    state
+        .fleet
+        .seen(&caller.host, headers, caller.cert_not_after);
+    if let (Some(kind), Some(route)) = (upload, route) {
+        let commit = headers
+            .get(cis490_common::headers::CODE_COMMIT)
+            .and_then(|v| v.to_str().ok());
+        state.fleet.answered(
+            &caller.host,
+            kind,
+            status.as_u16(),
+            refusal,
+            route.names().1,
+            commit,
+        );
+    }
 }
 
 async fn dispatch(

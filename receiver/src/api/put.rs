@@ -3,7 +3,6 @@
 //! finished with.
 
 use std::io;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use http::{HeaderMap, StatusCode};
@@ -12,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{ApiError, ConflictSeen};
 use crate::ingest::{self, Expect};
+use crate::metrics::Metrics;
 use crate::state::AppState;
 use crate::store::{CommitOutcome, IndexRow, QuarantineNote, Store};
 
@@ -39,10 +39,7 @@ pub(super) async fn put(
     let Some(mut host_slot) = state.host_slots.try_take(d.host, length) else {
         return Err(host_overloaded(state, d.host));
     };
-    state
-        .metrics
-        .uploads_in_flight
-        .fetch_add(1, Ordering::Relaxed);
+    state.metrics.uploads_in_flight.inc();
     let _in_flight = InFlight(state.clone());
 
     // The body pump, beside the validator.
@@ -167,10 +164,8 @@ async fn finish(
 }
 
 fn stored(state: &AppState, row: &IndexRow) -> Resp {
-    state
-        .metrics
-        .stored_bytes_total
-        .fetch_add(row.bytes, Ordering::Relaxed);
+    state.fleet.stored(row);
+    state.metrics.stored_bytes.inc_by(row.bytes);
     tracing::info!(
         event = "upload_stored",
         host = %row.host_id,
@@ -185,7 +180,7 @@ fn stored(state: &AppState, row: &IndexRow) -> Resp {
 
 async fn refresh_quarantine_gauge(state: &AppState) {
     if let Some(q) = state.store.quarantine_held().await {
-        state.metrics.quarantine_bytes.store(q, Ordering::Relaxed);
+        Metrics::set_bytes(&state.metrics.quarantine_bytes, q);
     }
 }
 
@@ -194,9 +189,6 @@ struct InFlight(Arc<AppState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0
-            .metrics
-            .uploads_in_flight
-            .fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.uploads_in_flight.dec();
     }
 }

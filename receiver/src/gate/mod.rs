@@ -5,7 +5,6 @@ pub mod forgejo;
 pub mod git;
 
 use std::collections::HashSet;
-use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -111,6 +110,15 @@ pub struct Gate {
     last_miss_refresh: std::sync::Mutex<Option<Instant>>,
     /// Bumped by the refresher loop; the watchdog stops if it stalls.
     pub heartbeat: AtomicU64,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("enabled", &self.cfg.enabled)
+            .field("sources", &self.sources.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Longest a request waits for a refresh-on-miss before it is answered.
@@ -371,32 +379,53 @@ impl Gate {
             .replace("{your_commit}", your.unwrap_or(""))
             .replace("{head_commit}", head.unwrap_or(""))
     }
+}
 
-    pub fn render_metrics(&self, out: &mut String) {
-        let v = self.view();
-        let _ = writeln!(
-            out,
-            "# HELP cis490_gate_commits Commits in the current allow-list.\n# TYPE cis490_gate_commits gauge\ncis490_gate_commits {}",
-            v.commits
-        );
-        let age = v.age_s.map(|a| a as f64).unwrap_or(f64::NAN);
-        let _ = writeln!(
-            out,
-            "# HELP cis490_gate_age_seconds Seconds since the allow-list was last loaded.\n# TYPE cis490_gate_age_seconds gauge\ncis490_gate_age_seconds {age}"
-        );
-        let _ = writeln!(
-            out,
-            "# HELP cis490_gate_source Source of the current allow-list (1 for the current one).\n# TYPE cis490_gate_source gauge"
-        );
+/// The gate's series, read at scrape time (SPEC §3).
+#[derive(Debug)]
+pub(crate) struct Collector(pub(crate) Arc<Gate>);
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct SourceLabel {
+    source: &'static str,
+}
+
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(
+        &self,
+        mut enc: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let v = self.0.view();
+        crate::metrics::gauge(
+            &mut enc,
+            "cis490_gate_commits",
+            "Commits in the current allow-list",
+            v.commits as i64,
+        )?;
+        crate::metrics::gauge_f64(
+            &mut enc,
+            "cis490_gate_age_seconds",
+            "Seconds since the allow-list was last loaded",
+            v.age_s.map_or(f64::NAN, |a| a as f64),
+        )?;
+        let mut family = enc.encode_descriptor(
+            "cis490_gate_source",
+            "Source of the current allow-list (1 for the current one)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
         for s in [Source::Forgejo, Source::Git, Source::GitFallback] {
-            let on = u8::from(v.source == Some(s.as_str()));
-            let _ = writeln!(out, "cis490_gate_source{{source=\"{}\"}} {on}", s.as_str());
+            let on = ConstGauge::new(i64::from(v.source == Some(s.as_str())));
+            on.encode(family.encode_family(&SourceLabel { source: s.as_str() })?)?;
         }
-        let _ = writeln!(
-            out,
-            "# HELP cis490_gate_refresh_failures_total Refreshes in which every source failed.\n# TYPE cis490_gate_refresh_failures_total counter\ncis490_gate_refresh_failures_total {}",
-            self.refresh_failures.load(Ordering::Relaxed)
-        );
+        crate::metrics::counter(
+            &mut enc,
+            "cis490_gate_refresh_failures",
+            "Refreshes in which every source failed",
+            self.0.refresh_failures.load(Ordering::Relaxed),
+        )
     }
 }
 

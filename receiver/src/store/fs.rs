@@ -702,7 +702,7 @@ impl QuarantineLedger {
 }
 
 /// Writes every row of `index.jsonl` to `out`, one JSON object per line, in stored order.
-pub(crate) fn export_index(root: &Path, out: &mut dyn Write) -> anyhow::Result<()> {
+pub(crate) fn export_index(root: &Path, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     let path = root.join("index.jsonl");
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,

@@ -216,16 +216,30 @@ impl Store {
             Store::S3(s) => s.describe(),
         }
     }
+}
 
-    pub fn render_metrics(&self, out: &mut String) {
-        match self {
-            Store::S3(s) => s.metrics().render(out),
-            Store::Fs(s) => {
-                let n = s.quarantine_scans();
-                out.push_str(&format!(
-                    "# HELP cis490_receiver_quarantine_scans_total Listings of the quarantine directory (at start, then at most hourly).\n# TYPE cis490_receiver_quarantine_scans_total counter\ncis490_receiver_quarantine_scans_total {n}\n"
-                ));
-            }
+/// The store's series, read at scrape time.
+pub(crate) struct Collector(pub(crate) Store);
+
+impl std::fmt::Debug for Collector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("store::Collector")
+    }
+}
+
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(
+        &self,
+        mut enc: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        match &self.0 {
+            Store::S3(s) => s.metrics().encode(&mut enc),
+            Store::Fs(s) => crate::metrics::counter(
+                &mut enc,
+                "cis490_receiver_quarantine_scans",
+                "Listings of the quarantine directory (at start, then at most hourly)",
+                s.quarantine_scans(),
+            ),
         }
     }
 }
@@ -262,7 +276,7 @@ impl Offline {
     }
 
     /// Writes every index row to `out` as JSON lines.
-    pub(crate) async fn export_index(&self, out: &mut dyn Write) -> anyhow::Result<()> {
+    pub(crate) async fn export_index(&self, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         match self {
             Offline::Fs { root, .. } => fs::export_index(root, out),
             Offline::S3(s) => s.export_index(out).await,

@@ -11,11 +11,14 @@
 //! When two different bodies of one id exist (two receivers raced), the episode is the one with
 //! the earlier LastModified, then the smaller SHA-256; every reader applies the same rule.
 
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -70,79 +73,66 @@ pub struct S3Options {
 }
 
 /// Latency and error counts per kind of store request, for `/metrics`.
-#[derive(Default)]
+#[derive(Debug)]
 pub struct StoreMetrics {
-    ops: Mutex<BTreeMap<&'static str, OpStats>>,
+    requests: Family<OpResult, Counter>,
+    latency: Family<OpLabel, Histogram, fn() -> Histogram>,
 }
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
-#[derive(Default, Clone)]
-struct OpStats {
-    ok: u64,
-    errors: u64,
-    sum_s: f64,
-    buckets: [u64; BUCKETS.len()],
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpResult {
+    op: &'static str,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        StoreMetrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+        }
+    }
 }
 
 impl StoreMetrics {
     fn record(&self, op: &'static str, took: Duration, ok: bool) {
-        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
-        let s = ops.entry(op).or_default();
-        if ok {
-            s.ok += 1;
-        } else {
-            s.errors += 1;
-        }
-        let secs = took.as_secs_f64();
-        s.sum_s += secs;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if secs <= *b {
-                s.buckets[i] += 1;
-            }
-        }
+        // Both results of an operation are listed from its first request on, so a rate of
+        // errors has a zero to start from.
+        let (hit, other) = if ok { ("ok", "error") } else { ("error", "ok") };
+        self.requests
+            .get_or_create(&OpResult { op, result: hit })
+            .inc();
+        drop(self.requests.get_or_create(&OpResult { op, result: other }));
+        self.latency
+            .get_or_create(&OpLabel { op })
+            .observe(took.as_secs_f64());
     }
 
-    pub fn render(&self, out: &mut String) {
-        let ops = self.ops.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        out.push_str("# HELP cis490_store_requests_total Object store requests by operation and result.\n# TYPE cis490_store_requests_total counter\n");
-        for (op, s) in &ops {
-            let _ = writeln!(
-                out,
-                "cis490_store_requests_total{{op=\"{op}\",result=\"ok\"}} {}",
-                s.ok
-            );
-            let _ = writeln!(
-                out,
-                "cis490_store_requests_total{{op=\"{op}\",result=\"error\"}} {}",
-                s.errors
-            );
-        }
-        out.push_str("# HELP cis490_store_request_duration_seconds Object store request latency, retries included.\n# TYPE cis490_store_request_duration_seconds histogram\n");
-        for (op, s) in &ops {
-            for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "cis490_store_request_duration_seconds_bucket{{op=\"{op}\",le=\"{b}\"}} {}",
-                    s.buckets[i]
-                );
-            }
-            let n = s.ok + s.errors;
-            let _ = writeln!(
-                out,
-                "cis490_store_request_duration_seconds_bucket{{op=\"{op}\",le=\"+Inf\"}} {n}"
-            );
-            let _ = writeln!(
-                out,
-                "cis490_store_request_duration_seconds_sum{{op=\"{op}\"}} {:.6}",
-                s.sum_s
-            );
-            let _ = writeln!(
-                out,
-                "cis490_store_request_duration_seconds_count{{op=\"{op}\"}} {n}"
-            );
-        }
+    pub(crate) fn encode(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.requests.encode(enc.encode_descriptor(
+            "cis490_store_requests",
+            "Object store requests by operation and result",
+            None,
+            self.requests.metric_type(),
+        )?)?;
+        self.latency.encode(enc.encode_descriptor(
+            "cis490_store_request_duration_seconds",
+            "Object store request latency, retries included",
+            None,
+            self.latency.metric_type(),
+        )?)
     }
 }
 
@@ -719,7 +709,7 @@ impl S3Store {
 
     /// `export-index`: every index row as a JSON line, in key order; conflicts and bodies
     /// without a row are reported on stderr.
-    pub async fn export_index(&self, out: &mut dyn Write) -> anyhow::Result<()> {
+    pub async fn export_index(&self, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         let groups = self.all_bodies().await?;
         let rows = self.list("list", "index").await?;
         let mut indexed = std::collections::HashSet::new();
