@@ -39,6 +39,7 @@ issue() { # name san eku
 }
 issue receiver "DNS:localhost,IP:127.0.0.1" serverAuth
 issue labhost-01 "DNS:labhost-01" clientAuth
+issue labhost-02 "DNS:labhost-02" clientAuth
 
 echo "==> making the project's git repository (3 commits on main)"
 repo="$demo/repo"
@@ -75,36 +76,44 @@ listen=$(sed -E 's/.* listen=([0-9.:]+).*/\1/' <<<"$line")
 ops=$(sed -E 's/.*metrics_listen=([0-9.:]+).*/\1/' <<<"$line")
 echo "    receiver on https://$listen, operations on http://$ops"
 
-data="$demo/lab-host"
-mkdir -p "$data/episodes"
-cat >"$demo/lab-host.toml" <<TOML
-host_id = "labhost-01"
-data_dir = "$data"
+lab_host_config() { # host_id data_dir
+  mkdir -p "$2/episodes"
+  cat <<TOML
+host_id = "$1"
+data_dir = "$2"
 [receiver]
 url = "https://localhost:${listen##*:}"
 ca_file = "$pki/ca.pem"
-cert_file = "$pki/labhost-01.pem"
-key_file = "$pki/labhost-01.key"
+cert_file = "$pki/$1.pem"
+key_file = "$pki/$1.key"
 [shipping]
 settle_s = 0
 TOML
+}
+data="$demo/lab-host"
+lab_host_config labhost-01 "$data" >"$demo/lab-host.toml"
+# A second lab host that was never updated: its code is two commits behind main.
+data2="$demo/lab-host-2"
+lab_host_config labhost-02 "$data2" >"$demo/lab-host-2.toml"
 
 echo "==> writing sample episodes"
-mkep() { # id commit
-  mkdir -p "$data/episodes/$1/camera"
-  printf '{"episode_id": "%s", "code_version": {"commit": "%s"}}\n' "$1" "$2" >"$data/episodes/$1/meta.json"
-  head -c 200000 /dev/urandom >"$data/episodes/$1/camera/frames.bin"
-  seq 1 5000 >"$data/episodes/$1/joints.csv"
+mkep() { # id commit [data dir]
+  local d=${3:-$data}
+  mkdir -p "$d/episodes/$1/camera"
+  printf '{"episode_id": "%s", "code_version": {"commit": "%s"}}\n' "$1" "$2" >"$d/episodes/$1/meta.json"
+  head -c 200000 /dev/urandom >"$d/episodes/$1/camera/frames.bin"
+  seq 1 5000 >"$d/episodes/$1/joints.csv"
 }
 mkep demo-current-1 "$head"
 mkep demo-current-2 "$head"
 mkep demo-large "$head"
 head -c 8000000 /dev/urandom >"$data/episodes/demo-large/camera/video.bin"
-mkep demo-stale "$old"
+mkep demo-stale "$old" "$data2"
 mkep demo-symlink "$head"
 ln -s /etc/hostname "$data/episodes/demo-symlink/link"
 mkdir -p "$data/episodes/demo-unstamped" && echo '{"episode_id": "demo-unstamped"}' >"$data/episodes/demo-unstamped/meta.json"
-ls "$data/episodes" | sed 's/^/    /'
+ls "$data/episodes" | sed 's/^/    labhost-01: /'
+ls "$data2/episodes" | sed 's/^/    labhost-02: /'
 
 echo "==> cis490-shipper ping (is HEAD admitted?)"
 "$bin/cis490-shipper" --config "$demo/lab-host.toml" ping --commit "$head" | sed 's/^/    /' || true
@@ -116,14 +125,21 @@ code=$?
 set -e
 grep -E 'event="?(shipped|quarantined)' "$demo/shipper.log" | sed -E 's/^[^ ]+ +//; s/^/    /' || true
 echo "    exit code: $code"
+echo "==> cis490-shipper once on labhost-02 (still running old code)"
+set +e
+"$bin/cis490-shipper" --config "$demo/lab-host-2.toml" once 2>"$demo/shipper-2.log"
+code2=$?
+set -e
+grep -E 'event="?(shipped|quarantined)' "$demo/shipper-2.log" | sed -E 's/^[^ ]+ +//; s/^/    /' || true
+echo "    exit code: $code2"
 
 echo "==> the receiver's remediation for the stale episode (412, logged at ERROR by the shipper)"
-sed -n 's/.*"remediation": *"\(.*\)",\{0,1\}$/\1/p' "$data/quarantine/demo-stale/quarantine_reason.json" \
+sed -n 's/.*"remediation": *"\(.*\)",\{0,1\}$/\1/p' "$data2/quarantine/demo-stale/quarantine_reason.json" \
   | sed 's/\\n/\n/g' | sed 's/^/    /'
 
 echo "==> where each episode ended up"
 "$bin/cis490-shipper" --config "$demo/lab-host.toml" status | sed 's/^/    /'
-for f in "$data"/quarantine/*/quarantine_reason.json; do
+for f in "$data"/quarantine/*/quarantine_reason.json "$data2"/quarantine/*/quarantine_reason.json; do
   [[ -e $f ]] || continue
   printf '    %-16s %s\n' "$(basename "$(dirname "$f")")" \
     "$(grep -o '"reason": *"[^"]*"' "$f" | sed 's/"reason": *//')"
@@ -138,9 +154,19 @@ echo "==> receiver health and a few metrics"
 curl -s "http://$ops/healthz" | sed 's/^/    /'
 curl -s "http://$ops/metrics" | grep -E '^cis490_(receiver_uploads_total|gate_commits|gate_source)' | sed 's/^/    /'
 
+echo "==> cis490-receiver fleet (every lab host as the receiver sees it; exit 1: one is not ok)"
+# The demo's receiver listens on an ephemeral operations port; point a copy of its config there.
+sed "s/^metrics_listen = .*/metrics_listen = \"$ops\"/" "$demo/receiver.toml" >"$demo/receiver-ops.toml"
+set +e
+"$bin/cis490-receiver" --config "$demo/receiver-ops.toml" fleet | sed 's/^/    /'
+fleet_code=${PIPESTATUS[0]}
+set -e
+echo "    exit code: $fleet_code"
+echo "    the same as a page: http://$ops/  (JSON: http://$ops/v1/fleet)"
+
 shipped=$(ls "$data/shipped" | wc -l)
-if [[ $shipped -eq 3 && $(ls "$data/quarantine" | wc -l) -eq 3 ]] \
-  && grep -q "git pull origin main" "$data/quarantine/demo-stale/quarantine_reason.json"; then
+if [[ $shipped -eq 3 && $(ls "$data/quarantine" | wc -l) -eq 2 && $fleet_code -eq 1 ]] \
+  && grep -q "git pull origin main" "$data2/quarantine/demo-stale/quarantine_reason.json"; then
   echo "DEMO OK: 3 current episodes stored (one of 8 MB), stale/unstamped/symlink episodes quarantined with reasons"
 else
   echo "DEMO FAILED: see $demo/receiver.log and $demo/shipper.log" >&2

@@ -137,7 +137,48 @@ pub(crate) fn registry(state: &Arc<AppState>) -> Registry {
         handshakes: state.handshakes.clone(),
         max_handshakes: state.cfg.limits.max_handshakes,
     }));
+    r.register_collector(Box::new(Certificates {
+        server: state.cfg.tls.cert_file.clone(),
+        client_ca: state.cfg.tls.client_ca_file.clone(),
+    }));
     r
+}
+
+/// The receiver's own certificates' expiry (SPEC §14), read from the files at scrape time so a
+/// renewal shows without a restart.
+#[derive(Debug)]
+struct Certificates {
+    server: std::path::PathBuf,
+    client_ca: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabel {
+    cert: &'static str,
+}
+
+impl Collector for Certificates {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = enc.encode_descriptor(
+            "cis490_receiver_cert_not_after_timestamp_seconds",
+            "When the receiver's server certificate and the client CA expire (first certificate of each file)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (cert, path) in [("server", &self.server), ("client_ca", &self.client_ca)] {
+            // A file that cannot be read now is left out; /healthz and the next reload say why.
+            let Ok(s) = cis490_common::tls::summarize(path) else {
+                continue;
+            };
+            let secs = s
+                .not_after
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            ConstGauge::new(i64::try_from(secs).unwrap_or(i64::MAX))
+                .encode(family.encode_family(&CertLabel { cert })?)?;
+        }
+        Ok(())
+    }
 }
 
 /// The registry as Prometheus text.

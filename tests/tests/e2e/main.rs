@@ -2,6 +2,7 @@
 
 mod crash;
 mod differential;
+mod fleet_view;
 mod gate;
 mod hardening;
 mod hostile;
