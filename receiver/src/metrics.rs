@@ -23,7 +23,7 @@ struct StatusLabel {
 }
 
 /// What the request path counts. Counter names are given without `_total`: the encoder adds it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     uploads: Family<StatusLabel, Counter>,
     /// Compressed bytes stored (201 answers).
@@ -43,6 +43,29 @@ pub struct Metrics {
     pub store_probes: Counter,
     /// 1 once this process's executable has been replaced on disk (SPEC §12).
     pub binary_stale: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Metrics {
+            uploads: Family::default(),
+            stored_bytes: Counter::default(),
+            uploads_in_flight: Gauge::default(),
+            body_bytes_read: Counter::default(),
+            quarantine_bytes: Gauge::default(),
+            connections_open: Gauge::default(),
+            connections_refused: Counter::default(),
+            connections_idle_closed: Counter::default(),
+            store_probes: Counter::default(),
+            binary_stale: Gauge::default(),
+        };
+        // The encoder leaves out a family without series; the two success statuses are listed
+        // from the start so the series exists (at 0) before the first upload.
+        for status in [200, 201] {
+            drop(m.uploads.get_or_create(&StatusLabel { status }));
+        }
+        m
+    }
 }
 
 impl Metrics {

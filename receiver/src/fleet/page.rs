@@ -151,7 +151,7 @@ pub(crate) fn html(view: &FleetView) -> String {
 <style>body{{font-family:system-ui,sans-serif;margin:1.5em;color:#101828}}\
 table{{border-collapse:collapse;width:100%}}th,td{{padding:.35em .6em;text-align:left;\
 border-bottom:1px solid #d0d5dd;font-size:.9em;vertical-align:top}}th{{background:#f2f4f7}}\
-td.state{{font-weight:bold;color:#fff}}p.meta{{color:#475467}}</style></head><body>\n\
+td.state{{font-weight:bold;color:#fff}}td:nth-child(-n+4){{white-space:nowrap}}p.meta{{color:#475467}}</style></head><body>\n\
 <h1>cis490 fleet</h1>\n<p class=\"meta\">{gate}<br>generated {gen}; {not_ok} of {total} hosts \
 not ok; reloads every {REFRESH_S} s</p>\n<table>\n<thead><tr>",
         total = view.hosts.len(),

@@ -300,6 +300,7 @@ async fn stored_counts_come_back_from_the_index_after_a_restart() {
     }
     r.stop().await;
     let r = InProcess::start(&cfg).await;
+    let c = w.client(r.addr, "lab-r");
     let mut f = fleet_json(&r).await;
     for _ in 0..100 {
         if f["hosts"].as_array().is_some_and(|h| !h.is_empty()) {
@@ -437,12 +438,20 @@ async fn a_replaced_receiver_binary_is_reported_once_and_an_untouched_one_never(
         let (_, m) = ops_get(p.ops_addr, "/metrics").await;
         assert_eq!(metric(&m, "cis490_receiver_binary_stale"), Some(1.0), "{m}");
     }
+    let events = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("event=\"stale_binary\"") || l.contains("event=stale_binary"))
+            .count()
+    };
+    // The log is read from the child's stderr by a thread: give it a moment to arrive.
+    for _ in 0..50 {
+        if events(&p.log_text()) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let log = p.log_text();
-    let events = log
-        .lines()
-        .filter(|l| l.contains("event=\"stale_binary\"") || l.contains("event=stale_binary"))
-        .count();
-    assert_eq!(events, 1, "reported once: {log}");
+    assert_eq!(events(&log), 1, "reported once: {log}");
     assert!(
         log.contains("sudo systemctl restart cis490-receiver"),
         "{log}"
