@@ -9,7 +9,7 @@ root=$(pwd)
 keep=0
 [[ ${1:-} == --keep ]] && keep=1
 
-scripts/install-test-deps.sh >/dev/null
+scripts/install-test-deps.sh --demo >/dev/null
 echo "==> building cis490-receiver and cis490-shipper"
 cargo build --locked -q -p cis490-receiver -p cis490-shipper
 bin="$root/target/debug"
@@ -157,8 +157,10 @@ curl -s "http://$ops/metrics" | grep -E '^cis490_(receiver_uploads_total|gate_co
 echo "==> cis490-receiver fleet (every lab host as the receiver sees it; exit 1: one is not ok)"
 # The demo's receiver listens on an ephemeral operations port; point a copy of its config there.
 sed "s/^metrics_listen = .*/metrics_listen = \"$ops\"/" "$demo/receiver.toml" >"$demo/receiver-ops.toml"
+colour=()
+[[ -t 1 ]] && colour=(env CLICOLOR_FORCE=1)
 set +e
-"$bin/cis490-receiver" --config "$demo/receiver-ops.toml" fleet | sed 's/^/    /'
+"${colour[@]}" "$bin/cis490-receiver" --config "$demo/receiver-ops.toml" fleet | sed 's/^/    /'
 fleet_code=${PIPESTATUS[0]}
 set -e
 echo "    exit code: $fleet_code"

@@ -4,16 +4,22 @@
 # rustfmt/clippy components, systemd-analyze for linting the units, promtool (Debian package
 # prometheus) for checking and unit-testing the alerting rules, and Garage (below). Safe to run
 # repeatedly; does nothing when all are present.
+# `--demo`: only what scripts/demo.sh uses (git, curl, openssl), so the demo never waits for
+# Garage, Chromium or Prometheus.
 set -euo pipefail
+demo=0
+[[ ${1:-} == --demo ]] && demo=1
 
 missing=()
 command -v git >/dev/null || missing+=(git)
 command -v curl >/dev/null || missing+=(curl)
-command -v unshare >/dev/null || missing+=(util-linux)
 command -v openssl >/dev/null || missing+=(openssl)
-command -v systemd-analyze >/dev/null || missing+=(systemd)
-command -v promtool >/dev/null || missing+=(prometheus)
-command -v chromium >/dev/null || missing+=(chromium)
+if ((demo == 0)); then
+  command -v unshare >/dev/null || missing+=(util-linux)
+  command -v systemd-analyze >/dev/null || missing+=(systemd)
+  command -v promtool >/dev/null || missing+=(prometheus)
+  command -v chromium >/dev/null || missing+=(chromium)
+fi
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   sudo_cmd=()
@@ -21,6 +27,7 @@ if ((${#missing[@]})); then
   "${sudo_cmd[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}"
 fi
+((demo == 1)) && exit 0
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
   rustup component add rustfmt clippy
 fi

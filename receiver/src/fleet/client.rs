@@ -72,7 +72,9 @@ pub(crate) fn run(metrics_listen: SocketAddr, json: bool) -> Result<(), CliError
     let printed = if json {
         out.write_all(&body)
     } else {
-        let colour = out.is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        // The usual conventions: NO_COLOR turns colours off, CLICOLOR_FORCE on through a pipe.
+        let colour = std::env::var_os("NO_COLOR").is_none()
+            && (out.is_terminal() || std::env::var_os("CLICOLOR_FORCE").is_some());
         out.write_all(page::text(&doc.hosts, &doc.generated_at, colour).as_bytes())
     };
     printed.map_err(|e| CliError::failure(format_args!("failed to print: {e}")))?;
