@@ -239,33 +239,41 @@ impl Fleet {
 
     /// Any authenticated request of `host`: when, which shipper, which install commit.
     pub(crate) fn seen(&self, host: &str, headers: &HeaderMap, cert_not_after: Option<SystemTime>) {
-        let version = headers
-            .get(http::header::USER_AGENT)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            .and_then(|ua| {
-                ua.strip_prefix(headers::SHIPPER_AGENT)
-                    .and_then(|rest| rest.strip_prefix('/'))
-                    .map(|v| shown(v.split_whitespace().next().unwrap_or("")))
-            });
+        // The headers as sent; a record is rewritten (and anything allocated) only when a
+        // value differs from what it holds, which after a host's first request is rare.
+        let agent = headers.get(http::header::USER_AGENT).map(|v| v.as_bytes());
+        let version = agent.and_then(|ua| {
+            let rest = ua
+                .strip_prefix(headers::SHIPPER_AGENT.as_bytes())?
+                .strip_prefix(b"/")?;
+            Some(rest.split(|b| *b == b' ').next().unwrap_or_default())
+        });
         let commit = headers
             .get(headers::HOST_COMMIT)
-            .map(|v| shown(String::from_utf8_lossy(v.as_bytes()).trim()));
+            .map(|v| v.as_bytes().trim_ascii());
         let h = self.host(host);
         let mut r = h.lock();
         r.last_seen = Some(SystemTime::now());
         if let Some(v) = version {
-            if r.shipper_version.as_deref() != Some(v.as_str()) {
-                r.shipper_version = Some(v);
+            if r.shipper_version.as_deref().map(str::as_bytes) != Some(v) {
+                r.shipper_version = Some(shown(&String::from_utf8_lossy(v)));
             }
         }
         match commit {
-            Some(c) if r.host_commit.as_ref().is_none_or(|(raw, _)| *raw != c) => {
-                let parsed = Commit::parse(&c).ok();
-                r.host_commit = Some((c, parsed));
+            Some(c)
+                if r.host_commit
+                    .as_ref()
+                    .is_none_or(|(raw, _)| raw.as_bytes() != c) =>
+            {
+                let text = shown(&String::from_utf8_lossy(c));
+                let parsed = Commit::parse(&text).ok();
+                r.host_commit = Some((text, parsed));
             }
             Some(_) => {}
             // A shipper without a checkout sends none: forget an older one.
-            None if version_only(headers) => r.host_commit = None,
+            None if agent.is_some_and(|ua| ua.starts_with(headers::SHIPPER_AGENT.as_bytes())) => {
+                r.host_commit = None
+            }
             None => {}
         }
         if cert_not_after.is_some() {
@@ -479,14 +487,6 @@ impl prometheus_client::collector::Collector for Collector {
         }
         Ok(())
     }
-}
-
-/// A request from a shipper (it names itself) that carries no host commit: its install root
-/// is no checkout (any more). Other clients (curl, a probe) say nothing about the host commit.
-fn version_only(headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::USER_AGENT)
-        .is_some_and(|v| v.as_bytes().starts_with(headers::SHIPPER_AGENT.as_bytes()))
 }
 
 #[cfg(test)]
