@@ -157,6 +157,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     f.commit(path, Existing::Replace)
 }
 
+/// [`write_atomic`] for secrets: the temp file is made owner-only (0600) before a byte is
+/// written, so the key is never readable by others, not even for a moment.
+pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let stem = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let mut f = DurableFile::create_in(parent_of(path), &format!(".{stem}"))?;
+    f.file()
+        .set_permissions(fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)?;
+    f.commit(path, Existing::Replace)
+}
+
 /// Appends one line to an append-only log and fsyncs it before returning.
 pub fn append_line(file: &mut File, line: &str) -> io::Result<()> {
     let mut buf = Vec::with_capacity(line.len() + 1);
@@ -200,6 +215,20 @@ pub fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_private_file_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.key");
+        write_atomic_private(&p, b"secret").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"secret");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
 
     #[test]
     fn write_atomic_replaces_and_leaves_no_temp() {

@@ -53,6 +53,43 @@ pub enum Command {
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum PkiCommand {
+    /// Make the lab's CA and the receiver's server certificate in DIR (refuses if DIR holds a CA).
+    Init {
+        /// The lab PKI directory to create (mode 0700).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A DNS name or IP address the receiver is reached by (repeat; default: this
+        /// machine's hostname and localhost).
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+        /// Lifetime of the CA in days.
+        #[arg(long, default_value_t = crate::pki::CA_DAYS)]
+        days: u32,
+        /// Lifetime of the receiver's certificate in days.
+        #[arg(long, default_value_t = crate::pki::SERVER_DAYS)]
+        server_days: u32,
+    },
+    /// Issue (or renew) a lab host's client certificate, signed by the CA in DIR.
+    Issue {
+        host_id: String,
+        /// The lab PKI directory (ca.pem, ca.key).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Lifetime in days.
+        #[arg(long, default_value_t = crate::pki::HOST_DAYS)]
+        days: u32,
+        /// Where to write HOST_ID.pem, HOST_ID.key and ca.pem (default DIR/hosts/HOST_ID/).
+        #[arg(long, value_name = "OUT")]
+        out: Option<PathBuf>,
+    },
+    /// List every certificate of DIR with its expiry (exit 1 if one expires within 30 days).
+    List {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Revoke HOST_ID's current certificate into DIR/crl.pem (point [tls] crl_file at it,
     /// then reload the receiver with SIGHUP).
     Revoke {
@@ -63,16 +100,131 @@ pub enum PkiCommand {
     },
 }
 
+/// A `pki` failure as an exit status: 2 for what the command line got wrong, 1 otherwise.
+fn pki_error(verb: &str, e: crate::pki::PkiError) -> CliError {
+    use crate::pki::PkiError;
+    let code = match e {
+        PkiError::BadHostId(..) | PkiError::Usage(_) => EXIT_CONFIG,
+        PkiError::File { .. } | PkiError::CaExists(_) => EXIT_FAILURE,
+    };
+    CliError::new(code, format_args!("pki {verb}: {e}"))
+}
+
 fn pki(cmd: &PkiCommand) -> Result<(), CliError> {
     match cmd {
+        PkiCommand::Init {
+            dir,
+            names,
+            days,
+            server_days,
+        } => {
+            let made = crate::pki::init(dir, names, *days, *server_days)
+                .map_err(|e| pki_error("init", e))?;
+            println!(
+                "made the lab CA {} (key ca.key beside it, mode 0600)",
+                made.ca.display()
+            );
+            println!(
+                "made the receiver's certificate {} for {}",
+                made.server.display(),
+                made.names.join(", ")
+            );
+            println!("in receiver.toml:");
+            println!("  [tls]");
+            println!("  cert_file = \"{}\"", made.server.display());
+            println!("  key_file = \"{}\"", made.server_key.display());
+            println!("  client_ca_file = \"{}\"", made.ca.display());
+            println!(
+                "then, for each lab host: cis490-receiver pki issue HOST_ID --dir {}",
+                dir.display()
+            );
+            Ok(())
+        }
+        PkiCommand::Issue {
+            host_id,
+            dir,
+            days,
+            out,
+        } => {
+            let i = crate::pki::issue(dir, host_id, *days, out.as_deref())
+                .map_err(|e| pki_error("issue", e))?;
+            let out_dir = i.cert.parent().unwrap_or(dir);
+            if i.renewed {
+                println!("renewed {host_id}'s certificate (new key, serial {}); the old one stays valid until it expires (revoke it with `pki revoke` once the host uses the new one)", i.serial);
+            } else {
+                println!("issued {host_id}'s certificate (serial {})", i.serial);
+            }
+            println!(
+                "  {}\n  {} (mode 0600)\n  {}",
+                i.cert.display(),
+                i.key.display(),
+                i.ca.display()
+            );
+            println!("put them on the lab host:");
+            println!(
+                "  scp {d}/{h}.pem {d}/{h}.key {d}/ca.pem {h}:/tmp/",
+                d = out_dir.display(),
+                h = host_id
+            );
+            println!(
+                "  ssh {h} 'sudo install -o root -g cis490 -m 0640 /tmp/{h}.pem /tmp/ca.pem /etc/cis490/ && sudo install -o root -g cis490 -m 0640 /tmp/{h}.key /etc/cis490/ && rm /tmp/{h}.pem /tmp/{h}.key /tmp/ca.pem && sudo systemctl restart cis490-shipper'",
+                h = host_id
+            );
+            println!("in its /etc/cis490/lab-host.toml:");
+            println!("  [receiver]");
+            println!("  ca_file = \"/etc/cis490/ca.pem\"");
+            println!("  cert_file = \"/etc/cis490/{host_id}.pem\"");
+            println!("  key_file = \"/etc/cis490/{host_id}.key\"");
+            Ok(())
+        }
+        PkiCommand::List { dir, json } => {
+            let all = crate::pki::list(dir).map_err(|e| pki_error("list", e))?;
+            if *json {
+                let text = serde_json::to_string_pretty(&all)
+                    .map_err(|e| CliError::failure(format_args!("pki list: {e}")))?;
+                println!("{text}");
+            } else {
+                println!(
+                    "{:<8} {:<6} {:<26} {:<22} SUBJECT (SERIAL)",
+                    "STATUS", "DAYS", "FILE", "NOT AFTER"
+                );
+                for l in &all {
+                    let status = if l.revoked {
+                        "revoked"
+                    } else if l.days_left < 0 {
+                        "EXPIRED"
+                    } else if l.days_left < crate::pki::WARN_DAYS {
+                        "RENEW"
+                    } else {
+                        "ok"
+                    };
+                    let file = l.file.strip_prefix(dir).unwrap_or(&l.file);
+                    println!(
+                        "{status:<8} {:<6} {:<26} {:<22} {} ({})",
+                        l.days_left,
+                        file.display(),
+                        l.not_after,
+                        l.subject,
+                        l.serial
+                    );
+                }
+            }
+            let soon: Vec<&crate::pki::Listed> = all
+                .iter()
+                .filter(|l| !l.revoked && l.days_left < crate::pki::WARN_DAYS)
+                .collect();
+            if soon.is_empty() {
+                return Ok(());
+            }
+            Err(CliError::failure(format_args!(
+                "{} certificate(s) expire within {} days: renew hosts with `cis490-receiver pki issue HOST_ID --dir {}`",
+                soon.len(),
+                crate::pki::WARN_DAYS,
+                dir.display()
+            )))
+        }
         PkiCommand::Revoke { host_id, dir } => {
-            let r = crate::pki::revoke(dir, host_id).map_err(|e| {
-                let code = match e {
-                    crate::pki::PkiError::BadHostId(..) => EXIT_CONFIG,
-                    _ => EXIT_FAILURE,
-                };
-                CliError::new(code, format_args!("pki revoke: {e}"))
-            })?;
+            let r = crate::pki::revoke(dir, host_id).map_err(|e| pki_error("revoke", e))?;
             if r.newly {
                 println!("revoked {host_id}: certificate serial {}", r.serial);
             } else {

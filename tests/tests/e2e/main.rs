@@ -6,6 +6,7 @@ mod fleet_view;
 mod gate;
 mod hardening;
 mod hostile;
+mod pki_cmd;
 mod receiver_api;
 mod receiver_limits;
 mod receiver_process;
