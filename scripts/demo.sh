@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole job on a built-in default, on one machine: builds both daemons, makes a throwaway CA
-# and certificates, a git repository with history, starts a receiver on loopback, writes sample
+# The whole job on a built-in default, on one machine: builds both daemons, makes the lab's CA
+# and certificates with `cis490-receiver pki`, a git repository with history, starts a receiver on loopback, writes sample
 # episodes (current, stale, unstamped, with a symlink), ships them with the shipper, and shows
 # where each one ended up. Usage: scripts/demo.sh [--keep]   (DEMO_DIR=... to choose the dir)
 set -euo pipefail
@@ -9,7 +9,7 @@ root=$(pwd)
 keep=0
 [[ ${1:-} == --keep ]] && keep=1
 
-scripts/install-test-deps.sh --demo >/dev/null
+scripts/install-test-deps.sh --demo >/dev/null  # git, curl
 echo "==> building cis490-receiver and cis490-shipper"
 cargo build --locked -q -p cis490-receiver -p cis490-shipper
 bin="$root/target/debug"
@@ -23,23 +23,13 @@ cleanup() {
 trap cleanup EXIT
 echo "==> working in $demo"
 
-echo "==> making a throwaway CA, a receiver certificate and a lab-host certificate"
+echo "==> making the lab's CA, the receiver's certificate and two lab-host certificates (cis490-receiver pki)"
 pki="$demo/pki"
-mkdir -p "$pki"
-ossl() { openssl "$@" 2>/dev/null; }
-ossl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
-  -subj "/CN=cis490 demo CA" -keyout "$pki/ca.key" -out "$pki/ca.pem" \
-  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
-issue() { # name san eku
-  ossl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$1" \
-    -keyout "$pki/$1.key" -out "$pki/$1.csr"
-  printf 'subjectAltName=%s\nextendedKeyUsage=%s\nbasicConstraints=CA:FALSE\n' "$2" "$3" >"$pki/$1.ext"
-  ossl x509 -req -in "$pki/$1.csr" -CA "$pki/ca.pem" -CAkey "$pki/ca.key" -CAcreateserial \
-    -days 30 -extfile "$pki/$1.ext" -out "$pki/$1.pem"
-}
-issue receiver "DNS:localhost,IP:127.0.0.1" serverAuth
-issue labhost-01 "DNS:labhost-01" clientAuth
-issue labhost-02 "DNS:labhost-02" clientAuth
+"$bin/cis490-receiver" pki init --dir "$pki" --name localhost --name 127.0.0.1 | sed 's/^/    /'
+for h in labhost-01 labhost-02; do
+  "$bin/cis490-receiver" pki issue "$h" --dir "$pki" >/dev/null
+done
+"$bin/cis490-receiver" pki list --dir "$pki" | sed 's/^/    /'
 
 echo "==> making the project's git repository (3 commits on main)"
 repo="$demo/repo"
@@ -83,9 +73,9 @@ host_id = "$1"
 data_dir = "$2"
 [receiver]
 url = "https://localhost:${listen##*:}"
-ca_file = "$pki/ca.pem"
-cert_file = "$pki/$1.pem"
-key_file = "$pki/$1.key"
+ca_file = "$pki/hosts/$1/ca.pem"
+cert_file = "$pki/hosts/$1/$1.pem"
+key_file = "$pki/hosts/$1/$1.key"
 [shipping]
 settle_s = 0
 TOML
