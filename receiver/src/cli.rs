@@ -185,7 +185,7 @@ fn pki(cmd: &PkiCommand) -> Result<(), CliError> {
                 println!("{text}");
             } else {
                 println!(
-                    "{:<8} {:<6} {:<26} {:<22} SUBJECT (SERIAL)",
+                    "{:<8} {:<6} {:<34} {:<22} SUBJECT (SERIAL)",
                     "STATUS", "DAYS", "FILE", "NOT AFTER"
                 );
                 for l in &all {
@@ -200,7 +200,7 @@ fn pki(cmd: &PkiCommand) -> Result<(), CliError> {
                     };
                     let file = l.file.strip_prefix(dir).unwrap_or(&l.file);
                     println!(
-                        "{status:<8} {:<6} {:<26} {:<22} {} ({})",
+                        "{status:<8} {:<6} {:<34} {:<22} {} ({})",
                         l.days_left,
                         file.display(),
                         l.not_after,
