@@ -178,7 +178,10 @@ fn pki(cmd: &PkiCommand) -> Result<(), CliError> {
             Ok(())
         }
         PkiCommand::List { dir, json } => {
-            let all = crate::pki::list(dir).map_err(|e| pki_error("list", e))?;
+            let (all, unreadable) = crate::pki::list(dir).map_err(|e| pki_error("list", e))?;
+            for why in &unreadable {
+                eprintln!("cis490-receiver: pki list: {why}");
+            }
             if *json {
                 let text = serde_json::to_string_pretty(&all)
                     .map_err(|e| CliError::failure(format_args!("pki list: {e}")))?;
@@ -213,8 +216,14 @@ fn pki(cmd: &PkiCommand) -> Result<(), CliError> {
                 .iter()
                 .filter(|l| !l.revoked && l.days_left < crate::pki::WARN_DAYS)
                 .collect();
-            if soon.is_empty() {
+            if soon.is_empty() && unreadable.is_empty() {
                 return Ok(());
+            }
+            if soon.is_empty() {
+                return Err(CliError::failure(format_args!(
+                    "{} certificate file(s) could not be read",
+                    unreadable.len()
+                )));
             }
             Err(CliError::failure(format_args!(
                 "{} certificate(s) expire within {} days: renew hosts with `cis490-receiver pki issue HOST_ID --dir {}`",

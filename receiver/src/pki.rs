@@ -346,6 +346,20 @@ fn load_issuer(dir: &Path) -> Result<(String, Issuer<'static, KeyPair>), PkiErro
     let ca_pem = read_text(&ca_pem_path)?;
     let ca_key = KeyPair::from_pem(&read_text(&ca_key_path)?)
         .map_err(|e| file_err(&ca_key_path, format!("not a usable private key: {e}")))?;
+    // A key that is not the certificate's would sign certificates no receiver accepts.
+    let ca_der = first_pem_der(&ca_pem_path, &ca_pem, "CERTIFICATE")?;
+    let (_, ca_cert) = X509Certificate::from_der(&ca_der)
+        .map_err(|e| file_err(&ca_pem_path, format!("not a certificate: {e}")))?;
+    let key_bytes = rcgen::PublicKeyData::der_bytes(&ca_key);
+    if ca_cert.public_key().subject_public_key.data.as_ref() != key_bytes {
+        return Err(file_err(
+            &ca_key_path,
+            format!(
+                "is not the key of the CA certificate {}",
+                ca_pem_path.display()
+            ),
+        ));
+    }
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
         .map_err(|e| file_err(&ca_pem_path, format!("not a usable CA certificate: {e}")))?;
     Ok((ca_pem, issuer))
@@ -377,12 +391,13 @@ pub fn issue(dir: &Path, host_id: &str, days: u32, out: Option<&Path>) -> Result
         .signed_by(&key, &issuer)
         .map_err(|e| sign_err(&cert_path, e))?;
     let renewed = cert_path.exists();
-    cis490_common::durable::create_dir_durable(&out).map_err(|e| file_err(&out, e))?;
-    // The key before the certificate: a certificate on disk always has its key beside it.
-    write_key(&key_path, &key)?;
-    write_public(&cert_path, &cert.pem())?;
     let ca_copy = out.join("ca.pem");
-    write_public(&ca_copy, &ca_pem)?;
+    let bundle = [
+        (key_path.clone(), key.serialize_pem(), true),
+        (cert_path.clone(), cert.pem(), false),
+        (ca_copy.clone(), ca_pem, false),
+    ];
+    write_bundle(&out, &bundle)?;
     Ok(Issued {
         cert: cert_path,
         key: key_path,
@@ -390,6 +405,69 @@ pub fn issue(dir: &Path, host_id: &str, days: u32, out: Option<&Path>) -> Result
         serial: hex::encode(serial.as_ref()),
         renewed,
     })
+}
+
+/// Writes a host's key, certificate and CA copy so that a crash at any moment leaves either
+/// the old bundle or the new one, never a key beside a certificate it does not belong to.
+/// The bundle is made complete in a sibling directory, then swapped with `out` in one
+/// `renameat2(RENAME_EXCHANGE)`; a new `out` is renamed into place. An `out` that holds other
+/// files (a `--out` shared with something else) is written file by file instead.
+fn write_bundle(out: &Path, files: &[(PathBuf, String, bool)]) -> Result<(), PkiError> {
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "bundle".into());
+    let ours: Vec<std::ffi::OsString> = files
+        .iter()
+        .filter_map(|(p, _, _)| p.file_name().map(|n| n.to_os_string()))
+        .collect();
+    let shared = std::fs::read_dir(out).is_ok_and(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .any(|e| !ours.contains(&e.file_name()))
+    });
+    let write_all = |dir: &Path| -> Result<(), PkiError> {
+        for (path, text, private) in files {
+            let target = dir.join(path.file_name().unwrap_or_default());
+            if *private {
+                cis490_common::durable::write_atomic_private(&target, text.as_bytes())
+            } else {
+                cis490_common::durable::write_atomic(&target, text.as_bytes())
+            }
+            .map_err(|e| file_err(&target, e))?;
+        }
+        Ok(())
+    };
+    cis490_common::durable::create_dir_durable(parent).map_err(|e| file_err(parent, e))?;
+    if shared {
+        return write_all(out);
+    }
+    let staging = parent.join(format!(".{name}.new-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir(&staging).map_err(|e| file_err(&staging, e))?;
+    let result = write_all(&staging).and_then(|()| {
+        if out.exists() {
+            renameat2(
+                AT_FDCWD,
+                &staging,
+                AT_FDCWD,
+                out,
+                RenameFlags::RENAME_EXCHANGE,
+            )
+            .map_err(|e| file_err(out, format!("cannot swap in the new bundle: {e}")))?;
+        } else {
+            std::fs::rename(&staging, out).map_err(|e| file_err(out, e))?;
+        }
+        cis490_common::durable::fsync_dir(parent).map_err(|e| file_err(parent, e))
+    });
+    // After a swap the staging name holds the old bundle; after a failure, the new one.
+    let _ = std::fs::remove_dir_all(&staging);
+    result
 }
 
 /// One certificate as `pki list` shows it.
@@ -424,8 +502,8 @@ fn describe(path: &Path, revoked: &[Vec<u8>], now: SystemTime) -> Result<Listed,
 }
 
 /// `pki list`: the CA, the receiver's certificate and every host's current certificate in
-/// `dir`, soonest expiry first.
-pub fn list(dir: &Path) -> Result<Vec<Listed>, PkiError> {
+/// `dir`, soonest expiry first, and one line per file that could not be read.
+pub fn list(dir: &Path) -> Result<(Vec<Listed>, Vec<String>), PkiError> {
     let (revoked, _) = revoked_so_far(&dir.join("crl.pem"))?;
     let revoked: Vec<Vec<u8>> = revoked.into_iter().map(|(s, _)| s).collect();
     let now = SystemTime::now();
@@ -448,10 +526,14 @@ pub fn list(dir: &Path) -> Result<Vec<Listed>, PkiError> {
             }
         }
     }
-    let mut out = files
-        .iter()
-        .map(|f| describe(f, &revoked, now))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = Vec::new();
+    let mut unreadable = Vec::new();
+    for f in &files {
+        match describe(f, &revoked, now) {
+            Ok(l) => out.push(l),
+            Err(e) => unreadable.push(e.to_string()),
+        }
+    }
     out.sort_by_key(|l| l.days_left);
-    Ok(out)
+    Ok((out, unreadable))
 }

@@ -195,3 +195,85 @@ fn init_twice_refuses_and_bad_host_ids_are_refused_changing_nothing() {
         "a refused init creates nothing"
     );
 }
+
+#[test]
+fn issue_refuses_a_missing_or_mismatched_ca_and_never_leaves_half_a_bundle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = tmp.path().join("lab");
+    let other = tmp.path().join("other");
+    let (l, o) = (lab.to_str().unwrap(), other.to_str().unwrap());
+    // No CA at all.
+    let (code, _, err) = pki(&["issue", "lab-01", "--dir", l]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("ca.pem"), "names the file: {err}");
+    assert!(!lab.join("hosts").exists());
+    // A key that is not the CA certificate's.
+    assert_eq!(pki(&["init", "--dir", l]).0, 0);
+    assert_eq!(pki(&["init", "--dir", o]).0, 0);
+    assert_eq!(pki(&["issue", "lab-01", "--dir", l]).0, 0);
+    let before = snapshot(&lab);
+    std::fs::copy(other.join("ca.key"), lab.join("ca.key")).unwrap();
+    let (code, _, err) = pki(&["issue", "lab-01", "--dir", l]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("ca.key") && err.contains("is not the key"),
+        "{err}"
+    );
+    let after = snapshot(&lab);
+    let host_files = |s: &[(PathBuf, Vec<u8>)]| -> Vec<(PathBuf, Vec<u8>)> {
+        s.iter()
+            .filter(|(p, _)| p.starts_with(lab.join("hosts")))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        host_files(&after),
+        host_files(&before),
+        "the host's bundle is untouched"
+    );
+}
+
+#[test]
+fn list_names_a_file_that_is_not_a_certificate_and_lists_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = tmp.path().join("lab");
+    let l = lab.to_str().unwrap();
+    assert_eq!(pki(&["init", "--dir", l]).0, 0);
+    assert_eq!(pki(&["issue", "lab-01", "--dir", l]).0, 0);
+    assert_eq!(pki(&["issue", "lab-02", "--dir", l]).0, 0);
+    std::fs::write(lab.join("hosts/lab-02/lab-02.pem"), "not pem at all\n").unwrap();
+    let (code, out, err) = pki(&["list", "--dir", l]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("hosts/lab-02/lab-02.pem"), "{err}");
+    assert!(
+        out.contains("hosts/lab-01/lab-01.pem") && out.contains("ca.pem"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_renewal_leaves_a_key_that_matches_its_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = tmp.path().join("lab");
+    let l = lab.to_str().unwrap();
+    assert_eq!(pki(&["init", "--dir", l]).0, 0);
+    for _ in 0..3 {
+        assert_eq!(pki(&["issue", "lab-01", "--dir", l]).0, 0);
+        let files = host_files(&lab, "lab-01");
+        // rustls refuses a certificate/key pair that do not belong together.
+        let cfg = cis490_common::tls::client_config(
+            &cis490_common::tls::ClientTlsFiles {
+                ca_file: &lab.join("ca.pem"),
+                cert_file: &files.cert,
+                key_file: &files.key,
+            },
+            false,
+        );
+        assert!(cfg.is_ok(), "{:?}", cfg.err());
+        let names: Vec<String> = std::fs::read_dir(lab.join("hosts"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["lab-01"], "no staging directory is left behind");
+    }
+}
