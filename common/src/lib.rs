@@ -19,3 +19,11 @@ pub mod tls;
 
 pub use ids::{validate_id, Commit, IdError};
 pub use reason::{Disposition, ErrorCode, Reason};
+
+/// `--version` of both binaries: the version and the commit they were built from.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("CIS490_BUILD_COMMIT"),
+    ")"
+);

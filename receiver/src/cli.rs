@@ -18,7 +18,7 @@ use crate::setup::offline_store;
 #[derive(Debug, Parser)]
 #[command(
     name = "cis490-receiver",
-    version,
+    version = cis490_common::LONG_VERSION,
     about = "Admits lab episodes from current code over mutual TLS and stores them durably"
 )]
 pub struct Cli {

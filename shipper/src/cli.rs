@@ -25,7 +25,7 @@ const EXIT_NOT_ADMITTED: u8 = 4;
 #[derive(Debug, Parser)]
 #[command(
     name = "cis490-shipper",
-    version,
+    version = cis490_common::LONG_VERSION,
     about = "Ships finished lab episodes to the cis490 receiver over mutual TLS"
 )]
 pub struct Cli {

@@ -613,3 +613,20 @@ async fn the_page_shows_each_hosts_state_in_a_real_browser() {
     }
     r.stop().await;
 }
+
+#[test]
+fn both_binaries_say_which_commit_they_were_built_from() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let head = cis490_tests::git::git(root, &["rev-parse", "HEAD"]);
+    for bin in [receiver_bin(), cis490_tests::harness::shipper_bin()] {
+        let out = Command::new(&bin).arg("--version").output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(env!("CARGO_PKG_VERSION"))
+                && text.contains(&format!("commit {}", head.trim())),
+            "{}: {text}",
+            bin.display()
+        );
+    }
+}
