@@ -13,7 +13,7 @@ use cis490_common::{notify, Reason};
 
 use crate::config::{self, Config, ConfigError};
 use crate::daemon::Shipper;
-use crate::host::{self, INSTALL_ROOT};
+use crate::host;
 use crate::queue::{newest_mtime, read_stamp, QuarantineReason, Queue, Stamp};
 use crate::transport::Transport;
 
@@ -43,7 +43,7 @@ pub enum Command {
     Once,
     /// Ask the receiver who we are and whether a commit would be admitted.
     Ping {
-        /// Commit to ask about (default: HEAD of /opt/cis490).
+        /// Commit to ask about (default: HEAD of `[receiver] install_root`, /opt/cis490).
         #[arg(long)]
         commit: Option<String>,
     },
@@ -224,7 +224,7 @@ fn spawn_signals(shutdown: CancellationToken) -> std::io::Result<()> {
 }
 
 async fn ping(cfg: &Config, t: &Transport, commit: Option<String>) -> Result<(), CliError> {
-    let commit = commit.or_else(|| host::installed_commit(Path::new(INSTALL_ROOT)));
+    let commit = commit.or_else(|| host::installed_commit(&cfg.receiver.install_root));
     let eps = t.endpoints();
     println!("host_id:    {} (from the config)", cfg.host_id);
     // Every receiver of the list is asked: a fleet that fails over must be able to reach each.
@@ -312,7 +312,10 @@ async fn ping_one(cfg: &Config, t: &Transport, i: usize, commit: Option<&str>) -
     }
     match (commit, body["commit_accepted"].as_bool()) {
         (None, _) => {
-            println!("commit:     (none given and {INSTALL_ROOT} is not a git checkout)");
+            println!(
+                "commit:     (none given and {} is not a git checkout)",
+                cfg.receiver.install_root.display()
+            );
             PingResult::Ok
         }
         (Some(c), Some(true)) => {

@@ -289,7 +289,8 @@ pub async fn run(cfg: Result<(Config, PathBuf), String>, opts: &Options) -> Vec<
             match host::transport(cfg, path) {
                 Err(e) => rows.push(row(Level::Red, "receiver", e.to_string(), None)),
                 Ok(t) => {
-                    let commit = host::installed_commit(Path::new(host::INSTALL_ROOT));
+                    let root = &cfg.receiver.install_root;
+                    let commit = host::installed_commit(root);
                     let urls = cfg.receiver.url.list();
                     let mut reachable = 0;
                     let mut down = Vec::new();
@@ -322,9 +323,9 @@ pub async fn run(cfg: Result<(Config, PathBuf), String>, opts: &Options) -> Vec<
                                     fix_412 = r.to_string();
                                 }
                                 commit_row = Some(match (&commit, body["commit_accepted"].as_bool()) {
-                                    (None, _) => row(Level::Yellow, "commit", format!("{} is not a git checkout; cannot tell which commit this host runs", host::INSTALL_ROOT), None),
-                                    (Some(c), Some(true)) => row(Level::Green, "commit", format!("{c} is admitted"), None),
-                                    (Some(c), Some(false)) => row(Level::Red, "commit", format!("{c} is NOT admitted: new episodes will be quarantined"), Some(fix_412.clone())),
+                                    (None, _) => row(Level::Yellow, "commit", format!("{} (receiver.install_root) is not a git checkout; cannot tell which commit this host runs", root.display()), None),
+                                    (Some(c), Some(true)) => row(Level::Green, "commit", format!("{c} (HEAD of {}) is admitted", root.display()), None),
+                                    (Some(c), Some(false)) => row(Level::Red, "commit", format!("{c} (HEAD of {}) is NOT admitted: new episodes will be quarantined", root.display()), Some(fix_412.clone())),
                                     (Some(c), None) => row(Level::Yellow, "commit", format!("{c}: the receiver has no commit list yet"), None),
                                 });
                             }
