@@ -13,5 +13,6 @@ mod rules;
 mod s3;
 mod scripts;
 mod shipper;
+mod shipper_metrics;
 mod shipper_process;
 mod support;
