@@ -47,7 +47,11 @@ impl BinaryWatch {
     pub fn of_self() -> Option<BinaryWatch> {
         let link = std::fs::read_link(SELF_EXE).ok()?;
         let running = std::fs::metadata(SELF_EXE).ok()?;
-        Some(BinaryWatch::new(strip_deleted(&link), running.dev(), running.ino()))
+        Some(BinaryWatch::new(
+            strip_deleted(&link),
+            running.dev(),
+            running.ino(),
+        ))
     }
 
     /// Watches `path`, whose file had identity (`dev`, `ino`) when the process started.
