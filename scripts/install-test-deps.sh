@@ -2,7 +2,8 @@
 # Installs what the test suite needs besides the Rust toolchain: git (real repositories), curl
 # (Expect: 100-continue checks), util-linux (unshare, mount for the full-disk test), and the
 # rustfmt/clippy components, systemd-analyze for linting the units, promtool (Debian package
-# prometheus) for checking and unit-testing the alerting rules, and Garage (below). Safe to run
+# prometheus) for checking and unit-testing the alerting rules, node_exporter (reads the
+# shipper's metrics textfile in a test), and Garage (below). Safe to run
 # repeatedly; does nothing when all are present.
 # `--demo`: only what scripts/demo.sh uses (git, curl, openssl), so the demo never waits for
 # Garage, Chromium or Prometheus.
@@ -18,6 +19,7 @@ if ((demo == 0)); then
   command -v unshare >/dev/null || missing+=(util-linux)
   command -v systemd-analyze >/dev/null || missing+=(systemd)
   command -v promtool >/dev/null || missing+=(prometheus)
+  command -v prometheus-node-exporter >/dev/null || missing+=(prometheus-node-exporter)
   command -v chromium >/dev/null || missing+=(chromium)
 fi
 if ((${#missing[@]})); then

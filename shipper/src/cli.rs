@@ -13,7 +13,8 @@ use cis490_common::{notify, Reason};
 
 use crate::config::{self, Config, ConfigError};
 use crate::daemon::Shipper;
-use crate::host::{self, INSTALL_ROOT};
+use crate::host;
+use crate::metrics::Textfile;
 use crate::queue::{newest_mtime, read_stamp, QuarantineReason, Queue, Stamp};
 use crate::transport::Transport;
 
@@ -43,7 +44,7 @@ pub enum Command {
     Once,
     /// Ask the receiver who we are and whether a commit would be admitted.
     Ping {
-        /// Commit to ask about (default: HEAD of /opt/cis490).
+        /// Commit to ask about (default: HEAD of `[receiver] install_root`, /opt/cis490).
         #[arg(long)]
         commit: Option<String>,
     },
@@ -135,7 +136,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .map_err(|e| CliError::failure(format_args!("failed to start the runtime: {e}")))
 }
 
-/// `run` and `once`: everything is checked before the first episode is touched.
+/// `run` and `once`: everything is checked before the first episode is touched, and `run`'s
+/// metrics listener is bound before READY=1.
 fn ship(cfg: Config, path: &Path, queue: &Queue, once: bool) -> Result<(), CliError> {
     let rt = runtime()?;
     let t = host::transport(&cfg, path)?;
@@ -151,7 +153,27 @@ fn ship(cfg: Config, path: &Path, queue: &Queue, once: bool) -> Result<(), CliEr
                 cfg.data_dir.display()
             ))
         })?;
-    let shipped = rt.block_on(run(Arc::new(Shipper::new(cfg, t)), once));
+    let textfile = cfg
+        .metrics
+        .textfile()
+        .map(Textfile::open)
+        .transpose()
+        .map_err(|e| ConfigError::new(path, "metrics.textfile", e))?;
+    // `once` serves nothing: a scrape would only ever catch it by luck.
+    let ops = match cfg.metrics.listen_addr().filter(|_| !once) {
+        None => None,
+        Some(addr) => Some(
+            rt.block_on(tokio::net::TcpListener::bind(addr))
+                .map_err(|e| {
+                    ConfigError::new(
+                        path,
+                        "metrics.listen",
+                        format!("failed to listen on {addr}: {e}"),
+                    )
+                })?,
+        ),
+    };
+    let shipped = rt.block_on(run(Arc::new(Shipper::new(cfg, t, textfile)), once, ops));
     // A pack still running on a blocking thread must not hold up the exit: its .partial file
     // is swept on the next start.
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -183,7 +205,11 @@ fn doctor(cli: &Cli, since: &str, log_file: Option<PathBuf>, json: bool) -> Resu
     Ok(())
 }
 
-async fn run(shipper: Arc<Shipper>, once: bool) -> Result<(), CliError> {
+async fn run(
+    shipper: Arc<Shipper>,
+    once: bool,
+    ops: Option<tokio::net::TcpListener>,
+) -> Result<(), CliError> {
     let shutdown = CancellationToken::new();
     spawn_signals(shutdown.clone())
         .map_err(|e| CliError::failure(format_args!("failed to install signal handlers: {e}")))?;
@@ -195,7 +221,7 @@ async fn run(shipper: Arc<Shipper>, once: bool) -> Result<(), CliError> {
             Err(e) => Err(CliError::failure(format_args!("{e:#}"))),
         };
     }
-    match shipper.run(shutdown, notify::ready).await {
+    match shipper.run(shutdown, notify::ready, ops).await {
         Ok(()) => {
             tracing::info!("shipper stopped");
             Ok(())
@@ -224,7 +250,7 @@ fn spawn_signals(shutdown: CancellationToken) -> std::io::Result<()> {
 }
 
 async fn ping(cfg: &Config, t: &Transport, commit: Option<String>) -> Result<(), CliError> {
-    let commit = commit.or_else(|| host::installed_commit(Path::new(INSTALL_ROOT)));
+    let commit = commit.or_else(|| host::installed_commit(&cfg.receiver.install_root));
     let eps = t.endpoints();
     println!("host_id:    {} (from the config)", cfg.host_id);
     // Every receiver of the list is asked: a fleet that fails over must be able to reach each.
@@ -312,7 +338,10 @@ async fn ping_one(cfg: &Config, t: &Transport, i: usize, commit: Option<&str>) -
     }
     match (commit, body["commit_accepted"].as_bool()) {
         (None, _) => {
-            println!("commit:     (none given and {INSTALL_ROOT} is not a git checkout)");
+            println!(
+                "commit:     (none given and {} is not a git checkout)",
+                cfg.receiver.install_root.display()
+            );
             PingResult::Ok
         }
         (Some(c), Some(true)) => {

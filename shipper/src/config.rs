@@ -1,7 +1,9 @@
 //! `lab-host.toml` (SPEC §6): every key with its default, unknown keys rejected by name, and a
 //! check of every value. The files it names are read later, by whoever needs them: the
-//! certificates and the token by `host::transport`, `data_dir` by the commands that use it.
+//! certificates and the token by `host::transport`, `data_dir` by the commands that use it,
+//! `[metrics] textfile` and `listen` by `run` before it starts (`cli::ship`).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -10,6 +12,8 @@ use crate::pack::Compression;
 
 pub const DEFAULT_PATH: &str = "/etc/cis490/lab-host.toml";
 pub const ENV_PATH: &str = "CIS490_SHIPPER_CONFIG";
+/// Where the lab's code is installed unless `[receiver] install_root` says otherwise.
+pub const DEFAULT_INSTALL_ROOT: &str = "/opt/cis490";
 /// Upper bound on `[shipping] concurrency`: far above what one host's disk and link can use,
 /// and low enough that the slot semaphores and the in-hand queue stay small.
 pub const MAX_CONCURRENCY: usize = 256;
@@ -25,6 +29,8 @@ pub struct Config {
     pub shipping: Shipping,
     #[serde(default)]
     pub retention: Retention,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -60,6 +66,14 @@ pub struct ReceiverConfig {
     pub connect_timeout_s: u64,
     #[serde(default = "d60")]
     pub idle_timeout_s: u64,
+    /// The lab's code checkout: its HEAD is sent as `X-Cis490-Host-Commit` and asked about by
+    /// `ping` and `doctor` (SPEC §11).
+    #[serde(default = "default_install_root")]
+    pub install_root: PathBuf,
+}
+
+fn default_install_root() -> PathBuf {
+    PathBuf::from(DEFAULT_INSTALL_ROOT)
 }
 
 fn d10() -> u64 {
@@ -127,6 +141,43 @@ impl Default for Retention {
             quarantine_keep_days: 30,
             cleanup_interval_s: 3600,
         }
+    }
+}
+
+/// `[metrics]` (SPEC §12): where the daemon shows its metrics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `address:port` of the plain-HTTP `/metrics` and `/healthz` listener; "" turns it off.
+    pub listen: String,
+    /// A file rewritten at every scan for node_exporter's textfile collector; "" turns it off.
+    pub textfile: PathBuf,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9491".into(),
+            textfile: PathBuf::new(),
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// The listener's address, `None` when turned off. Checked by `validate`, so a config that
+    /// loaded never has an address that does not parse.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        let l = self.listen.trim();
+        if l.is_empty() {
+            None
+        } else {
+            l.parse().ok()
+        }
+    }
+
+    /// The textfile, `None` when turned off.
+    pub fn textfile(&self) -> Option<&Path> {
+        (!self.textfile.as_os_str().is_empty()).then_some(self.textfile.as_path())
     }
 }
 
@@ -202,6 +253,21 @@ impl Validate for Config {
                 "must be greater than 0".into(),
             );
         }
+        let listen = self.metrics.listen.trim();
+        if !listen.is_empty() && listen.parse::<SocketAddr>().is_err() {
+            return err(
+                "metrics.listen",
+                format!("{listen:?} is not an address:port such as \"127.0.0.1:9491\" (\"\" turns the listener off)"),
+            );
+        }
+        if let Some(t) = self.metrics.textfile() {
+            if !t.is_absolute() || t.file_name().is_none() {
+                return err(
+                    "metrics.textfile",
+                    format!("{} must be an absolute path to a file", t.display()),
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -254,6 +320,42 @@ key_file = "/k.pem"
         assert_eq!(c.retention.quarantine_keep_days, 30);
         assert_eq!(c.retention.cleanup_interval_s, 3600);
         assert_eq!(c.receiver.url.list(), vec!["https://receiver.lab:8443"]);
+        assert_eq!(c.receiver.install_root, PathBuf::from("/opt/cis490"));
+        assert_eq!(
+            c.metrics.listen_addr(),
+            Some("127.0.0.1:9491".parse().unwrap())
+        );
+        assert_eq!(c.metrics.textfile(), None);
+    }
+
+    #[test]
+    fn metrics_keys_are_checked() {
+        let with =
+            |m: &str| Config::parse(Path::new("l.toml"), &format!("{MIN}\n[metrics]\n{m}\n"));
+        let c = with("listen = \"\"\ntextfile = \"/var/lib/prometheus/node-exporter/cis490.prom\"")
+            .unwrap();
+        assert_eq!(c.metrics.listen_addr(), None, "\"\" turns the listener off");
+        assert_eq!(
+            c.metrics.textfile(),
+            Some(Path::new("/var/lib/prometheus/node-exporter/cis490.prom"))
+        );
+        let c = with("listen = \"[::]:9491\"").unwrap();
+        assert_eq!(c.metrics.listen_addr(), Some("[::]:9491".parse().unwrap()));
+        let e = with("listen = \"nonsense\"").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("l.toml: metrics.listen: \"nonsense\""),
+            "{e}"
+        );
+        for bad in ["cis490.prom", "/"] {
+            let e = with(&format!("textfile = \"{bad}\"")).unwrap_err();
+            assert!(
+                e.to_string().starts_with("l.toml: metrics.textfile: "),
+                "{bad}: {e}"
+            );
+        }
+        let e = with("listne = \"\"").unwrap_err();
+        assert!(e.to_string().contains("listne"), "{e}");
     }
 
     #[test]

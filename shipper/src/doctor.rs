@@ -1,5 +1,7 @@
 //! `cis490-shipper doctor`: one screen for the person on call. Checks the config, certificates,
-//! receiver, commit admission, queue and disk, then classifies the shipper's recent log lines.
+//! receiver, commit admission, queue and disk, asks the running daemon (its metrics listener and
+//! its journal) which version it runs and whether its binary is stale, then classifies the
+//! shipper's recent log lines.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -10,6 +12,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::host;
+use crate::metrics;
 use crate::queue::Queue;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -261,6 +264,197 @@ fn read_log(log_file: Option<&Path>, since: SystemTime) -> Result<String, Row> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The journal lines that say how the daemon started and whether its binary went stale,
+/// however old: `journalctl --grep` for them (the last 100). `None` when journalctl cannot
+/// (no journal access, or built without pattern matching); the caller then has the `--since`
+/// window only.
+fn read_daemon_journal() -> Option<String> {
+    let out = Command::new("journalctl")
+        .args([
+            "-u",
+            "cis490-shipper",
+            "-o",
+            "json",
+            "--no-pager",
+            "-n",
+            "100",
+            "--grep",
+            "shipper started|stale_binary",
+        ])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What the log says about the daemon's latest start.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DaemonLog {
+    /// The last `shipper started` line: its time, version and pid.
+    pub started: Option<Started>,
+    /// The executable `event=stale_binary` named since that start.
+    pub stale: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    pub time: Option<SystemTime>,
+    pub version: Option<String>,
+    pub pid: Option<String>,
+}
+
+/// Reads the daemon's starts and stale-binary events in log order: a stale binary reported
+/// before the last start was replaced by that start.
+pub fn daemon_log(lines: &[LogLine]) -> DaemonLog {
+    let mut d = DaemonLog::default();
+    for l in lines {
+        if field(&l.text, "event") == Some("stale_binary") {
+            d.stale = Some(field(&l.text, "path").unwrap_or("?").to_string());
+        } else if l.text.contains("shipper started") {
+            d.started = Some(Started {
+                time: l.time,
+                version: field(&l.text, "version").map(str::to_string),
+                pid: field(&l.text, "pid").map(str::to_string),
+            });
+            d.stale = None;
+        }
+    }
+    d
+}
+
+/// What the daemon's own `/metrics` said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scrape {
+    /// `[metrics] listen = ""`.
+    Off,
+    /// Port 0: the address is only in the daemon's start line, not worth guessing.
+    Ephemeral,
+    Unreachable {
+        addr: String,
+        why: String,
+    },
+    Answered {
+        addr: String,
+        stale: bool,
+        version: Option<String>,
+    },
+}
+
+/// Asks the daemon at `[metrics] listen` (a wildcard address is asked on loopback).
+async fn scrape_daemon(cfg: &Config) -> Scrape {
+    let Some(mut addr) = cfg.metrics.listen_addr() else {
+        return Scrape::Off;
+    };
+    if addr.port() == 0 {
+        return Scrape::Ephemeral;
+    }
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    match metrics::get(addr, "/metrics").await {
+        Ok((200, text)) => read_scrape(addr.to_string(), &text),
+        Ok((status, _)) => Scrape::Unreachable {
+            addr: addr.to_string(),
+            why: format!("/metrics answered {status}"),
+        },
+        Err(why) => Scrape::Unreachable {
+            addr: addr.to_string(),
+            why,
+        },
+    }
+}
+
+fn read_scrape(addr: String, text: &str) -> Scrape {
+    let stale = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(metrics::BINARY_STALE)?.strip_prefix(' '))
+        .any(|v| v.trim() == "1");
+    let version = text
+        .lines()
+        .find_map(|l| l.strip_prefix(metrics::BUILD_INFO)?.strip_prefix('{'))
+        .and_then(|labels| labels.split("version=\"").nth(1))
+        .and_then(|v| v.split('"').next())
+        .map(str::to_string);
+    Scrape::Answered {
+        addr,
+        stale,
+        version,
+    }
+}
+
+/// The daemon rows: a red one when its binary is stale (from the metrics or the log), and what
+/// is known of the running version and its start.
+pub fn daemon_rows(log: &DaemonLog, scrape: &Scrape) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let own = env!("CARGO_PKG_VERSION");
+    let stale_path = match (scrape, &log.stale) {
+        (_, Some(path)) => Some(path.clone()),
+        (Scrape::Answered { stale: true, .. }, None) => Some("its executable".to_string()),
+        _ => None,
+    };
+    if let Some(path) = stale_path {
+        rows.push(row(
+            Level::Red,
+            "daemon",
+            format!("the running cis490-shipper's binary was replaced since it started ({path}): it runs old code until restarted"),
+            Some(host::RESTART.to_string()),
+        ));
+    }
+    let version = match (scrape, &log.started) {
+        (
+            Scrape::Answered {
+                version: Some(v), ..
+            },
+            _,
+        ) => Some(v.clone()),
+        (_, Some(Started { version: v, .. })) => v.clone(),
+        _ => None,
+    };
+    let mut said = Vec::new();
+    if let Some(v) = &version {
+        said.push(format!("version {v}"));
+    }
+    if let Some(s) = &log.started {
+        if let Some(t) = s.time {
+            said.push(format!("started {}", humantime::format_rfc3339_seconds(t)));
+        }
+        if let Some(p) = &s.pid {
+            said.push(format!("pid {p}"));
+        }
+    }
+    match scrape {
+        Scrape::Answered { addr, .. } => said.push(format!("answering on {addr}")),
+        Scrape::Unreachable { addr, why } => rows.push(row(
+            Level::Yellow,
+            "daemon",
+            format!("no daemon answers on {addr} ([metrics] listen): {why}"),
+            Some("systemctl status cis490-shipper".into()),
+        )),
+        Scrape::Off | Scrape::Ephemeral => {}
+    }
+    if let Some(v) = version.filter(|v| v != own) {
+        rows.push(row(
+            Level::Yellow,
+            "daemon",
+            format!("the running daemon is version {v}, the installed binary {own}"),
+            Some(host::RESTART.to_string()),
+        ));
+    }
+    if !said.is_empty() {
+        rows.push(row(
+            Level::Info,
+            "daemon",
+            format!("cis490-shipper {}", said.join(", ")),
+            None,
+        ));
+    }
+    rows
+}
+
 pub struct Options {
     pub since: Duration,
     pub since_text: String,
@@ -289,7 +483,8 @@ pub async fn run(cfg: Result<(Config, PathBuf), String>, opts: &Options) -> Vec<
             match host::transport(cfg, path) {
                 Err(e) => rows.push(row(Level::Red, "receiver", e.to_string(), None)),
                 Ok(t) => {
-                    let commit = host::installed_commit(Path::new(host::INSTALL_ROOT));
+                    let root = &cfg.receiver.install_root;
+                    let commit = host::installed_commit(root);
                     let urls = cfg.receiver.url.list();
                     let mut reachable = 0;
                     let mut down = Vec::new();
@@ -322,9 +517,9 @@ pub async fn run(cfg: Result<(Config, PathBuf), String>, opts: &Options) -> Vec<
                                     fix_412 = r.to_string();
                                 }
                                 commit_row = Some(match (&commit, body["commit_accepted"].as_bool()) {
-                                    (None, _) => row(Level::Yellow, "commit", format!("{} is not a git checkout; cannot tell which commit this host runs", host::INSTALL_ROOT), None),
-                                    (Some(c), Some(true)) => row(Level::Green, "commit", format!("{c} is admitted"), None),
-                                    (Some(c), Some(false)) => row(Level::Red, "commit", format!("{c} is NOT admitted: new episodes will be quarantined"), Some(fix_412.clone())),
+                                    (None, _) => row(Level::Yellow, "commit", format!("{} (receiver.install_root) is not a git checkout; cannot tell which commit this host runs", root.display()), None),
+                                    (Some(c), Some(true)) => row(Level::Green, "commit", format!("{c} (HEAD of {}) is admitted", root.display()), None),
+                                    (Some(c), Some(false)) => row(Level::Red, "commit", format!("{c} (HEAD of {}) is NOT admitted: new episodes will be quarantined", root.display()), Some(fix_412.clone())),
                                     (Some(c), None) => row(Level::Yellow, "commit", format!("{c}: the receiver has no commit list yet"), None),
                                 });
                             }
@@ -365,44 +560,91 @@ pub async fn run(cfg: Result<(Config, PathBuf), String>, opts: &Options) -> Vec<
         }
     }
     let since = SystemTime::now() - opts.since;
-    match read_log(opts.log_file.as_deref(), since) {
+    let log = read_log(opts.log_file.as_deref(), since).map(|text| parse_log(&text));
+    // A --log-file is read whole, so its daemon lines are all there; the journal is asked
+    // again without --since, since the start line and a stale binary may be days old.
+    let daemon_lines = match (&opts.log_file, &log) {
+        (Some(_), Ok(lines)) => lines.clone(),
+        (None, _) => read_daemon_journal()
+            .map(|t| parse_log(&t))
+            .or_else(|| log.as_ref().ok().cloned())
+            .unwrap_or_default(),
+        (Some(_), Err(_)) => Vec::new(),
+    };
+    if let Ok((cfg, _)) = &cfg {
+        rows.extend(daemon_rows(
+            &daemon_log(&daemon_lines),
+            &scrape_daemon(cfg).await,
+        ));
+    } else {
+        rows.extend(daemon_rows(&daemon_log(&daemon_lines), &Scrape::Off));
+    }
+    match log {
         Err(r) => rows.push(r),
-        Ok(text) => {
-            let counts = classify(&parse_log(&text), since);
+        Ok(lines) => {
+            let counts = classify(&lines, since);
             rows.extend(log_rows(&counts, &opts.since_text, &fix_412));
         }
     }
     rows
 }
 
+/// Days before expiry under which a certificate row is yellow, and red (SPEC §14).
+const CERT_YELLOW_DAYS: u64 = 30;
+const CERT_RED_DAYS: u64 = 7;
+
+/// The row for a certificate of `what` expiring at `not_after` (SPEC §14's thresholds).
+fn expiry_row(what: &str, not_after: SystemTime, now: SystemTime, renew: &str) -> Row {
+    let days = not_after
+        .duration_since(now)
+        .ok()
+        .map(|d| d.as_secs() / 86_400);
+    match days {
+        None => row(
+            Level::Red,
+            "certificate",
+            format!("{what} has expired"),
+            Some(renew.to_string()),
+        ),
+        Some(d) if d < CERT_RED_DAYS => row(
+            Level::Red,
+            "certificate",
+            format!("{what} expires in {d} day(s)"),
+            Some(renew.to_string()),
+        ),
+        Some(d) if d < CERT_YELLOW_DAYS => row(
+            Level::Yellow,
+            "certificate",
+            format!("{what} expires in {d} day(s)"),
+            Some(renew.to_string()),
+        ),
+        Some(d) => row(
+            Level::Green,
+            "certificate",
+            format!("{what} valid for {d} more day(s)"),
+            None,
+        ),
+    }
+}
+
 fn cert_rows(cfg: &Config) -> Vec<Row> {
     let mut rows = Vec::new();
     let now = SystemTime::now();
+    let renew_client = format!(
+        "on the receiver: cis490-receiver pki issue {} --dir <pki dir>; install the files here, then {}",
+        cfg.host_id,
+        host::RESTART
+    );
     match cis490_common::tls::summarize(&cfg.receiver.cert_file) {
         Err(e) => rows.push(row(Level::Red, "certificate", e.to_string(), None)),
         Ok(s) => {
-            let days = s.remaining(now).map(|d| d.as_secs() / 86_400);
             let path = cfg.receiver.cert_file.display();
-            rows.push(match days {
-                None => row(
-                    Level::Red,
-                    "certificate",
-                    format!("{path} has expired"),
-                    Some("issue a new client certificate for this host".into()),
-                ),
-                Some(d) if d < 14 => row(
-                    Level::Yellow,
-                    "certificate",
-                    format!("{path} expires in {d} day(s)"),
-                    Some("renew the client certificate soon".into()),
-                ),
-                Some(d) => row(
-                    Level::Green,
-                    "certificate",
-                    format!("{path} valid for {d} more day(s)"),
-                    None,
-                ),
-            });
+            rows.push(expiry_row(
+                &path.to_string(),
+                s.not_after,
+                now,
+                &renew_client,
+            ));
             if s.not_before > now {
                 rows.push(row(
                     Level::Red,
@@ -427,6 +669,13 @@ fn cert_rows(cfg: &Config) -> Vec<Row> {
     }
     if let Err(e) = cis490_common::tls::load_roots(&cfg.receiver.ca_file) {
         rows.push(row(Level::Red, "certificate", format!("CA: {e}"), None));
+    } else if let Ok(s) = cis490_common::tls::summarize(&cfg.receiver.ca_file) {
+        rows.push(expiry_row(
+            &format!("CA {}", cfg.receiver.ca_file.display()),
+            s.not_after,
+            now,
+            "renew the lab CA and every certificate it signed (docs/operations.md, \"Certificates\")",
+        ));
     }
     rows
 }
@@ -539,6 +788,103 @@ pub fn print(rows: &[Row], json: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stale_binary_counts_only_after_the_last_start() {
+        let log = "\
+2026-12-01T10:00:00Z  INFO shipper started version=\"0.0.9\" pid=10 queued=0 metrics_listen=off
+2026-12-01T11:00:00Z ERROR this daemon runs an old binary event=\"stale_binary\" path=/opt/cis490/bin/cis490-shipper why=\"x\"
+2026-12-01T11:05:00Z  INFO shipper started version=\"{VERSION}\" pid=42 queued=3 metrics_listen=127.0.0.1:9491
+";
+        let log = &log.replace("{VERSION}", env!("CARGO_PKG_VERSION"));
+        let d = daemon_log(&parse_log(log));
+        assert_eq!(
+            d.stale, None,
+            "the restart cured the earlier run's stale binary"
+        );
+        let s = d.started.clone().unwrap();
+        assert_eq!(
+            (s.version.as_deref(), s.pid.as_deref()),
+            (Some(env!("CARGO_PKG_VERSION")), Some("42"))
+        );
+        assert_eq!(
+            s.time,
+            Some(UNIX_EPOCH + Duration::from_secs(1_796_122_800 + 5 * 60))
+        );
+        let rows = daemon_rows(&d, &Scrape::Off);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].level, Level::Info);
+        assert!(
+            rows[0].detail.contains(&format!(
+                "version {}, started 2026-12-01T11:05:00Z, pid 42",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{rows:?}"
+        );
+
+        let later = format!("{log}2026-12-02T09:00:00Z ERROR old binary event=\"stale_binary\" path=/opt/cis490/bin/cis490-shipper why=\"x\"\n");
+        let d = daemon_log(&parse_log(&later));
+        assert_eq!(d.stale.as_deref(), Some("/opt/cis490/bin/cis490-shipper"));
+        let rows = daemon_rows(&d, &Scrape::Ephemeral);
+        assert_eq!(rows[0].level, Level::Red);
+        assert_eq!(rows[0].fix.as_deref(), Some(host::RESTART));
+        assert!(rows[0].detail.contains("/opt/cis490/bin/cis490-shipper"));
+    }
+
+    #[test]
+    fn the_daemons_metrics_say_stale_and_which_version() {
+        let text = "# TYPE cis490_shipper_binary_stale gauge\n\
+cis490_shipper_binary_stale 1\n\
+cis490_shipper_build_info{version=\"0.0.7\",host_commit=\"\"} 1\n";
+        let scrape = read_scrape("127.0.0.1:9491".into(), text);
+        assert_eq!(
+            scrape,
+            Scrape::Answered {
+                addr: "127.0.0.1:9491".into(),
+                stale: true,
+                version: Some("0.0.7".into())
+            }
+        );
+        let rows = daemon_rows(&DaemonLog::default(), &scrape);
+        let levels: Vec<Level> = rows.iter().map(|r| r.level).collect();
+        assert_eq!(levels, [Level::Red, Level::Yellow, Level::Info], "{rows:?}");
+        assert!(rows[1].detail.contains(&format!(
+            "version 0.0.7, the installed binary {}",
+            env!("CARGO_PKG_VERSION")
+        )));
+        assert!(rows[2].detail.contains("answering on 127.0.0.1:9491"));
+        let fresh = read_scrape("a".into(), "cis490_shipper_binary_stale 0\n");
+        assert!(daemon_rows(&DaemonLog::default(), &fresh)
+            .iter()
+            .all(|r| r.level != Level::Red));
+        let down = Scrape::Unreachable {
+            addr: "127.0.0.1:9491".into(),
+            why: "connection refused".into(),
+        };
+        assert_eq!(
+            daemon_rows(&DaemonLog::default(), &down)[0].level,
+            Level::Yellow
+        );
+    }
+
+    #[test]
+    fn certificate_rows_follow_spec_14() {
+        let now = SystemTime::now();
+        let level = |days_left: i64| {
+            let at = if days_left >= 0 {
+                now + Duration::from_secs(days_left as u64 * 86_400 + 3600)
+            } else {
+                now - Duration::from_secs(3600)
+            };
+            expiry_row("c.pem", at, now, "renew").level
+        };
+        assert_eq!(level(-1), Level::Red);
+        assert_eq!(level(0), Level::Red);
+        assert_eq!(level(6), Level::Red);
+        assert_eq!(level(7), Level::Yellow);
+        assert_eq!(level(29), Level::Yellow);
+        assert_eq!(level(30), Level::Green);
+    }
 
     #[test]
     fn journal_and_text_lines_are_classified() {

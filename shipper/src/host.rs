@@ -1,5 +1,6 @@
-//! This lab host as the commands see it: where its code is installed, which commit that is,
-//! and the connection to the receiver its config describes. `cli` and `doctor` both use it.
+//! This lab host as the commands see it: which commit its install checkout is at, the
+//! connection to the receiver its config describes, and the commands that fix it. `cli`,
+//! `doctor` and the daemon (which re-reads the HEAD at every scan) use it.
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,12 +10,13 @@ use cis490_common::tls::{ClientTlsFiles, TlsKeys};
 use crate::config::{Config, ConfigError};
 use crate::transport::{Settings, Transport};
 
-/// Where the lab's code is installed; `ping` and `doctor` ask about its HEAD by default.
-pub(crate) const INSTALL_ROOT: &str = "/opt/cis490";
+/// What brings a daemon whose binary was replaced onto the new one (SPEC §12).
+pub(crate) const RESTART: &str = "sudo systemctl restart cis490-shipper";
 /// What a lab host runs when its code is out of date (the receiver's default remediation).
 pub(crate) const DEFAULT_REMEDIATION: &str = "cd /opt/cis490 && sudo -u cis490 git pull origin main\nsudo /opt/cis490/scripts/install-lab-host.sh";
 
-/// HEAD of the install root, if it is a git checkout.
+/// HEAD of the install root, if it is a git checkout. Read in-process (no `git` subprocess);
+/// cheap enough for every scan of the daemon.
 pub(crate) fn installed_commit(root: &Path) -> Option<String> {
     let repo = gix::open_opts(root, gix::open::Options::isolated()).ok()?;
     repo.head_id().ok().map(|id| id.to_string())
@@ -46,6 +48,7 @@ pub(crate) fn transport(cfg: &Config, path: &Path) -> Result<Transport, ConfigEr
         connect_timeout: Duration::from_secs(r.connect_timeout_s),
         idle_timeout: Duration::from_secs(r.idle_timeout_s),
         bandwidth_limit_mbps: cfg.shipping.bandwidth_limit_mbps,
+        host_commit: installed_commit(&r.install_root),
     })
     .map_err(|e| ConfigError::new(path, "receiver.url", e))
 }

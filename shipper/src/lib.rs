@@ -5,6 +5,7 @@ pub mod config;
 pub(crate) mod daemon;
 pub mod doctor;
 pub(crate) mod host;
+pub(crate) mod metrics;
 pub mod pack;
 pub(crate) mod queue;
 pub(crate) mod retry;

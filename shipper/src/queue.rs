@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -44,7 +44,14 @@ pub struct Queue {
     /// Set by any failed [`Queue::sync_retired`] and never cleared: after an fsync error a
     /// later successful fsync proves nothing, so `once` must not report success.
     retire_sync_failed: Arc<AtomicBool>,
+    /// Entries of shipped/ for [`Queue::census`]: listed once, then followed through
+    /// [`Queue::retire`], and listed again after every [`Queue::cleanup`] (which also picks up
+    /// changes made by hand). [`UNCOUNTED`] until listed.
+    shipped_count: Arc<AtomicU64>,
 }
+
+/// `shipped_count` before the listing it needs.
+const UNCOUNTED: u64 = u64::MAX;
 
 /// An episode directory found in `episodes/`.
 #[derive(Debug, Clone)]
@@ -72,6 +79,7 @@ impl Queue {
             root: root.to_path_buf(),
             retired_unsynced: Arc::new(AtomicBool::new(false)),
             retire_sync_failed: Arc::new(AtomicBool::new(false)),
+            shipped_count: Arc::new(AtomicU64::new(UNCOUNTED)),
         }
     }
     pub fn episodes_dir(&self) -> PathBuf {
@@ -300,6 +308,12 @@ impl Queue {
         File::open(&src)?.set_modified(SystemTime::now())?;
         fs::rename(&src, &dest)?;
         self.retired_unsynced.store(true, Ordering::Release);
+        // Under the lock, so a census listing shipped/ right now cannot count this one twice.
+        let _ = self
+            .shipped_count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n != UNCOUNTED).then(|| n + 1)
+            });
         Ok(dest)
     }
 
@@ -439,6 +453,8 @@ impl Queue {
         keep_days: u64,
         now: SystemTime,
     ) -> io::Result<Vec<String>> {
+        // Whatever this removes (or someone removed by hand), the next census lists again.
+        self.shipped_count.store(UNCOUNTED, Ordering::Release);
         let mut removed = Vec::new();
         if keep_days > 0 {
             let keep = Duration::from_secs(keep_days * 86_400);
@@ -619,29 +635,104 @@ pub struct Status {
     pub quarantine: QuarantineStatus,
 }
 
-fn dir_status(dir: &Path, want_dirs: bool, now: SystemTime) -> DirStatus {
-    let mut s = DirStatus::default();
-    let Ok(rd) = fs::read_dir(dir) else { return s };
+/// What one listing of a queue directory found: how many entries, and (when asked for) the
+/// oldest and newest mtime among them.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    count: u64,
+    oldest: Option<SystemTime>,
+    newest: Option<SystemTime>,
+}
+
+/// Counts `dir`'s entries of the kind the queue keeps there (directories, or `*.tar.zst` files
+/// when `want_dirs` is false), hidden names skipped. The type comes from the directory entry
+/// itself, so only `with_times` costs a `stat` per entry.
+fn tally(dir: &Path, want_dirs: bool, with_times: bool) -> Tally {
+    let mut t = Tally::default();
+    let Ok(rd) = fs::read_dir(dir) else { return t };
     for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
+        let name = e.file_name();
+        let name = name.to_string_lossy();
         if name.starts_with('.') {
             continue;
         }
-        let Ok(md) = fs::symlink_metadata(e.path()) else {
-            continue;
-        };
-        if want_dirs != md.is_dir() || (!want_dirs && !name.ends_with(".tar.zst")) {
+        let Ok(ft) = e.file_type() else { continue };
+        if want_dirs != ft.is_dir() || (!want_dirs && !name.ends_with(".tar.zst")) {
             continue;
         }
-        s.count += 1;
-        let age = md
-            .modified()
-            .ok()
-            .and_then(|t| now.duration_since(t).ok())
-            .map_or(0, |d| d.as_secs());
-        s.oldest_age_s = Some(s.oldest_age_s.map_or(age, |o| o.max(age)));
+        if with_times {
+            let Ok(md) = fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if let Ok(m) = md.modified() {
+                t.oldest = Some(t.oldest.map_or(m, |o| o.min(m)));
+                t.newest = Some(t.newest.map_or(m, |n| n.max(m)));
+            }
+        }
+        t.count += 1;
     }
-    s
+    t
+}
+
+fn age_s(now: SystemTime, t: SystemTime) -> u64 {
+    now.duration_since(t).map_or(0, |d| d.as_secs())
+}
+
+fn dir_status(dir: &Path, want_dirs: bool, now: SystemTime) -> DirStatus {
+    let t = tally(dir, want_dirs, true);
+    DirStatus {
+        count: t.count,
+        // An entry whose mtime cannot be read still counts, as zero seconds old.
+        oldest_age_s: (t.count > 0).then(|| t.oldest.map_or(0, |o| age_s(now, o))),
+    }
+}
+
+/// What the daemon's metrics need of the queue at every scan (SPEC §12): the four counts and
+/// the oldest queued episode's age, with a `stat` only for the entries of episodes/ and a
+/// listing of shipped/ (which can hold `shipped_keep_days` of episodes) only now and then.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Census {
+    pub episodes: u64,
+    pub outbox: u64,
+    pub shipped: u64,
+    pub quarantine: u64,
+    /// Age of the oldest entry of episodes/ by its mtime, as `status` reports it.
+    pub oldest_queued_age_s: Option<u64>,
+}
+
+impl Queue {
+    /// The counts of [`Queue::status`] without the ages of outbox/, shipped/ and quarantine/
+    /// or the reason files, and shipped/ listed only when [`Queue::cleanup`] (or nothing yet)
+    /// has: cheap enough for every scan. Another process changes episodes/ and quarantine/
+    /// (`requeue`, `quarantine-unstamped`), never shipped/, so those two are listed each time.
+    pub fn census(&self, now: SystemTime) -> Census {
+        let episodes = dir_status(&self.episodes_dir(), true, now);
+        Census {
+            episodes: episodes.count,
+            outbox: tally(&self.outbox_dir(), false, false).count,
+            shipped: self.shipped_count(),
+            quarantine: tally(&self.quarantine_dir(), true, false).count,
+            oldest_queued_age_s: episodes.oldest_age_s,
+        }
+    }
+
+    fn shipped_count(&self) -> u64 {
+        let n = self.shipped_count.load(Ordering::Acquire);
+        if n != UNCOUNTED {
+            return n;
+        }
+        // Listed under the lock, so no retire lands between the listing and the store (should
+        // the lock fail, a retire at that instant is missed until the next listing).
+        let _lock = self.lock().ok();
+        let n = tally(&self.shipped_dir(), true, false).count;
+        self.shipped_count.store(n, Ordering::Release);
+        n
+    }
+
+    /// When the newest entry of shipped/ was retired (its mtime is set then, SPEC §2).
+    pub fn last_shipped_at(&self) -> Option<SystemTime> {
+        tally(&self.shipped_dir(), true, true).newest
+    }
 }
 
 impl Queue {
@@ -904,6 +995,65 @@ mod tests {
             0,
             "no .deleting left"
         );
+    }
+
+    fn set_mtime(p: &Path, t: SystemTime) {
+        File::open(p).unwrap().set_modified(t).unwrap();
+    }
+
+    #[test]
+    fn the_census_counts_what_status_counts_and_the_oldest_queued_age() {
+        let (_t, l) = queue();
+        let now = SystemTime::now();
+        assert_eq!(l.census(now), Census::default(), "empty: no age");
+        assert_eq!(l.last_shipped_at(), None);
+        for id in ["old", "new", "gone1", "gone2", "bad"] {
+            episode(&l, id);
+        }
+        let hour_ago = now - Duration::from_secs(3600);
+        set_mtime(&l.episodes_dir().join("old"), hour_ago);
+        l.retire("gone1").unwrap();
+        l.retire("gone2").unwrap();
+        let day_ago = now - Duration::from_secs(86_400);
+        set_mtime(&l.shipped_dir().join("gone1"), day_ago);
+        l.quarantine(
+            "bad",
+            &QuarantineReason::new("bad", Reason::Conflict, Some(409), None, None),
+        )
+        .unwrap();
+        fs::write(l.tarball("new"), b"x").unwrap();
+        fs::write(l.outbox_dir().join("new.tar.zst.partial"), b"x").unwrap();
+        fs::write(l.episodes_dir().join("stray-file"), b"x").unwrap();
+        fs::create_dir(l.episodes_dir().join(".hidden")).unwrap();
+        let c = l.census(now);
+        let s = l.status(now);
+        assert_eq!(
+            (c.episodes, c.outbox, c.shipped, c.quarantine),
+            (
+                s.episodes.count,
+                s.outbox.count,
+                s.shipped.count,
+                s.quarantine.count
+            )
+        );
+        assert_eq!(
+            (c.episodes, c.outbox, c.shipped, c.quarantine),
+            (2, 1, 2, 1)
+        );
+        assert_eq!(c.oldest_queued_age_s, s.episodes.oldest_age_s);
+        assert_eq!(c.oldest_queued_age_s, Some(3600));
+        // Retired a moment ago (gone2), not a day ago (gone1).
+        let last = l.last_shipped_at().unwrap();
+        assert!(now.duration_since(last).unwrap_or_default() < Duration::from_secs(60));
+
+        // shipped/ is followed, not listed: a retire counts, a hand-made change waits for the
+        // next cleanup's listing.
+        l.retire("new").unwrap();
+        fs::create_dir(l.shipped_dir().join("by-hand")).unwrap();
+        assert_eq!(l.census(now).shipped, 3);
+        l.cleanup(&l.shipped_dir(), 0, now).unwrap();
+        assert_eq!(l.census(now).shipped, 4);
+        assert_eq!(l.census(now).shipped, l.status(now).shipped.count);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use bytes::{Bytes, BytesMut};
 use http_body::Frame;
 use http_body_util::{BodyExt, Empty, Full};
@@ -147,6 +148,9 @@ pub struct Transport {
     current: AtomicUsize,
     fell_back_at: Mutex<Option<Instant>>,
     pool: Mutex<Vec<(usize, Sender)>>,
+    /// HEAD of the install checkout, sent with every request (SPEC §11); the daemon replaces
+    /// it at every scan, so a `git pull` shows without a restart.
+    host_commit: ArcSwapOption<String>,
     /// Bytes sent, all uploads together (each upload also has its own counter).
     pub sent: Arc<AtomicU64>,
 }
@@ -170,6 +174,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub bandwidth_limit_mbps: f64,
+    /// `X-Cis490-Host-Commit` until [`Transport::set_host_commit`] says otherwise.
+    pub host_commit: Option<String>,
 }
 
 impl Transport {
@@ -190,8 +196,19 @@ impl Transport {
             current: AtomicUsize::new(0),
             fell_back_at: Mutex::new(None),
             pool: Mutex::new(Vec::new()),
+            host_commit: ArcSwapOption::from(s.host_commit.map(Arc::new)),
             sent: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// The install checkout's HEAD that requests carry from now on (`None`: no header).
+    pub fn set_host_commit(&self, commit: Option<String>) {
+        self.host_commit.store(commit.map(Arc::new));
+    }
+
+    /// The install checkout's HEAD that requests carry.
+    pub fn host_commit(&self) -> Option<Arc<String>> {
+        self.host_commit.load_full()
     }
 
     fn endpoint_index(&self) -> usize {
@@ -298,6 +315,9 @@ impl Transport {
                 "user-agent",
                 concat!("cis490-shipper/", env!("CARGO_PKG_VERSION")),
             );
+        if let Some(c) = self.host_commit.load().as_deref() {
+            b = b.header(headers::HOST_COMMIT, c.as_str());
+        }
         if let Some(t) = &self.token {
             b = b.header("authorization", format!("Bearer {t}"));
         }
@@ -668,6 +688,54 @@ use std::future::Future as _;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn transport(host_commit: Option<&str>) -> Transport {
+        let tls = rustls::ClientConfig::builder_with_provider(cis490_common::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        Transport::new(Settings {
+            urls: vec!["https://r.lab:8443".into()],
+            tls,
+            token: None,
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            bandwidth_limit_mbps: 0.0,
+            host_commit: host_commit.map(str::to_string),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn requests_carry_the_install_head_while_there_is_one() {
+        const A: &str = "0123456789abcdef0123456789abcdef01234567";
+        const B: &str = "89abcdef0123456789abcdef0123456789abcdef";
+        let header = |t: &Transport| {
+            let ep = t.endpoints()[0].clone();
+            let req = t
+                .request(&ep, "POST", "/v1/ping", &[], UploadBody::empty())
+                .unwrap();
+            assert_eq!(
+                req.headers()["user-agent"],
+                concat!("cis490-shipper/", env!("CARGO_PKG_VERSION"))
+            );
+            req.headers()
+                .get(headers::HOST_COMMIT)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        let t = transport(Some(A));
+        assert_eq!(header(&t).as_deref(), Some(A));
+        t.set_host_commit(Some(B.into()));
+        assert_eq!(
+            header(&t).as_deref(),
+            Some(B),
+            "a new HEAD without a restart"
+        );
+        t.set_host_commit(None);
+        assert_eq!(header(&t), None, "no checkout, no header");
+        assert_eq!(header(&transport(None)), None);
+    }
 
     #[test]
     fn endpoints_parse() {

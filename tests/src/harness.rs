@@ -298,7 +298,10 @@ pub fn shipper_bin() -> PathBuf {
 }
 
 impl World {
-    /// A lab-host config for `host` shipping to `url`, data under `<tmp>/<host>`.
+    /// A lab-host config for `host` shipping to `url`, data under `<tmp>/<host>`. `extra` holds
+    /// `[receiver]` keys, then optionally `[shipping]` keys (merged over the test defaults) and
+    /// other sections; its `[metrics]` keys are merged over `listen = "127.0.0.1:0"`, so
+    /// daemons of parallel tests never contend for the default port.
     pub fn shipper_config(&self, host: &str, url: &str, extra: &str) -> PathBuf {
         self.shipper_config_with(host, &self.pki.client(host), url, extra)
     }
@@ -311,6 +314,8 @@ impl World {
         extra: &str,
     ) -> PathBuf {
         let data = self.data_dir(host);
+        let (extra, metrics) = take_section(extra, "[metrics]");
+        let extra = extra.as_str();
         let text = format!(
             r#"host_id = "{host}"
 data_dir = "{data}"
@@ -325,6 +330,9 @@ idle_timeout_s = 10
 {extra_receiver}
 [shipping]
 {shipping}
+
+[metrics]
+{metrics}
 "#,
             data = data.display(),
             url = if url.starts_with('[') { url.to_string() } else { format!("\"{url}\"") },
@@ -336,6 +344,7 @@ idle_timeout_s = 10
                 "scan_interval_s = 1\nsettle_s = 0\nconcurrency = 2\nzstd_threads = 1\nmax_backoff_s = 2\n",
                 extra.split("[shipping]").nth(1).unwrap_or(""),
             ),
+            metrics = merge_keys("listen = \"127.0.0.1:0\"", &metrics),
         );
         let p = self.tmp.path().join(format!("{host}.toml"));
         std::fs::write(&p, text).unwrap();
@@ -345,6 +354,40 @@ idle_timeout_s = 10
     pub fn data_dir(&self, host: &str) -> PathBuf {
         self.tmp.path().join("lab").join(host)
     }
+}
+
+/// `text` without its `header` section, and that section's lines (up to the next header).
+fn take_section(text: &str, header: &str) -> (String, String) {
+    let mut rest = Vec::new();
+    let mut section = Vec::new();
+    let mut inside = false;
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('[') && !t.contains('=') {
+            inside = t == header;
+            if inside {
+                continue;
+            }
+        }
+        if inside {
+            section.push(line);
+        } else {
+            rest.push(line);
+        }
+    }
+    (rest.join("\n"), section.join("\n"))
+}
+
+/// The address a daemon's `/metrics` listener was bound to, from its `shipper started` line.
+pub fn metrics_addr(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .rev()
+        .filter(|l| l.contains("shipper started"))
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("metrics_listen="))
+                .and_then(|v| v.trim_matches('"').parse().ok())
+        })
 }
 
 /// `key = value` lines of `base`, overridden and extended by those of `over`.

@@ -1,8 +1,9 @@
 //! The work loop shared by `run` and `once`: scan, sweep, clean up, hand ready episodes to
 //! workers (two per upload slot, so the next is packed while the current one is on the wire),
-//! make retires durable in batches, and feed the systemd watchdog only while the loop and every
-//! upload make progress. `in_hand` holds what is known about each episode; `steps` is one
-//! episode's attempt.
+//! make retires durable in batches, feed the systemd watchdog (and answer `/healthz`) only while
+//! the loop and every upload make progress, and at every scan bring the metrics up to date (queue
+//! counts, the install checkout's HEAD, whether this binary is stale). `in_hand` holds what is
+//! known about each episode; `steps` is one episode's attempt.
 
 mod in_hand;
 mod steps;
@@ -16,9 +17,12 @@ use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use cis490_common::binary::BinaryWatch;
 use cis490_common::notify;
 
 use crate::config::Config;
+use crate::host;
+use crate::metrics::{self, CertFile, Metrics, Textfile};
 use crate::pack::Compression;
 use crate::queue::{Candidate, Queue};
 use crate::retry::{RetryPolicy, Setback};
@@ -52,6 +56,10 @@ const RETIRE_SYNC_EVERY: Duration = Duration::from_secs(1);
 /// How long a stopping daemon waits for its aborted workers.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
+/// How long the loop or an upload may stand still before `/healthz` says so, when systemd gave
+/// no watchdog interval (then `WATCHDOG_USEC` is the limit): the unit's `WatchdogSec`.
+const HEALTH_WINDOW: Duration = Duration::from_secs(180);
+
 pub(crate) struct Shipper {
     cfg: Config,
     queue: Queue,
@@ -64,6 +72,11 @@ pub(crate) struct Shipper {
     pack_slots: Semaphore,
     /// Last time the work loop went round: the watchdog's first condition.
     loop_turned: Mutex<Instant>,
+    metrics: Arc<Metrics>,
+    /// `[metrics] textfile`, rewritten at every scan.
+    textfile: Option<Textfile>,
+    /// This process's own executable, checked for replacement at every scan.
+    binary: Option<BinaryWatch>,
 }
 
 /// The work loop's own bookkeeping. Only the loop touches it, so it needs no lock.
@@ -91,9 +104,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shipper {
-    pub(crate) fn new(cfg: Config, transport: Transport) -> Shipper {
+    /// `textfile` has been checked (`Textfile::open`) by the caller, as a config error.
+    pub(crate) fn new(cfg: Config, transport: Transport, textfile: Option<Textfile>) -> Shipper {
         let conc = cfg.shipping.concurrency.max(1);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let metrics = Arc::new(Metrics::new());
+        // The certificates in use are those loaded now: a renewed file needs a restart anyway.
+        for (which, file) in [
+            (CertFile::Client, &cfg.receiver.cert_file),
+            (CertFile::Ca, &cfg.receiver.ca_file),
+        ] {
+            match cis490_common::tls::summarize(file) {
+                Ok(s) => metrics.cert_not_after(which, s.not_after),
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, "failed to read the certificate's expiry for the metrics")
+                }
+            }
+        }
+        metrics.host_commit(transport.host_commit().as_deref().map(String::as_str));
         Shipper {
             queue: Queue::new(&cfg.data_dir),
             transport,
@@ -102,21 +130,51 @@ impl Shipper {
             in_hand: InHand::new(conc),
             pack_slots: Semaphore::new(conc),
             loop_turned: Mutex::new(Instant::now()),
+            metrics,
+            textfile,
+            binary: BinaryWatch::of_self(),
             cfg,
         }
     }
 
-    /// The daemon: runs until `shutdown`; `on_ready` fires once the queue is built.
+    /// The daemon: runs until `shutdown`, serving `/metrics` and `/healthz` on `ops` (already
+    /// bound) if given; `on_ready` fires once the queue is built and the listener is up.
     pub(crate) async fn run(
         self: &Arc<Self>,
         shutdown: CancellationToken,
         on_ready: impl FnOnce(),
+        ops: Option<tokio::net::TcpListener>,
     ) -> anyhow::Result<()> {
         let mut rounds = Rounds::default();
         self.queue.prepare()?;
+        self.start_metrics();
         self.housekeeping(&mut rounds);
         let initial = self.queue.list()?.len();
-        tracing::info!(queued = initial, data_dir = %self.cfg.data_dir.display(), "shipper started");
+        let metrics_listen = ops
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or_else(|| "off".to_string(), |a| a.to_string());
+        let host_commit = self.transport.host_commit();
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            pid = std::process::id(),
+            queued = initial,
+            data_dir = %self.cfg.data_dir.display(),
+            metrics_listen = %metrics_listen,
+            host_commit = %host_commit.as_deref().map_or("none", String::as_str),
+            "shipper started"
+        );
+        let served = ops.map(|listener| {
+            let me = self.clone();
+            let window = notify::watchdog_interval().map_or(HEALTH_WINDOW, |every| every * 2);
+            let health: metrics::Health = Arc::new(move || me.progress(window));
+            tokio::spawn(metrics::serve(
+                listener,
+                self.metrics.clone(),
+                health,
+                shutdown.clone(),
+            ))
+        });
         on_ready();
         let watchdog = notify::watchdog_interval().map(|every| {
             let me = self.clone();
@@ -124,8 +182,8 @@ impl Shipper {
             tokio::spawn(async move { me.watchdog(every, stop).await })
         });
         let worked = self.work(Mode::Daemon, &mut rounds, &shutdown).await;
-        if let Some(w) = watchdog {
-            w.abort();
+        for task in [watchdog, served].into_iter().flatten() {
+            task.abort();
         }
         worked
     }
@@ -137,8 +195,11 @@ impl Shipper {
     ) -> anyhow::Result<bool> {
         let mut rounds = Rounds::default();
         self.queue.prepare()?;
+        self.start_metrics();
         self.housekeeping(&mut rounds);
         self.work(Mode::Once, &mut rounds, &shutdown).await?;
+        // The textfile shows where the pass left the queue.
+        self.observe();
         Ok(rounds.kept == 0 && !shutdown.is_cancelled())
     }
 
@@ -207,7 +268,63 @@ impl Shipper {
         Duration::from_secs(self.cfg.shipping.settle_s)
     }
 
-    /// Sweep, recovery and (when due) retention: the start of every scan.
+    /// What the metrics know from before this process: the last success is the newest retire
+    /// in shipped/ (its mtime is set then), so a restart does not look like a stall.
+    fn start_metrics(&self) {
+        if let Some(t) = self.queue.last_shipped_at() {
+            self.metrics.last_succeeded_at(t);
+        }
+    }
+
+    /// The scan's look at itself (SPEC §12): queue counts, the install checkout's HEAD, whether
+    /// this binary was replaced; then the textfile.
+    fn observe(&self) {
+        self.metrics
+            .record_census(&self.queue.census(SystemTime::now()));
+        self.refresh_host_commit();
+        self.check_binary();
+        if let Some(t) = &self.textfile {
+            t.write(&self.metrics.render());
+        }
+    }
+
+    /// Reads the install checkout's HEAD again, so a `git pull` shows in the next request's
+    /// `X-Cis490-Host-Commit` and in build_info without a restart.
+    fn refresh_host_commit(&self) {
+        let root = &self.cfg.receiver.install_root;
+        let head = host::installed_commit(root);
+        let before = self.transport.host_commit();
+        if before.as_deref() != head.as_ref() {
+            tracing::info!(
+                install_root = %root.display(),
+                host_commit = %head.as_deref().unwrap_or("none"),
+                previous = %before.as_deref().map_or("none", String::as_str),
+                "the install checkout's HEAD changed"
+            );
+            self.transport.set_host_commit(head.clone());
+        }
+        self.metrics.host_commit(head.as_deref());
+    }
+
+    /// Logs `event=stale_binary` once, the first time this process's executable is found
+    /// replaced; it keeps working (restarting is the operator's or the install script's call).
+    fn check_binary(&self) {
+        let Some(watch) = &self.binary else { return };
+        if let Some(why) = watch.check() {
+            let path = watch.path().display();
+            tracing::error!(
+                event = "stale_binary",
+                path = %path,
+                why = why.to_string(),
+                fix = host::RESTART,
+                "this daemon runs an old binary: {path} changed since it started ({why}); restart it: {}",
+                host::RESTART
+            );
+        }
+        self.metrics.binary_stale(watch.is_stale());
+    }
+
+    /// Sweep, recovery, (when due) retention and the metrics: the start of every scan.
     fn housekeeping(&self, rounds: &mut Rounds) {
         match self.queue.sweep(&self.in_hand.busy()) {
             Ok(removed) => {
@@ -218,6 +335,12 @@ impl Shipper {
             }
             Err(e) => tracing::error!(error = %e, "outbox sweep failed"),
         }
+        self.retention(rounds);
+        self.observe();
+    }
+
+    /// Retention (SPEC §2), at most once per `cleanup_interval_s`.
+    fn retention(&self, rounds: &mut Rounds) {
         let interval = Duration::from_secs(self.cfg.retention.cleanup_interval_s);
         if rounds.last_cleanup.is_some_and(|t| t.elapsed() < interval) {
             return;
@@ -372,20 +495,41 @@ impl Shipper {
         Ok(())
     }
 
-    /// `WATCHDOG=1` while the loop turns and every upload's bytes move (or it just started).
+    /// Whether the work makes progress: the loop turned within `window` and every upload in
+    /// flight moved bytes within `window` (or just started). The watchdog's and `/healthz`'s
+    /// condition; the error says what stands still.
+    fn progress(&self, window: Duration) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        let turned = lock(&self.loop_turned).elapsed();
+        if turned >= window {
+            problems.push(format!(
+                "the work loop has not turned for {}s",
+                turned.as_secs()
+            ));
+        }
+        if !self.in_hand.uploads_moving(window) {
+            problems.push(format!(
+                "an upload has sent no bytes for {}s or more",
+                window.as_secs()
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// `WATCHDOG=1` while the work makes progress ([`Shipper::progress`]).
     async fn watchdog(self: Arc<Self>, every: Duration, stop: CancellationToken) {
         let window = every * 2;
         loop {
-            let loop_ok = lock(&self.loop_turned).elapsed() < window;
-            let uploads_ok = self.in_hand.uploads_moving(window);
-            if loop_ok && uploads_ok {
-                notify::watchdog();
-            } else {
-                tracing::error!(
-                    loop_ok,
-                    uploads_ok,
+            match self.progress(window) {
+                Ok(()) => notify::watchdog(),
+                Err(problems) => tracing::error!(
+                    problems = %problems.join("; "),
                     "work stalled; withholding the watchdog heartbeat"
-                );
+                ),
             }
             tokio::select! {
                 _ = stop.cancelled() => return,

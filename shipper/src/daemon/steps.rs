@@ -62,6 +62,7 @@ impl Shipper {
             Stamp::Commit(commit) => Ok(commit.to_string()),
             Stamp::Missing => Err(Verdict::Kept),
             Stamp::Bad(why) => {
+                self.metrics.rejected(Reason::Unstamped.as_str());
                 tracing::error!(event = "ship_rejected", episode = %id, reason = Reason::Unstamped.as_str(), detail = %why, "meta.json has no usable code_version.commit");
                 Err(self.quarantine(id, Reason::Unstamped, None, None, None))
             }
@@ -104,6 +105,7 @@ impl Shipper {
                 Ok((sha, tarball))
             }
             Ok(Err(e @ (PackError::Unsupported { .. } | PackError::NonUtf8 { .. }))) => {
+                self.metrics.rejected(Reason::UnsupportedEntry.as_str());
                 tracing::error!(event = "ship_rejected", episode = %id, reason = Reason::UnsupportedEntry.as_str(), error = %e, "episode holds an entry that cannot be shipped");
                 Err(self.quarantine(
                     id,
@@ -115,11 +117,13 @@ impl Shipper {
             }
             Ok(Err(e)) => {
                 let delay = self.keep(id, Setback::Transient { retry_after: None });
+                self.metrics.transient_error();
                 tracing::warn!(event = "ship_transient", episode = %id, error = %e, retry_in_s = delay.as_secs(), "failed to pack; will retry");
                 Err(Verdict::Kept)
             }
             Err(e) => {
                 let delay = self.keep(id, Setback::Transient { retry_after: None });
+                self.metrics.transient_error();
                 tracing::error!(event = "ship_transient", episode = %id, error = %e, retry_in_s = delay.as_secs(), "packing task failed; will retry");
                 Err(Verdict::Kept)
             }
@@ -133,6 +137,7 @@ impl Shipper {
             .in_hand
             .upload_turn(&s.episode_id, s.progress.clone())
             .await;
+        let _in_flight = self.metrics.upload_in_flight(s.tarball.len());
         self.transport.ship(s).await
     }
 
@@ -145,6 +150,7 @@ impl Shipper {
                 status,
                 body,
             } => {
+                self.metrics.rejected(reason.as_str());
                 if reason == Reason::CommitNotInWindow {
                     let remediation = answer_field(&body, "remediation");
                     tracing::error!(
@@ -170,6 +176,7 @@ impl Shipper {
                 } else {
                     ErrorCode::Forbidden
                 };
+                self.metrics.rejected(code.as_str());
                 tracing::error!(event = "ship_rejected", episode = %id, status, reason = code.as_str(), message = %message, retry_in_s = delay.as_secs(), "receiver refused this host's credentials; check the certificate and token");
                 Verdict::Kept
             }
@@ -178,6 +185,7 @@ impl Shipper {
                 retry_after,
             } => {
                 let delay = self.keep(id, Setback::Transient { retry_after });
+                self.metrics.transient_error();
                 tracing::warn!(event = "ship_transient", episode = %id, detail = %detail, retry_in_s = delay.as_secs_f64(), "transient failure; will retry");
                 Verdict::Kept
             }
@@ -189,6 +197,8 @@ impl Shipper {
         match self.queue.retire(id) {
             Ok(dest) => {
                 self.in_hand.forget(id);
+                self.metrics
+                    .shipped(s.tarball.len(), std::time::SystemTime::now());
                 tracing::info!(event = "shipped", episode = %id, status, bytes = s.tarball.len(), tar_sha256 = %s.tar_sha256, dir = %dest.display(), "episode shipped");
                 Verdict::Shipped
             }

@@ -15,5 +15,6 @@ mod rules;
 mod s3;
 mod scripts;
 mod shipper;
+mod shipper_metrics;
 mod shipper_process;
 mod support;
