@@ -630,3 +630,58 @@ fn both_binaries_say_which_commit_they_were_built_from() {
         );
     }
 }
+
+/// A real shipper says who it is, and the receiver's fleet view shows it: version and install
+/// commit in the window; a shipper whose install root is no checkout only pinged: `unknown`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_shippers_identify_themselves_to_the_fleet_view() {
+    let w = World::new(3);
+    let r = start(&w, "").await;
+    let url = format!("https://localhost:{}", r.addr.port());
+    let head = w.commits[2].clone();
+
+    // lab-a: its install root is the project's checkout (HEAD in the window); it ships.
+    let cfg = w.shipper_config(
+        "lab-a",
+        &url,
+        &format!(
+            "install_root = \"{}\"\n[metrics]\nlisten = \"\"\n",
+            w.repo.path.display()
+        ),
+    );
+    episode::write(
+        &w.data_dir("lab-a").join("episodes"),
+        "ep-1",
+        &head,
+        &[("x.bin", b"data")],
+    );
+    let (code, out, err) = cis490_tests::harness::shipper(&cfg, &["once"]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // lab-b: installed from a tarball (no checkout); it only pings.
+    let plain = w.path().join("plain-install");
+    std::fs::create_dir_all(&plain).unwrap();
+    let cfg_b = w.shipper_config(
+        "lab-b",
+        &url,
+        &format!(
+            "install_root = \"{}\"\n[metrics]\nlisten = \"\"\n",
+            plain.display()
+        ),
+    );
+    let (code, out, err) = cis490_tests::harness::shipper(&cfg_b, &["ping", "--commit", &head]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    let f = fleet_json(&r).await;
+    let a = host(&f, "lab-a");
+    assert_eq!(a["state"], "ok", "{f:#}");
+    assert_eq!(a["shipper_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(a["host_commit"], head);
+    assert_eq!(a["host_commit_in_window"], true);
+    assert_eq!(a["stored_episodes"], 1);
+    let b = host(&f, "lab-b");
+    assert_eq!(b["state"], "unknown", "{f:#}");
+    assert!(b["host_commit"].is_null());
+    assert_eq!(b["shipper_version"], env!("CARGO_PKG_VERSION"));
+    r.stop().await;
+}

@@ -253,3 +253,79 @@ fn metric_name_scan_finds_names_and_skips_program_names() {
         vec!["cis490_gate_age_seconds".to_string()]
     );
 }
+
+/// The sample names a `/metrics` text exposes (family names are on `# TYPE` lines; samples
+/// carry the `_total`, `_bucket`, ... forms the rules use).
+fn exposed_names(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every `cis490_*` name an alert uses is exported by the running daemons, so renaming a
+/// metric cannot silently disable an alert: a real receiver (with a host that stored an
+/// episode and was refused one) and a real shipper daemon are scraped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_rules_use_is_exported_by_the_running_daemons() {
+    use cis490_tests::episode;
+    use cis490_tests::harness::{ops_get, World};
+    use std::time::{Duration, Instant};
+
+    let w = World::new(3);
+    let r = crate::support::start(&w, "").await;
+    let c = w.client(r.addr, "lab-01");
+    let src = w.path().join("src");
+    let b = episode::body(&src, "ep-1", &w.commits[2], 2_000);
+    assert_eq!(c.put("lab-01", &b).await.status, 201);
+    let old = episode::body(&src, "ep-old", &"0".repeat(40), 1_000);
+    assert_eq!(c.put("lab-01", &old).await.status, 412);
+    let (_, receiver) = r.ops_get("/metrics").await;
+
+    let port = crate::support::free_port();
+    let url = format!("https://localhost:{}", r.addr.port());
+    let cfg = w.shipper_config(
+        "lab-02",
+        &url,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    std::fs::create_dir_all(w.data_dir("lab-02").join("episodes")).unwrap();
+    let mut shipper = crate::support::spawn_shipper(&cfg);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let shipper_text = loop {
+        if let Ok(Ok(_)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            let (status, text) = ops_get(addr, "/metrics").await;
+            if status == 200 && text.contains("cis490_shipper_episodes") {
+                break text;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shipper's /metrics never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _ = shipper.kill();
+    let _ = shipper.wait();
+    r.stop().await;
+
+    let mut exported = exposed_names(&receiver);
+    exported.extend(exposed_names(&shipper_text));
+    let used = metric_names(&read(RULES));
+    let missing: Vec<&String> = used.iter().filter(|n| !exported.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "the rules use names no daemon exports: {missing:?}\nexported: {exported:?}"
+    );
+    assert!(
+        used.len() >= 12,
+        "the scan found the rules' names: {used:?}"
+    );
+}
