@@ -148,26 +148,25 @@ impl Drop for DurableFile {
 
 /// Writes `bytes` to `path` durably, replacing what was there.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let stem = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".into());
-    let mut f = DurableFile::create_in(parent_of(path), &format!(".{stem}"))?;
-    f.write_all(bytes)?;
-    f.commit(path, Existing::Replace)
+    write_atomic_as(path, bytes, None)
 }
 
 /// [`write_atomic`] for secrets: the temp file is made owner-only (0600) before a byte is
 /// written, so the key is never readable by others, not even for a moment.
 pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_as(path, bytes, Some(0o600))
+}
+
+fn write_atomic_as(path: &Path, bytes: &[u8], mode: Option<u32>) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let stem = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "file".into());
     let mut f = DurableFile::create_in(parent_of(path), &format!(".{stem}"))?;
-    f.file()
-        .set_permissions(fs::Permissions::from_mode(0o600))?;
+    if let Some(mode) = mode {
+        f.file().set_permissions(fs::Permissions::from_mode(mode))?;
+    }
     f.write_all(bytes)?;
     f.commit(path, Existing::Replace)
 }

@@ -402,20 +402,25 @@ fn merge_keys(base: &str, over: &str) -> String {
     out.join("\n")
 }
 
-/// Runs a shipper command to completion; returns (exit code, stdout, stderr).
-pub fn shipper(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(shipper_bin())
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("CIS490_LOG", "info")
-        .env_remove("NOTIFY_SOCKET")
-        .output()
-        .expect("shipper runs");
+/// Runs `cmd` to completion; returns (exit code, stdout, stderr).
+pub fn output(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().expect("command runs");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs a shipper command to completion; returns (exit code, stdout, stderr).
+pub fn shipper(config: &Path, args: &[&str]) -> (i32, String, String) {
+    output(
+        Command::new(shipper_bin())
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env("CIS490_LOG", "info")
+            .env_remove("NOTIFY_SOCKET"),
     )
 }
 

@@ -351,18 +351,13 @@ fn config_with_ops_port(w: &World) -> (std::path::PathBuf, u16) {
 }
 
 fn fleet_cmd(cfg: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(receiver_bin())
-        .arg("--config")
-        .arg(cfg)
-        .arg("fleet")
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    cis490_tests::harness::output(
+        Command::new(receiver_bin())
+            .arg("--config")
+            .arg(cfg)
+            .arg("fleet")
+            .args(args)
+            .env("NO_COLOR", "1"),
     )
 }
 

@@ -10,16 +10,7 @@ use cis490_tests::harness::{receiver_bin, Process, World};
 use cis490_tests::pki::CertFiles;
 
 fn pki(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(receiver_bin())
-        .arg("pki")
-        .args(args)
-        .output()
-        .expect("receiver binary runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    cis490_tests::harness::output(Command::new(receiver_bin()).arg("pki").args(args))
 }
 
 fn mode(p: &Path) -> u32 {

@@ -251,15 +251,10 @@ async fn a_revoked_certificate_is_refused_after_sighup_and_its_open_connection_c
 }
 
 fn pki_revoke(dir: &std::path::Path, host: &str) -> (i32, String, String) {
-    let out = std::process::Command::new(cis490_tests::harness::receiver_bin())
-        .args(["pki", "revoke", host, "--dir"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    cis490_tests::harness::output(
+        std::process::Command::new(cis490_tests::harness::receiver_bin())
+            .args(["pki", "revoke", host, "--dir"])
+            .arg(dir),
     )
 }
 
