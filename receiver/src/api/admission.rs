@@ -94,7 +94,7 @@ pub(super) async fn admit(
     }
     // Already stored with these bytes: 200 before the gate, so a shipper that crashed after
     // the 201 can still retire the episode once its commit has left the window.
-    let stored = state.store.find(d.host, d.episode).await?;
+    let stored = state.store.find_intact(d.host, d.episode).await?;
     if let Some(row) = stored.as_ref().filter(|r| r.tar_sha256 == d.tar_sha256) {
         return Ok(Verdict::Stored(row.clone()));
     }

@@ -236,6 +236,31 @@ impl FsStore {
         Ok(Some(row))
     }
 
+    /// The stored row of an id whose body is still on disk with the indexed length (SPEC §15:
+    /// the disk wins over the index). A row whose body is gone or has another length is
+    /// logged as `stored_missing` and answered as no row, so the episode can be stored again.
+    pub fn lookup_intact(&self, host_id: &str, episode_id: &str) -> io::Result<Option<IndexRow>> {
+        let Some(row) = self.lookup(host_id, episode_id)? else {
+            return Ok(None);
+        };
+        let found = match fs::metadata(self.inner.root.join(&row.path)) {
+            Ok(m) if m.len() == row.bytes => return Ok(Some(row)),
+            Ok(m) => Some(m.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        tracing::error!(
+            event = "stored_missing",
+            host_id = %host_id,
+            episode = %episode_id,
+            found_bytes = ?found,
+            indexed_bytes = row.bytes,
+            path = %row.path,
+            "an indexed episode's body is not in the store as indexed; it will be stored again when its host sends it"
+        );
+        Ok(None)
+    }
+
     /// Adds index rows for stored files that have none (a crash between link and append).
     /// On a large store this reads every such file, so systemd's start timeout is extended.
     fn repair(&self, max_uncompressed: u64) -> Result<(), StoreError> {
@@ -485,14 +510,21 @@ impl Upload for FsUpload {
         durable::create_dir_durable(&host_dir)?;
         let dest = host_dir.join(format!("{episode_id}.tar.zst"));
         let mut w = store.writer();
-        if let Some(row) = store.lookup(&host_id, &episode_id)? {
+        if let Some(row) = store.lookup_intact(&host_id, &episode_id)? {
             return Ok(judge(&row, v));
         }
+        // An indexed body that is gone or cut short is replaced; its new row comes last in
+        // the index and wins (SPEC §15).
+        let existing = if store.lookup(&host_id, &episode_id)?.is_some() {
+            Existing::Replace
+        } else {
+            Existing::Keep
+        };
         // The link is durable (directory fsynced) before the row is written: a crash can leave
         // a stored file without a row, which start-up repair indexes, never a row without a file.
         // (Running the two fsyncs side by side was faster, but on a filesystem without a journal
         // or on btrfs a power cut could keep the row and lose the link.)
-        match file.commit(&dest, Existing::Keep) {
+        match file.commit(&dest, existing) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 // A stored file without an index row (an append that failed, or a file start-up
@@ -709,8 +741,22 @@ pub(crate) fn export_index(root: &Path, out: &mut (dyn Write + Send)) -> anyhow:
         Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(anyhow::anyhow!("failed to read {}: {e}", path.display())),
     };
-    for line in text.lines() {
-        if serde_json::from_str::<IndexRow>(line).is_ok() {
+    // An id stored again (its body had gone missing) has several rows: the last one wins
+    // (SPEC §15), written where it stands in the file.
+    let rows: Vec<(&str, (String, String))> = text
+        .lines()
+        .filter_map(|line| {
+            let r = serde_json::from_str::<IndexRow>(line).ok()?;
+            Some((line, (r.host_id, r.episode_id)))
+        })
+        .collect();
+    let mut last: std::collections::HashMap<&(String, String), usize> =
+        std::collections::HashMap::new();
+    for (i, (_, key)) in rows.iter().enumerate() {
+        last.insert(key, i);
+    }
+    for (i, (line, key)) in rows.iter().enumerate() {
+        if last.get(key) == Some(&i) {
             writeln!(out, "{line}")?;
         }
     }

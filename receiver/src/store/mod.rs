@@ -144,6 +144,23 @@ impl Store {
         }
     }
 
+    /// Like [`Store::find`], but a row whose body is no longer stored as indexed counts as no
+    /// row (SPEC §15): what admission decides `already_stored` and `conflict` from.
+    pub async fn find_intact(
+        &self,
+        host_id: &str,
+        episode_id: &str,
+    ) -> Result<Option<IndexRow>, StoreUnavailable> {
+        match self {
+            Store::Fs(s) => s.lookup_intact(host_id, episode_id).map_err(|e| {
+                tracing::error!(error = %e, "failed to check a stored body");
+                StoreUnavailable(format!("store: {e}"))
+            }),
+            // Decided from the bodies in the bucket already: a missing body is no row.
+            Store::S3(s) => s.find(host_id, episode_id).await,
+        }
+    }
+
     /// Opens an upload; called on a blocking thread (the S3 upload drives its requests from it).
     pub fn begin(
         &self,

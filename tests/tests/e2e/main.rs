@@ -17,4 +17,5 @@ mod scripts;
 mod shipper;
 mod shipper_metrics;
 mod shipper_process;
+mod store_truth;
 mod support;
