@@ -43,6 +43,18 @@ pub enum Command {
     /// The lab's certificates (SPEC §14, §16); needs no receiver config.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Check every indexed episode against the store: there, whole, decompresses, same SHA-256.
+    Scrub {
+        /// Move truncated and corrupt bodies to the quarantine, so their next upload is stored.
+        #[arg(long)]
+        repair: bool,
+        /// One JSON object per bad episode, then the totals.
+        #[arg(long)]
+        json: bool,
+        /// Read at most this many bytes a second (0: no limit).
+        #[arg(long, value_name = "N", default_value_t = SCRUB_BYTES_PER_S)]
+        max_bytes_per_s: u64,
+    },
     /// Print every lab host's state from the running receiver (exit 1 if any is not ok).
     Fleet {
         /// Print the JSON of /v1/fleet instead of a table.
@@ -98,6 +110,48 @@ pub enum PkiCommand {
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
     },
+}
+
+/// `scrub`'s default pace (SPEC §15 `scrub_max_bytes_per_s`).
+const SCRUB_BYTES_PER_S: u64 = 50_000_000;
+
+/// `scrub`: the findings as lines (or JSON objects) as they come, then the totals.
+fn scrub(cfg: &Config, repair: bool, json: bool, per_s: u64) -> Result<(), CliError> {
+    use crate::store::scrub::{scrub_fs, Finding};
+    if cfg.store.kind != crate::config::StoreKind::Fs {
+        return Err(CliError::new(
+            EXIT_CONFIG,
+            "scrub: only [store] kind = \"fs\" can be scrubbed by this version",
+        ));
+    }
+    let report = |f: &Finding| {
+        if json {
+            println!("{}", serde_json::to_string(f).unwrap_or_default());
+        } else {
+            println!("{} {} {}", f.host_id, f.episode_id, f.problem.as_str());
+            eprintln!("  {}", f.detail);
+        }
+    };
+    let tally = scrub_fs(
+        &cfg.store_dir,
+        cfg.limits.max_uncompressed_bytes,
+        per_s,
+        repair,
+        report,
+    )
+    .map_err(|e| CliError::failure(format_args!("scrub: {e:#}")))?;
+    if json {
+        println!("{}", serde_json::to_string(&tally).unwrap_or_default());
+    } else {
+        println!(
+            "{} checked, {} missing, {} truncated, {} corrupt",
+            tally.checked, tally.missing, tally.truncated, tally.corrupt
+        );
+    }
+    if tally.bad() > 0 {
+        return Err(CliError::reported(EXIT_FAILURE));
+    }
+    Ok(())
 }
 
 /// A `pki` failure as an exit status: 2 for what the command line got wrong, 1 otherwise.
@@ -308,6 +362,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Gate => rt.block_on(gate_once(cfg, &path)),
         Command::Pki(cmd) => pki(&cmd),
         Command::Fleet { json } => crate::fleet::client::run(cfg.metrics_listen, json),
+        Command::Scrub {
+            repair,
+            json,
+            max_bytes_per_s,
+        } => scrub(&cfg, repair, json, max_bytes_per_s),
     }
 }
 

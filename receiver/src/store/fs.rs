@@ -743,22 +743,8 @@ pub(crate) fn export_index(root: &Path, out: &mut (dyn Write + Send)) -> anyhow:
     };
     // An id stored again (its body had gone missing) has several rows: the last one wins
     // (SPEC §15), written where it stands in the file.
-    let rows: Vec<(&str, (String, String))> = text
-        .lines()
-        .filter_map(|line| {
-            let r = serde_json::from_str::<IndexRow>(line).ok()?;
-            Some((line, (r.host_id, r.episode_id)))
-        })
-        .collect();
-    let mut last: std::collections::HashMap<&(String, String), usize> =
-        std::collections::HashMap::new();
-    for (i, (_, key)) in rows.iter().enumerate() {
-        last.insert(key, i);
-    }
-    for (i, (line, key)) in rows.iter().enumerate() {
-        if last.get(key) == Some(&i) {
-            writeln!(out, "{line}")?;
-        }
+    for (line, _) in super::scrub::last_rows(&text) {
+        writeln!(out, "{line}")?;
     }
     Ok(())
 }

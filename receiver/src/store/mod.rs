@@ -4,6 +4,7 @@
 
 pub(crate) mod fs;
 pub(crate) mod s3;
+pub(crate) mod scrub;
 
 use std::io::{self, Write};
 

@@ -160,3 +160,127 @@ async fn a_vanished_body_is_no_conflict_for_other_bytes() {
         "now the new body is the stored one"
     );
 }
+
+fn scrub(cfg: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    cis490_tests::harness::output(
+        std::process::Command::new(cis490_tests::harness::receiver_bin())
+            .arg("--config")
+            .arg(cfg)
+            .arg("scrub")
+            .args(args),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrub_finds_missing_truncated_and_corrupt_bodies_and_repair_lets_them_be_stored_again() {
+    let w = World::new(2);
+    let cfg = w.config("");
+    let p = Process::start(&cfg, &[]);
+    let c = w.client(p.addr, HOST);
+    let mut bodies = Vec::new();
+    for id in ["ep-ok", "ep-gone", "ep-cut", "ep-flip"] {
+        let b = episode::body(&w.path().join("src"), id, &w.commits[1], 300_000);
+        assert_eq!(c.put(HOST, &b).await.status, 201);
+        bodies.push(b);
+    }
+    let file = |id: &str| {
+        w.store_dir()
+            .join("episodes")
+            .join(HOST)
+            .join(format!("{id}.tar.zst"))
+    };
+    let (code, out, err) = scrub(&cfg, &[]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "4 checked, 0 missing, 0 truncated, 0 corrupt\n"),
+        "{err}"
+    );
+
+    std::fs::remove_file(file("ep-gone")).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(file("ep-cut"))
+        .unwrap();
+    f.set_len(bodies[2].bytes.len() as u64 - 1).unwrap();
+    let mut flipped = std::fs::read(file("ep-flip")).unwrap();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x55;
+    std::fs::write(file("ep-flip"), &flipped).unwrap();
+    let before: Vec<Option<Vec<u8>>> = ["ep-ok", "ep-gone", "ep-cut", "ep-flip"]
+        .iter()
+        .map(|id| std::fs::read(file(id)).ok())
+        .collect();
+
+    let (code, out, err) = scrub(&cfg, &["--max-bytes-per-s", "0"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "lab-01 ep-gone missing",
+            "lab-01 ep-cut truncated",
+            "lab-01 ep-flip corrupt",
+            "4 checked, 1 missing, 1 truncated, 1 corrupt"
+        ],
+        "{err}"
+    );
+    let after: Vec<Option<Vec<u8>>> = ["ep-ok", "ep-gone", "ep-cut", "ep-flip"]
+        .iter()
+        .map(|id| std::fs::read(file(id)).ok())
+        .collect();
+    assert_eq!(before, after, "without --repair nothing changes");
+
+    let (code, out, _) = scrub(&cfg, &["--json"]);
+    assert_eq!(code, 1);
+    let objs: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        objs[0],
+        serde_json::json!({"host_id": HOST, "episode_id": "ep-gone", "problem": "missing"})
+    );
+    assert_eq!(
+        objs[3],
+        serde_json::json!({"checked": 4, "missing": 1, "truncated": 1, "corrupt": 1})
+    );
+
+    // The corrupt body has its indexed length: the receiver would call it already stored.
+    let flip = &bodies[3];
+    assert_eq!(c.put(HOST, flip).await.status, 200);
+    let (code, _, err) = scrub(&cfg, &["--repair"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        !file("ep-cut").exists() && !file("ep-flip").exists(),
+        "moved to the quarantine"
+    );
+    let notes: Vec<String> = std::fs::read_dir(w.store_dir().join("quarantine"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".reason.json"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert_eq!(notes.len(), 2);
+    assert!(notes.iter().any(|n| n.contains("\"scrub_truncated\"")));
+    assert!(notes.iter().any(|n| n.contains("\"scrub_corrupt\"")));
+    // Now every bad episode is stored again by its next upload.
+    for b in &bodies[1..] {
+        let put = c.put(HOST, b).await;
+        assert_eq!(
+            put.status,
+            201,
+            "{}: {}",
+            b.id,
+            String::from_utf8_lossy(&put.body)
+        );
+    }
+    let (code, out, _) = scrub(&cfg, &[]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "4 checked, 0 missing, 0 truncated, 0 corrupt\n")
+    );
+    // A config error is exit 2.
+    let bad = w.path().join("bad.toml");
+    std::fs::write(&bad, "store_dir = 3\n").unwrap();
+    assert_eq!(scrub(&bad, &[]).0, 2);
+}
