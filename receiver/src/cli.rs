@@ -51,9 +51,10 @@ pub enum Command {
         /// One JSON object per bad episode, then the totals.
         #[arg(long)]
         json: bool,
-        /// Read at most this many bytes a second (0: no limit).
-        #[arg(long, value_name = "N", default_value_t = SCRUB_BYTES_PER_S)]
-        max_bytes_per_s: u64,
+        /// Read at most this many bytes a second (0: no limit; default `[store]
+        /// scrub_max_bytes_per_s`).
+        #[arg(long, value_name = "N")]
+        max_bytes_per_s: Option<u64>,
     },
     /// Print every lab host's state from the running receiver (exit 1 if any is not ok).
     Fleet {
@@ -111,9 +112,6 @@ pub enum PkiCommand {
         dir: PathBuf,
     },
 }
-
-/// `scrub`'s default pace (SPEC §15 `scrub_max_bytes_per_s`).
-const SCRUB_BYTES_PER_S: u64 = 50_000_000;
 
 /// `scrub`: the findings as lines (or JSON objects) as they come, then the totals.
 fn scrub(cfg: &Config, repair: bool, json: bool, per_s: u64) -> Result<(), CliError> {
@@ -366,7 +364,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
             repair,
             json,
             max_bytes_per_s,
-        } => scrub(&cfg, repair, json, max_bytes_per_s),
+        } => {
+            let pace = max_bytes_per_s.unwrap_or(cfg.store.scrub_max_bytes_per_s);
+            scrub(&cfg, repair, json, pace)
+        }
     }
 }
 

@@ -128,7 +128,7 @@ pub enum StoreKind {
     S3,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     #[serde(default)]
@@ -140,6 +140,35 @@ pub struct StoreConfig {
     pub prefix: String,
     pub access_key_file: Option<PathBuf>,
     pub secret_key_file: Option<PathBuf>,
+    /// Seconds between background scrubs of the store (SPEC §15); 0 turns them off.
+    #[serde(default = "default_scrub_interval_s")]
+    pub scrub_interval_s: u64,
+    /// Read rate of a scrub, background or `scrub` (0: no limit).
+    #[serde(default = "default_scrub_max_bytes_per_s")]
+    pub scrub_max_bytes_per_s: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Fs,
+            endpoint: None,
+            region: None,
+            bucket: None,
+            prefix: String::new(),
+            access_key_file: None,
+            secret_key_file: None,
+            scrub_interval_s: default_scrub_interval_s(),
+            scrub_max_bytes_per_s: default_scrub_max_bytes_per_s(),
+        }
+    }
+}
+
+fn default_scrub_interval_s() -> u64 {
+    604_800
+}
+fn default_scrub_max_bytes_per_s() -> u64 {
+    50_000_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -228,6 +257,12 @@ impl Validate for Config {
             return err(
                 "fleet.silent_after_s",
                 "must be between 1 and 31536000 (a year)",
+            );
+        }
+        if self.store.scrub_interval_s > MAX_TIMEOUT_S {
+            return err(
+                "store.scrub_interval_s",
+                "must be at most 31536000 (a year)",
             );
         }
         if self.limits.max_body_bytes == 0 {

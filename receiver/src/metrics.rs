@@ -43,6 +43,15 @@ pub struct Metrics {
     pub store_probes: Counter,
     /// 1 once this process's executable has been replaced on disk (SPEC §12).
     pub binary_stale: Gauge,
+    /// Episodes the background scrub has checked, and what it found (SPEC §15).
+    pub scrub_checked: Counter,
+    scrub_problems: Family<ProblemLabel, Counter>,
+    pub scrub_last_completed: Gauge,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProblemLabel {
+    problem: &'static str,
 }
 
 impl Default for Metrics {
@@ -58,7 +67,13 @@ impl Default for Metrics {
             connections_idle_closed: Counter::default(),
             store_probes: Counter::default(),
             binary_stale: Gauge::default(),
+            scrub_checked: Counter::default(),
+            scrub_problems: Family::default(),
+            scrub_last_completed: Gauge::default(),
         };
+        for problem in ["missing", "truncated", "corrupt"] {
+            drop(m.scrub_problems.get_or_create(&ProblemLabel { problem }));
+        }
         // The encoder leaves out a family without series; the two success statuses are listed
         // from the start so the series exists (at 0) before the first upload.
         for status in [200, 201] {
@@ -71,6 +86,12 @@ impl Default for Metrics {
 impl Metrics {
     pub fn count_upload(&self, status: u16) {
         self.uploads.get_or_create(&StatusLabel { status }).inc();
+    }
+
+    pub fn count_scrub_problem(&self, problem: &'static str) {
+        self.scrub_problems
+            .get_or_create(&ProblemLabel { problem })
+            .inc();
     }
 
     /// Sets a byte gauge from an unsigned count (saturating at `i64::MAX`).
@@ -123,6 +144,21 @@ impl Metrics {
             "cis490_receiver_store_probes",
             "Store writability probes run for /healthz (at most one a second)",
             self.store_probes.clone(),
+        );
+        r.register(
+            "cis490_receiver_scrub_checked",
+            "Stored episodes the background scrub has checked",
+            self.scrub_checked.clone(),
+        );
+        r.register(
+            "cis490_receiver_scrub_problems",
+            "Bad stored episodes the background scrub found, by problem",
+            self.scrub_problems.clone(),
+        );
+        r.register(
+            "cis490_receiver_scrub_last_completed_timestamp_seconds",
+            "When the last background scrub finished (0: none yet)",
+            self.scrub_last_completed.clone(),
         );
         r.register(
             "cis490_receiver_binary_stale",

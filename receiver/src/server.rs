@@ -74,6 +74,7 @@ impl Receiver {
         tokio::spawn(quarantine_janitor(state.clone(), tasks.clone()));
         tokio::spawn(fleet_from_index(state.clone()));
         tokio::spawn(binary_watch(state.clone(), tasks.clone()));
+        tokio::spawn(background_scrub(state.clone(), tasks.clone()));
         if let Some(every) = notify::watchdog_interval() {
             tokio::spawn(watchdog(state.clone(), every, tasks.clone()));
         }
@@ -390,6 +391,71 @@ async fn fleet_from_index(state: Arc<AppState>) {
         seconds = started.elapsed().as_secs_f64(),
         "fleet view: stored counts read from the index"
     );
+}
+
+/// Scrubs the store every `[store] scrub_interval_s` (the first one an interval after start),
+/// never repairing: each bad episode is an ERROR `event=scrub_problem` and a counter.
+async fn background_scrub(state: Arc<AppState>, stop: CancellationToken) {
+    let every = state.cfg.store.scrub_interval_s;
+    if every == 0 {
+        return;
+    }
+    if state.cfg.store.kind != crate::config::StoreKind::Fs {
+        tracing::warn!("the background scrub covers fs stores only; [store] scrub_interval_s is ignored for S3");
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(every)) => {}
+        }
+        let st = state.clone();
+        let started = std::time::Instant::now();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let cfg = &st.cfg;
+            crate::store::scrub::scrub_fs(
+                &cfg.store_dir,
+                cfg.limits.max_uncompressed_bytes,
+                cfg.store.scrub_max_bytes_per_s,
+                false,
+                |f| {
+                    st.metrics.count_scrub_problem(f.problem.as_str());
+                    tracing::error!(
+                        event = "scrub_problem",
+                        host_id = %f.host_id,
+                        episode = %f.episode_id,
+                        problem = f.problem.as_str(),
+                        detail = %f.detail,
+                        fix = "cis490-receiver scrub --repair (then the host's next upload stores it again)",
+                        "a stored episode is not intact"
+                    );
+                },
+            )
+        })
+        .await;
+        match outcome {
+            Ok(Ok(t)) => {
+                state.metrics.scrub_checked.inc_by(t.checked);
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                state
+                    .metrics
+                    .scrub_last_completed
+                    .set(i64::try_from(now).unwrap_or(i64::MAX));
+                tracing::info!(
+                    checked = t.checked,
+                    missing = t.missing,
+                    truncated = t.truncated,
+                    corrupt = t.corrupt,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "background scrub finished"
+                );
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "background scrub failed"),
+            Err(e) => tracing::error!(error = %e, "background scrub task failed"),
+        }
+    }
 }
 
 /// How often the receiver looks whether its executable was replaced (SPEC §12); a scrape of

@@ -284,3 +284,68 @@ async fn scrub_finds_missing_truncated_and_corrupt_bodies_and_repair_lets_them_b
     std::fs::write(&bad, "store_dir = 3\n").unwrap();
     assert_eq!(scrub(&bad, &[]).0, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_scrub_reports_a_bad_episode_and_changes_nothing() {
+    let w = World::new(2);
+    let p = Process::start(&w.config("[store]\nscrub_interval_s = 1\n"), &[]);
+    let c = w.client(p.addr, HOST);
+    for id in ["ep-1", "ep-2"] {
+        let b = episode::body(&w.path().join("src"), id, &w.commits[1], 20_000);
+        assert_eq!(c.put(HOST, &b).await.status, 201);
+    }
+    let cut = w
+        .store_dir()
+        .join("episodes")
+        .join(HOST)
+        .join("ep-2.tar.zst");
+    let f = std::fs::OpenOptions::new().write(true).open(&cut).unwrap();
+    f.set_len(100).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let m = loop {
+        let (_, m) = cis490_tests::harness::ops_get(p.ops_addr, "/metrics").await;
+        if cis490_tests::harness::metric(
+            &m,
+            "cis490_receiver_scrub_last_completed_timestamp_seconds",
+        )
+        .is_some_and(|v| v > 0.0)
+        {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scrub finished: {m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let metric = |s: &str| cis490_tests::harness::metric(&m, s).unwrap_or(-1.0);
+    assert!(metric("cis490_receiver_scrub_checked_total") >= 2.0, "{m}");
+    assert!(
+        metric("cis490_receiver_scrub_problems_total{problem=\"truncated\"}") >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric("cis490_receiver_scrub_problems_total{problem=\"corrupt\"}"),
+        0.0
+    );
+    for _ in 0..50 {
+        if p.log_text().contains("scrub_problem") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let log = p.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("scrub_problem"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains("ERROR") && line.contains("episode=ep-2") && line.contains("truncated"),
+        "{line}"
+    );
+    assert_eq!(
+        std::fs::metadata(&cut).unwrap().len(),
+        100,
+        "the background scrub never repairs"
+    );
+}
