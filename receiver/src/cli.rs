@@ -135,6 +135,7 @@ fn scrub(cfg: &Config, repair: bool, json: bool, per_s: u64) -> Result<(), CliEr
         cfg.limits.max_uncompressed_bytes,
         per_s,
         repair,
+        &|| false,
         report,
     )
     .map_err(|e| CliError::failure(format_args!("scrub: {e:#}")))?;

@@ -68,15 +68,19 @@ impl Receiver {
         let state = self.state.clone();
         let tasks = CancellationToken::new();
         let refresher = tokio::spawn(state.gate.clone().run_refresher(HEARTBEAT, tasks.clone()));
+        // Every task holding the state ends with `tasks`, and stop waits for them: the store
+        // (and its lock) is released when `serve` returns.
+        let mut background = vec![
+            tokio::spawn(quarantine_janitor(state.clone(), tasks.clone())),
+            tokio::spawn(fleet_from_index(state.clone(), tasks.clone())),
+            tokio::spawn(binary_watch(state.clone(), tasks.clone())),
+            tokio::spawn(background_scrub(state.clone(), tasks.clone())),
+        ];
         if let Some(ops) = ops {
-            tokio::spawn(ops::serve(state.clone(), ops, tasks.clone()));
+            background.push(tokio::spawn(ops::serve(state.clone(), ops, tasks.clone())));
         }
-        tokio::spawn(quarantine_janitor(state.clone(), tasks.clone()));
-        tokio::spawn(fleet_from_index(state.clone()));
-        tokio::spawn(binary_watch(state.clone(), tasks.clone()));
-        tokio::spawn(background_scrub(state.clone(), tasks.clone()));
         if let Some(every) = notify::watchdog_interval() {
-            tokio::spawn(watchdog(state.clone(), every, tasks.clone()));
+            background.push(tokio::spawn(watchdog(state.clone(), every, tasks.clone())));
         }
         // Cancelled at stop: every connection then shuts down gracefully (in-flight requests
         // finish, HTTP/2 sends GOAWAY) and the drain below waits for them.
@@ -134,6 +138,11 @@ impl Receiver {
         }
         tasks.cancel();
         let _ = refresher.await;
+        for task in background {
+            if tokio::time::timeout(BACKGROUND_STOP, task).await.is_err() {
+                tracing::warn!("a background task did not stop in time");
+            }
+        }
         Ok(())
     }
 }
@@ -368,7 +377,14 @@ async fn watchdog(state: Arc<AppState>, every: Duration, stop: CancellationToken
 
 /// Gives the fleet view the stored counts of every host in the index (SPEC §11), in the
 /// background: an S3 index is one object per episode.
-async fn fleet_from_index(state: Arc<AppState>) {
+async fn fleet_from_index(state: Arc<AppState>, stop: CancellationToken) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = read_index_into_fleet(&state) => {}
+    }
+}
+
+async fn read_index_into_fleet(state: &AppState) {
     let started = std::time::Instant::now();
     let offline = match setup::offline_store(&state.cfg, &state.config_path) {
         Ok(o) => o,
@@ -411,6 +427,7 @@ async fn background_scrub(state: Arc<AppState>, stop: CancellationToken) {
         }
         let st = state.clone();
         let started = std::time::Instant::now();
+        let halt = stop.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let cfg = &st.cfg;
             crate::store::scrub::scrub_fs(
@@ -418,6 +435,7 @@ async fn background_scrub(state: Arc<AppState>, stop: CancellationToken) {
                 cfg.limits.max_uncompressed_bytes,
                 cfg.store.scrub_max_bytes_per_s,
                 false,
+                &|| halt.is_cancelled(),
                 |f| {
                     st.metrics.count_scrub_problem(f.problem.as_str());
                     tracing::error!(
@@ -457,6 +475,9 @@ async fn background_scrub(state: Arc<AppState>, stop: CancellationToken) {
         }
     }
 }
+
+/// How long a stopping receiver waits for each background task.
+const BACKGROUND_STOP: Duration = Duration::from_secs(2);
 
 /// How often the receiver looks whether its executable was replaced (SPEC §12); a scrape of
 /// `/metrics` looks too.

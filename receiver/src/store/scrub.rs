@@ -196,12 +196,14 @@ fn quarantine(root: &Path, row: &IndexRow, f: &Finding) -> io::Result<()> {
     durable::rename_durable(&root.join(&row.path), &qdir.join(format!("{base}.tar.zst")))
 }
 
-/// Scrubs the fs store at `root`; `report` sees each bad episode as it is found.
+/// Scrubs the fs store at `root`; `report` sees each bad episode as it is found. `stopped` is
+/// asked before each episode: a stopping receiver does not wait for a whole scrub.
 pub(crate) fn scrub_fs(
     root: &Path,
     max_uncompressed: u64,
     per_s: u64,
     repair: bool,
+    stopped: &dyn Fn() -> bool,
     mut report: impl FnMut(&Finding),
 ) -> anyhow::Result<Tally> {
     let index = root.join("index.jsonl");
@@ -214,6 +216,9 @@ pub(crate) fn scrub_fs(
     let started = Instant::now();
     let mut paced = 0;
     for (_, row) in last_rows(&text) {
+        if stopped() {
+            break;
+        }
         tally.checked += 1;
         let Some((problem, detail)) =
             check(root, &row, max_uncompressed, per_s, started, &mut paced)

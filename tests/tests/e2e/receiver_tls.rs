@@ -215,8 +215,15 @@ async fn a_revoked_certificate_is_refused_after_sighup_and_its_open_connection_c
             }
         }
     };
+    // The refusal is an alert, unless the server's close raced the request the client sent
+    // after its half of the handshake (then the alert can be lost to a reset): either way
+    // the request got no answer, which an accepted connection always gives.
+    let e = err.to_lowercase();
     assert!(
-        err.to_lowercase().contains("revoked") || err.contains("alert"),
+        e.contains("revoked")
+            || e.contains("alert")
+            || e.contains("connection closed")
+            || e.contains("reset"),
         "{err}"
     );
     // The connection made before the reload does not keep the old identity.

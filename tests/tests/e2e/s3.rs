@@ -169,7 +169,14 @@ async fn two_receivers_share_one_bucket() {
         metric(&m, "cis490_store_requests_total{op=\"put\",result=\"ok\"}").unwrap() >= 1.0,
         "{m}"
     );
-    assert!(m.contains("cis490_store_request_duration_seconds_bucket{op=\"list\""));
+    // Label order is the encoder's (`le` first); only the series matters.
+    assert!(
+        m.lines().any(
+            |l| l.starts_with("cis490_store_request_duration_seconds_bucket{")
+                && l.contains("op=\"list\"")
+        ),
+        "{m}"
+    );
 
     // export-index from any machine with the config: the rows, as JSON lines.
     let (code, out, err) = receiver_cmd(&cfg, "export-index");
