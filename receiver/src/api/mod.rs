@@ -22,7 +22,7 @@ use serde_json::json;
 use cis490_common::{validate_id, ErrorCode};
 
 use crate::error::ApiError;
-use crate::fleet::Upload;
+use crate::fleet::{Answer, Upload};
 use crate::state::AppState;
 use crate::store::IndexRow;
 
@@ -139,22 +139,21 @@ fn record(
     status: StatusCode,
     refusal: Option<ErrorCode>,
 ) {
+    let answer = match (upload, route) {
+        (Some(kind), Some(route)) => Some(Answer {
+            upload: kind,
+            status: status.as_u16(),
+            code: refusal,
+            episode: route.names().1,
+            commit: headers
+                .get(cis490_common::headers::CODE_COMMIT)
+                .and_then(|v| v.to_str().ok()),
+        }),
+        _ => None,
+    };
     state
         .fleet
-        .seen(&caller.host, headers, caller.cert_not_after);
-    if let (Some(kind), Some(route)) = (upload, route) {
-        let commit = headers
-            .get(cis490_common::headers::CODE_COMMIT)
-            .and_then(|v| v.to_str().ok());
-        state.fleet.answered(
-            &caller.host,
-            kind,
-            status.as_u16(),
-            refusal,
-            route.names().1,
-            commit,
-        );
-    }
+        .request(&caller.host, headers, caller.cert_not_after, answer);
 }
 
 async fn dispatch(

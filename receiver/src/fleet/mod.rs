@@ -8,6 +8,7 @@ pub(crate) mod client;
 pub(crate) mod page;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -119,6 +120,8 @@ pub(crate) struct Fleet {
     /// Until the index has been read at start: the ids stored since, which the index read
     /// may or may not include (they must not count twice). `None` once it has been read.
     stored_before_load: Mutex<Option<HashSet<(String, String)>>>,
+    /// Set once the index has been read: from then on a store takes no lock but its host's.
+    index_read: AtomicBool,
 }
 
 /// One host as `/v1/fleet` lists it (and as `cis490-receiver fleet` reads it back).
@@ -178,6 +181,7 @@ impl Fleet {
             adding: Mutex::new(()),
             silent_after,
             stored_before_load: Mutex::new(Some(HashSet::new())),
+            index_read: AtomicBool::new(false),
         }
     }
 
@@ -214,6 +218,7 @@ impl Fleet {
         if let Some(live) = before.take() {
             latest.retain(|id, _| !live.contains(id));
         }
+        self.index_read.store(true, Ordering::Release);
         let mut per_host: HashMap<String, Vec<IndexRow>> = HashMap::new();
         for ((host, _), row) in latest {
             per_host.entry(host).or_default().push(row);
@@ -238,7 +243,30 @@ impl Fleet {
     }
 
     /// Any authenticated request of `host`: when, which shipper, which install commit.
+    /// Any authenticated request of `host`, and the answer when it was a PUT or `check`: one
+    /// lookup and one lock of that host's record per request.
+    pub(crate) fn request(
+        &self,
+        host: &str,
+        headers: &HeaderMap,
+        cert_not_after: Option<SystemTime>,
+        answer: Option<Answer<'_>>,
+    ) {
+        self.seen_and(host, headers, cert_not_after, answer);
+    }
+
+    #[cfg(test)]
     pub(crate) fn seen(&self, host: &str, headers: &HeaderMap, cert_not_after: Option<SystemTime>) {
+        self.seen_and(host, headers, cert_not_after, None);
+    }
+
+    fn seen_and(
+        &self,
+        host: &str,
+        headers: &HeaderMap,
+        cert_not_after: Option<SystemTime>,
+        answer: Option<Answer<'_>>,
+    ) {
         // The headers as sent; a record is rewritten (and anything allocated) only when a
         // value differs from what it holds, which after a host's first request is rare.
         let agent = headers.get(http::header::USER_AGENT).map(|v| v.as_bytes());
@@ -279,9 +307,13 @@ impl Fleet {
         if cert_not_after.is_some() {
             r.cert_not_after = cert_not_after;
         }
+        if let Some(a) = answer {
+            r.answered(&a);
+        }
     }
 
     /// The answer to a PUT or `check` of `host`: `code` is the `error` code of a refusal.
+    #[cfg(test)]
     pub(crate) fn answered(
         &self,
         host: &str,
@@ -292,7 +324,36 @@ impl Fleet {
         commit: Option<&str>,
     ) {
         let h = self.host(host);
-        let mut r = h.lock();
+        h.lock().answered(&Answer {
+            upload,
+            status,
+            code,
+            episode,
+            commit,
+        });
+    }
+}
+
+/// The answer to a PUT or `check`: `code` is the `error` code of a refusal.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Answer<'a> {
+    pub upload: Upload,
+    pub status: u16,
+    pub code: Option<ErrorCode>,
+    pub episode: &'a str,
+    pub commit: Option<&'a str>,
+}
+
+impl Record {
+    fn answered(&mut self, a: &Answer<'_>) {
+        let r = self;
+        let Answer {
+            upload,
+            status,
+            code,
+            episode,
+            commit,
+        } = *a;
         r.last_upload_status = Some(status);
         if upload == Upload::Put {
             r.last_put_status = Some(status);
@@ -309,10 +370,15 @@ impl Fleet {
             });
         }
     }
+}
 
+impl Fleet {
     /// An episode stored now (201).
     pub(crate) fn stored(&self, row: &IndexRow) {
-        {
+        // Until the index is read, a store is noted so it is not counted twice; `load_index`
+        // holds the lock to its end, so a store that sees no flag waits for it and then finds
+        // the set gone.
+        if !self.index_read.load(Ordering::Acquire) {
             let mut before = self
                 .stored_before_load
                 .lock()
