@@ -719,3 +719,45 @@ mod tests {
         assert_eq!(order, ["bad-host", "meh-host", "ok-host"]);
     }
 }
+
+/// What recording one request costs, for docs/BENCHMARKS.md:
+/// `cargo test --release -p cis490-receiver --lib fleet::cost -- --ignored --nocapture`.
+#[cfg(test)]
+mod cost {
+    use super::*;
+
+    #[test]
+    #[ignore = "a measurement, not a check; run by hand"]
+    fn per_request_record() {
+        let f = Fleet::new(Duration::from_secs(3600));
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static("cis490-shipper/0.1.0"),
+        );
+        h.insert(
+            headers::HOST_COMMIT,
+            http::HeaderValue::from_static("0123456789abcdef0123456789abcdef01234567"),
+        );
+        let hosts: Vec<String> = (0..64).map(|i| format!("lab-{i:02}")).collect();
+        let n = 2_000_000u32;
+        let started = std::time::Instant::now();
+        for i in 0..n {
+            let host = &hosts[(i % 64) as usize];
+            f.request(
+                host,
+                &h,
+                None,
+                Some(Answer {
+                    upload: Upload::Put,
+                    status: 201,
+                    code: None,
+                    episode: "ep-000001",
+                    commit: Some("0123456789abcdef0123456789abcdef01234567"),
+                }),
+            );
+        }
+        let per = started.elapsed() / n;
+        println!("fleet record: {per:?} per request (64 hosts, {n} requests, one thread)");
+    }
+}
