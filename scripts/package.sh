@@ -5,6 +5,8 @@
 # checks files, user, directories, config, a reinstall and a purge, and runs the installed
 # binaries. Prints PASS/FAIL lines; exits 1 on any FAIL. Installs cargo-deb, lintian and
 # dpkg-dev when missing. Usage: scripts/package.sh [--keep-root]
+# CIS490_PACKAGE_PROFILE=dev packages the unoptimised build instead (CI: the test build's
+# compiled dependencies are reused, so checking the packaging costs no release build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEEP_ROOT=0
@@ -37,11 +39,18 @@ fi
 # --- build -----------------------------------------------------------------------------------
 target=$(cargo metadata --no-deps --format-version 1 | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 [[ -n $target ]] || { echo "FAIL: cannot find the cargo target directory"; exit 1; }
-cargo build --release --locked -p cis490-shipper -p cis490-receiver -p cis490-xtask
-assets="$target/release/deb-assets"
+profile=${CIS490_PACKAGE_PROFILE:-release}
+case $profile in
+  release) profdir=release ;;
+  dev) profdir=debug ;;
+  *) echo "FAIL: CIS490_PACKAGE_PROFILE is release or dev, not $profile"; exit 1 ;;
+esac
+cargo build --profile "$profile" --locked -p cis490-shipper -p cis490-receiver -p cis490-xtask
+# cargo-deb reads the assets' target/release/ paths from the selected profile's directory.
+assets="$target/$profdir/deb-assets"
 rm -rf "$assets"
 mkdir -p "$assets"
-"$target/release/cis490-gen-docs" "$assets" >/dev/null
+"$target/$profdir/cis490-gen-docs" "$assets" >/dev/null
 gzip -9n "$assets"/man/*.1
 for u in cis490-shipper cis490-receiver; do
   # The packaged unit: ExecStart from /usr/bin, the docs of the package; nothing else differs.
@@ -55,7 +64,7 @@ done
 mkdir -p "$target/debian"
 rm -f "$target"/debian/cis490-shipper_*.deb "$target"/debian/cis490-receiver_*.deb
 for p in cis490-shipper cis490-receiver; do
-  cargo deb --no-build --strip -p "$p" --output "$target/debian/" >/dev/null
+  cargo deb --no-build --strip --profile "$profile" -p "$p" --output "$target/debian/" >/dev/null
 done
 ship=$(echo "$target"/debian/cis490-shipper_*.deb)
 recv=$(echo "$target"/debian/cis490-receiver_*.deb)
