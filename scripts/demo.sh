@@ -11,7 +11,7 @@ keep=0
 
 scripts/install-test-deps.sh --demo >/dev/null  # git, curl
 echo "==> building cis490-receiver and cis490-shipper"
-cargo build --locked -q -p cis490-receiver -p cis490-shipper
+cargo build --locked -p cis490-receiver -p cis490-shipper  # progress shown: the first build takes minutes
 bin="$root/target/debug"
 
 demo=${DEMO_DIR:-$(mktemp -d /tmp/cis490-demo.XXXXXX)}
