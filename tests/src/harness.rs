@@ -424,6 +424,17 @@ pub fn shipper(config: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// A peer that takes the request head and then never reads another byte: an upload to it
+/// stalls.
+pub async fn stalled_receiver(world: &World) -> SocketAddr {
+    fake_receiver(world, |mut tls| async move {
+        let _ = read_head(&mut tls).await;
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(tls);
+    })
+    .await
+}
+
 /// A TLS server with the receiver's certificate that does whatever `behave` says with each
 /// connection: a stand-in for a stalled or scripted peer.
 pub async fn fake_receiver<F, Fut>(world: &World, behave: F) -> SocketAddr

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use cis490_tests::episode;
 use cis490_tests::git::GitRepo;
 use cis490_tests::harness::{
-    fake_receiver, metric, metrics_addr, ops_get, read_head, shipper, shipper_bin, World,
+    fake_receiver, metric, metrics_addr, ops_get, read_head, shipper, shipper_bin,
+    stalled_receiver, World,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -708,13 +709,7 @@ async fn a_binary_replaced_under_the_daemon_is_reported_once_and_by_doctor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_turns_503_while_an_upload_is_stalled() {
     let w = World::new(1);
-    // A peer that takes the request head and then never reads another byte.
-    let addr = fake_receiver(&w, |mut tls| async move {
-        let _ = read_head(&mut tls).await;
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-        drop(tls);
-    })
-    .await;
+    let addr = stalled_receiver(&w).await;
     let cfg = w.shipper_config(
         HOST,
         &format!("https://localhost:{}", addr.port()),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cis490_tests::episode;
-use cis490_tests::harness::{fake_receiver, read_head, shipper_bin, World};
+use cis490_tests::harness::{fake_receiver, read_head, shipper_bin, stalled_receiver, World};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -72,13 +72,7 @@ fn recv_all(sock: &UnixDatagram, limit: Duration) -> Vec<(Instant, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchdog_stops_while_an_upload_is_stalled_and_sigterm_stops_cleanly() {
     let w = World::new(1);
-    // A peer that takes the request head and then never reads another byte.
-    let addr = fake_receiver(&w, |mut tls| async move {
-        let _ = read_head(&mut tls).await;
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-        drop(tls);
-    })
-    .await;
+    let addr = stalled_receiver(&w).await;
     let cfg = w.shipper_config(
         HOST,
         &format!("https://localhost:{}", addr.port()),
