@@ -402,6 +402,31 @@ fn merge_keys(base: &str, over: &str) -> String {
     out.join("\n")
 }
 
+/// `<exe> --config <cfg> run` as a quiet daemon, its stderr appended to `<cfg>.log`, with
+/// `envs` set (and no notify socket or watchdog unless `envs` says so).
+pub fn shipper_daemon(exe: &Path, cfg: &Path, envs: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.arg("--config")
+        .arg(cfg)
+        .arg("run")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env("CIS490_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(cfg.with_extension("log"))
+                .expect("daemon log file opens"),
+        ));
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
 /// Runs `cmd` to completion; returns (exit code, stdout, stderr).
 pub fn output(cmd: &mut Command) -> (i32, String, String) {
     let out = cmd.output().expect("command runs");

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use cis490_tests::episode;
 use cis490_tests::git::GitRepo;
 use cis490_tests::harness::{
-    fake_receiver, metric, metrics_addr, ops_get, read_head, shipper, shipper_bin,
+    fake_receiver, metric, metrics_addr, ops_get, read_head, shipper, shipper_bin, shipper_daemon,
     stalled_receiver, World,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,25 +36,7 @@ struct Daemon {
 impl Daemon {
     fn start(exe: &Path, cfg: &Path, envs: &[(&str, &str)]) -> Daemon {
         let log = cfg.with_extension("log");
-        let mut cmd = Command::new(exe);
-        cmd.arg("--config")
-            .arg(cfg)
-            .arg("run")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env("CIS490_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap(),
-            ));
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
+        let mut cmd = shipper_daemon(exe, cfg, envs);
         // A binary copied a moment ago may still be open for writing in a child another test
         // thread is forking (ETXTBSY until that child execs): try again briefly.
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cis490_tests::episode;
-use cis490_tests::harness::{fake_receiver, read_head, shipper_bin, stalled_receiver, World};
+use cis490_tests::harness::{
+    fake_receiver, read_head, shipper_bin, shipper_daemon, stalled_receiver, World,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,25 +21,7 @@ use crate::support::{index_rows, start};
 const HOST: &str = "labhost-01";
 
 fn spawn_daemon(cfg: &Path, envs: &[(&str, &str)]) -> Child {
-    let mut cmd = Command::new(shipper_bin());
-    cmd.arg("--config")
-        .arg(cfg)
-        .arg("run")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env("CIS490_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(cfg.with_extension("log"))
-                .unwrap(),
-        ));
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
+    let mut cmd = shipper_daemon(&shipper_bin(), cfg, envs);
     cmd.spawn().expect("shipper starts")
 }
 
