@@ -27,10 +27,13 @@ pub enum ErrorCode {
     GateUnavailable,
     StoreUnavailable,
     InsufficientStorage,
+    /// A resumed upload names a prefix the receiver does not hold (SPEC §13): send from the
+    /// offset the answer gives.
+    ResumeUnavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::MissingCommit,
         ErrorCode::MalformedCommit,
         ErrorCode::InvalidId,
@@ -50,6 +53,7 @@ impl ErrorCode {
         ErrorCode::GateUnavailable,
         ErrorCode::StoreUnavailable,
         ErrorCode::InsufficientStorage,
+        ErrorCode::ResumeUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -73,6 +77,7 @@ impl ErrorCode {
             ErrorCode::GateUnavailable => "gate_unavailable",
             ErrorCode::StoreUnavailable => "store_unavailable",
             ErrorCode::InsufficientStorage => "insufficient_storage",
+            ErrorCode::ResumeUnavailable => "resume_unavailable",
         }
     }
 
@@ -92,6 +97,7 @@ impl ErrorCode {
             ErrorCode::LengthRequired => 411,
             ErrorCode::CommitNotInWindow => 412,
             ErrorCode::TooLarge => 413,
+            ErrorCode::ResumeUnavailable => 416,
             ErrorCode::InvalidContent => 422,
             ErrorCode::Internal => 500,
             ErrorCode::Overloaded | ErrorCode::GateUnavailable | ErrorCode::StoreUnavailable => 503,
