@@ -99,6 +99,10 @@ pub struct Limits {
     pub max_handshakes: usize,
     /// A connection with no request for this long is closed (SPEC §16).
     pub idle_timeout_s: u64,
+    /// How long the received prefix of an interrupted upload is kept for a resume (SPEC §13).
+    pub resume_keep_s: u64,
+    /// Most bytes held for resumes; the oldest prefixes are dropped first (SPEC §13).
+    pub resume_max_bytes: u64,
 }
 
 impl Default for Limits {
@@ -116,6 +120,8 @@ impl Default for Limits {
             max_connections: 1024,
             max_handshakes: 64,
             idle_timeout_s: 300,
+            resume_keep_s: 86400,
+            resume_max_bytes: 64 << 30,
         }
     }
 }
@@ -413,6 +419,8 @@ client_ca_file = "/ca.pem"
         assert_eq!(l.max_compression_ratio, 1000);
         assert_eq!(l.max_uploads_per_host, 8);
         assert_eq!(l.min_body_bytes_per_s, 16384);
+        assert_eq!(l.resume_keep_s, 86400);
+        assert_eq!(l.resume_max_bytes, 64 << 30);
         assert_eq!(l.max_connections, 1024);
         assert_eq!(l.max_handshakes, 64);
         assert_eq!(l.idle_timeout_s, 300);

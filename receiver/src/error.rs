@@ -82,6 +82,16 @@ pub(crate) enum ApiError {
     /// The object store (or the index it answers from) failed: the shipper retries.
     StoreUnavailable(String),
     InsufficientStorage(String),
+    /// A resumed upload names a prefix this receiver does not hold (SPEC §13); `offset` is
+    /// where the client should send from.
+    ResumeUnavailable {
+        offset: u64,
+        why: String,
+    },
+    /// A resumable upload of this id is already running (its part file is in use).
+    UploadInProgress {
+        id: String,
+    },
 }
 
 impl ApiError {
@@ -102,7 +112,10 @@ impl ApiError {
             ApiError::TooLarge(_) => ErrorCode::TooLarge,
             ApiError::InvalidContent(_) => ErrorCode::InvalidContent,
             ApiError::Internal(_) => ErrorCode::Internal,
-            ApiError::Overloaded | ApiError::HostOverloaded { .. } => ErrorCode::Overloaded,
+            ApiError::Overloaded
+            | ApiError::HostOverloaded { .. }
+            | ApiError::UploadInProgress { .. } => ErrorCode::Overloaded,
+            ApiError::ResumeUnavailable { .. } => ErrorCode::ResumeUnavailable,
             ApiError::GateUnavailable => ErrorCode::GateUnavailable,
             ApiError::StoreUnavailable(_) => ErrorCode::StoreUnavailable,
             ApiError::InsufficientStorage(_) => ErrorCode::InsufficientStorage,
@@ -112,6 +125,14 @@ impl ApiError {
     pub(crate) fn status(&self) -> StatusCode {
         // Invariant: every ErrorCode status is a valid HTTP status (a unit test checks all).
         StatusCode::from_u16(self.code().status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    /// The `X-Cis490-Resume-Offset` a 416 carries (SPEC §13).
+    pub(crate) fn resume_offset(&self) -> Option<u64> {
+        match self {
+            ApiError::ResumeUnavailable { offset, .. } => Some(*offset),
+            _ => None,
+        }
     }
 
     /// Seconds a client should wait before retrying, for the transient refusals.
@@ -162,6 +183,12 @@ impl ApiError {
             ApiError::GateUnavailable => {
                 "the receiver has not loaded its list of current commits yet; retry later".into()
             }
+            ApiError::ResumeUnavailable { offset, why } => {
+                format!("{why}; send the body from byte {offset}")
+            }
+            ApiError::UploadInProgress { id } => {
+                format!("an upload of {id} is already in progress; retry later")
+            }
             ApiError::Malformed(m)
             | ApiError::Unauthorized(m)
             | ApiError::BodyTimeout(m)
@@ -196,6 +223,9 @@ impl ApiError {
                 stored_tar_sha256, ..
             } => {
                 m.insert("stored_tar_sha256".into(), json!(stored_tar_sha256));
+            }
+            ApiError::ResumeUnavailable { offset, .. } => {
+                m.insert("resume_offset".into(), json!(offset));
             }
             _ => {}
         }

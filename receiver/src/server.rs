@@ -513,5 +513,13 @@ async fn quarantine_janitor(state: Arc<AppState>, stop: CancellationToken) {
                 tracing::warn!(error = %e, "failed to apply the receiver quarantine retention")
             }
         }
+        // Expired prefixes of interrupted uploads go on the same round (SPEC §13).
+        if let Some(r) = state.store.resumes().cloned() {
+            match tokio::task::spawn_blocking(move || r.clean()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "failed to drop expired upload prefixes"),
+                Err(e) => tracing::warn!(error = %e, "the resume cleanup task failed"),
+            }
+        }
     }
 }

@@ -91,6 +91,8 @@ fn open_store(cfg: &Config, config_path: &Path, metrics: &Metrics) -> Result<Sto
                     quarantine_keep_days: cfg.quarantine.keep_days,
                     quarantine_max_bytes: cfg.quarantine.max_bytes,
                     quarantine_max_entries: cfg.quarantine.max_entries,
+                    resume_keep_s: cfg.limits.resume_keep_s,
+                    resume_max_bytes: cfg.limits.resume_max_bytes,
                 },
             )
             .map_err(|e| ConfigError::new(config_path, "store_dir", e.to_string()))?;

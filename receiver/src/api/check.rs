@@ -9,7 +9,9 @@ use cis490_common::headers;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-use super::admission::{admit, declared, Verdict};
+use crate::store::resume::{ResumeKey, MIN_KEPT};
+
+use super::admission::{admit, declared, Declared, Verdict};
 use super::{already_stored, parse_len, Resp};
 
 pub(super) async fn check(
@@ -22,10 +24,36 @@ pub(super) async fn check(
     let d = declared(state, caller, host, episode, headers)?;
     let length = parse_len(headers, headers::UPLOAD_LENGTH)?;
     Ok(match admit(state, &d, length).await? {
-        Verdict::Go => Response::builder()
-            .status(StatusCode::NO_CONTENT)
-            .body(Full::default())
-            .unwrap_or_default(),
+        Verdict::Go => {
+            let mut b = Response::builder().status(StatusCode::NO_CONTENT);
+            let offset = resume_offset(state, &d, length).await;
+            if offset > 0 {
+                b = b.header(headers::RESUME_OFFSET, offset);
+            }
+            // Invariant: a status and a numeric header value cannot make the builder fail.
+            b.body(Full::default()).unwrap_or_default()
+        }
         Verdict::Stored(row) => already_stored(&row),
     })
+}
+
+/// How much of this body the receiver holds from an interrupted upload (SPEC §13): where the
+/// `PUT` may start. Known only with the body's length.
+async fn resume_offset(state: &AppState, d: &Declared<'_>, length: Option<u64>) -> u64 {
+    let (Some(resumes), Some(length)) = (state.store.resumes(), length) else {
+        return 0;
+    };
+    if length <= MIN_KEPT {
+        return 0;
+    }
+    let key = ResumeKey {
+        host: d.host.to_string(),
+        episode: d.episode.to_string(),
+        tar_sha256: d.tar_sha256.clone(),
+        length,
+    };
+    let resumes = resumes.clone();
+    tokio::task::spawn_blocking(move || resumes.offered(&key))
+        .await
+        .unwrap_or(0)
 }

@@ -229,7 +229,12 @@ fn json_response(status: StatusCode, body: serde_json::Value, retry_after: Optio
 }
 
 fn error_response(e: &ApiError) -> Resp {
-    json_response(e.status(), e.body(), e.retry_after())
+    let mut resp = json_response(e.status(), e.body(), e.retry_after());
+    if let Some(n) = e.resume_offset() {
+        resp.headers_mut()
+            .insert(cis490_common::headers::RESUME_OFFSET, n.into());
+    }
+    resp
 }
 
 /// What the stored row of an id says, as `stored` (201) or `already_stored` (200).

@@ -2,7 +2,8 @@
 //! blocking validator that streams into the store, then the answer for what the validator
 //! finished with.
 
-use std::io;
+use std::fs::File;
+use std::io::{self, Read};
 use std::sync::Arc;
 
 use http::{HeaderMap, StatusCode};
@@ -13,11 +14,12 @@ use crate::error::{ApiError, ConflictSeen};
 use crate::ingest::{self, Expect};
 use crate::metrics::Metrics;
 use crate::state::AppState;
+use crate::store::resume::{PartError, PartFile, ResumeKey, MIN_KEPT};
 use crate::store::{CommitOutcome, IndexRow, QuarantineNote, Store};
 
 use super::admission::{admit, declared, host_overloaded, Declared, Verdict};
 use super::body::{self, ChannelReader};
-use super::{already_stored, parse_len, row_response, Resp};
+use super::{already_stored, header_str, parse_len, row_response, Resp};
 
 pub(super) async fn put(
     state: &Arc<AppState>,
@@ -27,28 +29,34 @@ pub(super) async fn put(
     headers: &HeaderMap,
     body_slot: &mut Option<Incoming>,
 ) -> Result<Resp, ApiError> {
-    // Admission.
+    // Admission. `sent` is what this request carries, `length` the whole body's length (they
+    // differ for a resumed upload, SPEC §13).
     let d = declared(state, caller, host, episode, headers)?;
-    let length = content_length(headers)?;
+    let sent = content_length(headers)?;
+    let range = content_range(headers, sent)?;
+    let length = range.map_or(sent, |r| r.total);
+    let start = range.map_or(0, |r| r.start);
+    let prefix_sha256 = resume_prefix(headers, start)?;
     if let Verdict::Stored(row) = admit(state, &d, Some(length)).await? {
         return Ok(already_stored(&row));
     }
     let Ok(_permit) = state.uploads.clone().try_acquire_owned() else {
         return Err(ApiError::Overloaded);
     };
-    let Some(mut host_slot) = state.host_slots.try_take(d.host, length) else {
+    let Some(mut host_slot) = state.host_slots.try_take(d.host, sent) else {
         return Err(host_overloaded(state, d.host));
     };
     state.metrics.uploads_in_flight.inc();
     let _in_flight = InFlight(state.clone());
+    let part = resumable_part(state, &d, length, start, prefix_sha256).await?;
 
     // The body pump, beside the validator.
     let (tx, reader) = body::channel();
-    let validator = spawn_validator(state, &d, length, reader);
+    let validator = spawn_validator(state, &d, length, reader, part);
     let Some(body) = body_slot.take() else {
         return Err(ApiError::Internal("request body already taken".into()));
     };
-    body::pump(state, body, tx, length, &mut host_slot).await;
+    body::pump(state, body, tx, sent, &mut host_slot).await;
 
     // The answer.
     let finished = validator
@@ -64,6 +72,142 @@ fn content_length(headers: &HeaderMap) -> Result<u64, ApiError> {
         return Err(ApiError::LengthRequired);
     }
     parse_len(headers, "content-length")?.ok_or(ApiError::LengthRequired)
+}
+
+/// A `Content-Range: bytes S-E/T` of a resumed upload: it must run to the end of the body
+/// and agree with `Content-Length`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Range {
+    start: u64,
+    total: u64,
+}
+
+fn content_range(headers: &HeaderMap, sent: u64) -> Result<Option<Range>, ApiError> {
+    let Some(v) = header_str(headers, "content-range")? else {
+        return Ok(None);
+    };
+    let r = parse_range(v).ok_or_else(|| {
+        ApiError::Malformed(format!(
+            "Content-Range {v:?} is not of the form \"bytes N-(L-1)/L\""
+        ))
+    })?;
+    if r.end.checked_add(1) != Some(r.total) {
+        return Err(ApiError::Malformed(format!(
+            "Content-Range {v:?} must end at the last byte of the body ({})",
+            r.total.saturating_sub(1)
+        )));
+    }
+    if r.start > r.end {
+        return Err(ApiError::Malformed(format!(
+            "Content-Range {v:?} starts after its end"
+        )));
+    }
+    if r.total - r.start != sent {
+        return Err(ApiError::Malformed(format!(
+            "Content-Length {sent} differs from the {} bytes Content-Range {v:?} names",
+            r.total - r.start
+        )));
+    }
+    Ok(Some(Range {
+        start: r.start,
+        total: r.total,
+    }))
+}
+
+struct RawRange {
+    start: u64,
+    end: u64,
+    total: u64,
+}
+
+/// `bytes S-E/T`, decimal digits only.
+fn parse_range(v: &str) -> Option<RawRange> {
+    let rest = v.strip_prefix("bytes ")?;
+    let (span, total) = rest.split_once('/')?;
+    let (start, end) = span.split_once('-')?;
+    let num = |s: &str| {
+        (!s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u64>().ok())
+            .flatten()
+    };
+    Some(RawRange {
+        start: num(start)?,
+        end: num(end)?,
+        total: num(total)?,
+    })
+}
+
+/// `X-Cis490-Resume-Prefix-SHA256`, required when the upload starts past byte 0.
+fn resume_prefix(headers: &HeaderMap, start: u64) -> Result<Option<String>, ApiError> {
+    let name = cis490_common::headers::RESUME_PREFIX_SHA256;
+    match header_str(headers, name)? {
+        None if start > 0 => Err(ApiError::Malformed(format!(
+            "a Content-Range from byte {start} needs the X-Cis490-Resume-Prefix-SHA256 header"
+        ))),
+        None => Ok(None),
+        Some(s) => cis490_common::ids::parse_sha256(s).map(Some).ok_or_else(|| {
+            ApiError::Malformed(format!(
+                "X-Cis490-Resume-Prefix-SHA256 {s:?} is not 64 hex digits"
+            ))
+        }),
+    }
+}
+
+/// The part file of a body long enough to be resumable (fs store), opened from `start` after
+/// the held prefix's hash was checked; a resume the receiver cannot serve is the 416 of
+/// SPEC §13, answered before the body is read.
+async fn resumable_part(
+    state: &AppState,
+    d: &Declared<'_>,
+    length: u64,
+    start: u64,
+    prefix_sha256: Option<String>,
+) -> Result<Option<(PartFile, Option<io::Take<File>>)>, ApiError> {
+    let resumes = match state.store.resumes() {
+        Some(r) if length > MIN_KEPT => r.clone(),
+        _ if start > 0 => {
+            return Err(ApiError::ResumeUnavailable {
+                offset: 0,
+                why: "this receiver holds no part of this body".into(),
+            })
+        }
+        _ => return Ok(None),
+    };
+    let key = ResumeKey {
+        host: d.host.to_string(),
+        episode: d.episode.to_string(),
+        tar_sha256: d.tar_sha256.clone(),
+        length,
+    };
+    let Some(claim) = resumes.claim(&key) else {
+        return Err(ApiError::UploadInProgress {
+            id: format!("{}/{}", d.host, d.episode),
+        });
+    };
+    let opened = tokio::task::spawn_blocking(move || {
+        resumes.open_part(&key, start, prefix_sha256.as_deref(), claim)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("resume task failed: {e}")))?;
+    match opened {
+        Ok(p) => {
+            if start > 0 {
+                tracing::info!(
+                    event = "upload_resumed",
+                    host = %d.host,
+                    episode = %d.episode,
+                    offset = start,
+                    bytes = length,
+                    "resuming an upload from its held prefix"
+                );
+            }
+            Ok(Some(p))
+        }
+        Err(PartError::Unavailable { offset, why }) => {
+            Err(ApiError::ResumeUnavailable { offset, why })
+        }
+        Err(PartError::Io(e)) => Err(ApiError::store_write(e, "failed to open the upload's part file")),
+    }
 }
 
 /// How the validator's run ended.
@@ -89,6 +233,7 @@ fn spawn_validator(
     d: &Declared<'_>,
     length: u64,
     reader: ChannelReader,
+    part: Option<(PartFile, Option<io::Take<File>>)>,
 ) -> JoinHandle<io::Result<Finished>> {
     let store: Store = state.store.clone();
     let limits = &state.cfg.limits;
@@ -102,8 +247,17 @@ fn spawn_validator(
     let (host, episode) = (d.host.to_string(), d.episode.to_string());
     let (sha, commit) = (d.tar_sha256.clone(), d.commit.to_string());
     tokio::task::spawn_blocking(move || -> io::Result<Finished> {
-        let mut upload = store.begin(&host, &episode, &sha, &commit, length)?;
-        match ingest::validate(reader, &mut upload, &expect) {
+        let (part, prefix) = match part {
+            Some((p, prefix)) => (Some(p), prefix),
+            None => (None, None),
+        };
+        // A resumed upload's held prefix goes through the validator again, then the new bytes.
+        let source: Box<dyn Read + Send> = match prefix {
+            Some(f) => Box::new(io::BufReader::with_capacity(1 << 20, f).chain(reader)),
+            None => Box::new(reader),
+        };
+        let mut upload = store.begin(&host, &episode, &sha, &commit, length, part)?;
+        match ingest::validate(source, &mut upload, &expect) {
             Ok(v) => Ok(Finished::Committed(upload.commit(&v)?)),
             Err(r) => {
                 let verdict = r.is_verdict();

@@ -14,6 +14,7 @@ use cis490_common::timefmt;
 
 use crate::ingest::{self, Validated};
 
+use super::resume::{PartFile, Resumes};
 use super::{CommitOutcome, IndexRow, QuarantineNote, Upload};
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +84,8 @@ struct FsInner {
     /// Listings of `quarantine/` (at open, then at most hourly).
     quarantine_scans: std::sync::atomic::AtomicU64,
     max_uncompressed: u64,
+    /// Prefixes of interrupted uploads (SPEC §13).
+    resumes: Resumes,
     /// Held for the store's lifetime: one receiver per store directory.
     _lock: cis490_common::lock::DirLock,
 }
@@ -98,11 +101,14 @@ pub struct FsOptions {
     pub quarantine_keep_days: u64,
     pub quarantine_max_bytes: u64,
     pub quarantine_max_entries: u64,
+    pub resume_keep_s: u64,
+    pub resume_max_bytes: u64,
 }
 
 impl FsStore {
     /// Opens the store for serving: takes its lock (refusing a second receiver), empties
-    /// `tmp/`, loads the index and adds rows for stored files it lacks.
+    /// `tmp/`, drops expired prefixes from `resume/`, loads the index and adds rows for stored
+    /// files it lacks.
     pub fn open(root: &Path, opts: &FsOptions) -> Result<FsStore, StoreError> {
         for d in ["episodes", "quarantine", "tmp"] {
             let p = root.join(d);
@@ -120,6 +126,9 @@ impl FsStore {
             };
             r.map_err(at(&p))?;
         }
+        let resume_dir = root.join("resume");
+        let resumes = Resumes::open(&resume_dir, opts.resume_keep_s, opts.resume_max_bytes)
+            .map_err(at(&resume_dir))?;
         let index_path = root.join("index.jsonl");
         let mut rows = Slots::default();
         scan_index(&index_path, |row, slot| {
@@ -143,6 +152,7 @@ impl FsStore {
                 ),
                 quarantine_scans: std::sync::atomic::AtomicU64::new(1),
                 max_uncompressed: opts.max_uncompressed,
+                resumes,
                 _lock: lock,
             }),
         };
@@ -483,15 +493,44 @@ struct FsUpload {
     store: FsStore,
     host_id: String,
     episode_id: String,
-    file: DurableFile,
+    file: Target,
+}
+
+/// Where an upload's body is written: a temp file under `tmp/`, or, for a body long enough to
+/// be worth a resume, its part file under `resume/`.
+pub(crate) enum Target {
+    Temp(DurableFile),
+    Part(PartFile),
+}
+
+impl Target {
+    fn sync(&mut self) -> io::Result<()> {
+        match self {
+            Target::Temp(f) => f.sync(),
+            Target::Part(f) => f.sync(),
+        }
+    }
+
+    fn commit(self, dest: &Path, existing: Existing) -> io::Result<()> {
+        match self {
+            Target::Temp(f) => f.commit(dest, existing),
+            Target::Part(f) => f.commit(dest, existing),
+        }
+    }
 }
 
 impl Write for FsUpload {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file.write(buf)
+        match &mut self.file {
+            Target::Temp(f) => f.write(buf),
+            Target::Part(f) => f.write(buf),
+        }
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        match &mut self.file {
+            Target::Temp(f) => f.flush(),
+            Target::Part(f) => f.flush(),
+        }
     }
 }
 
@@ -614,8 +653,22 @@ impl FsStore {
         self.lookup(host_id, episode_id)
     }
 
-    pub(crate) fn begin(&self, host_id: &str, episode_id: &str) -> io::Result<Box<dyn Upload>> {
-        let file = DurableFile::create_in(&self.inner.root.join("tmp"), "upload")?;
+    /// The `resume/` directory, for `check` offers and resumed uploads.
+    pub(crate) fn resumes(&self) -> &Resumes {
+        &self.inner.resumes
+    }
+
+    /// Opens an upload into `part` (a resumable one) or a new temp file under `tmp/`.
+    pub(crate) fn begin(
+        &self,
+        host_id: &str,
+        episode_id: &str,
+        part: Option<PartFile>,
+    ) -> io::Result<Box<dyn Upload>> {
+        let file = match part {
+            Some(p) => Target::Part(p),
+            None => Target::Temp(DurableFile::create_in(&self.inner.root.join("tmp"), "upload")?),
+        };
         Ok(Box::new(FsUpload {
             store: self.clone(),
             host_id: host_id.to_string(),
@@ -775,11 +828,13 @@ mod tests {
             quarantine_keep_days: 30,
             quarantine_max_bytes: 0,
             quarantine_max_entries: 0,
+            resume_keep_s: 86400,
+            resume_max_bytes: 1 << 30,
         }
     }
 
     fn upload(store: &FsStore, bytes: &[u8]) -> io::Result<CommitOutcome> {
-        let mut up = store.begin("h", "ep")?;
+        let mut up = store.begin("h", "ep", None)?;
         let v = validate(
             bytes,
             &mut up,

@@ -3,6 +3,7 @@
 //! from what is stored. `fs.rs` is the filesystem layout, `s3.rs` the bucket layout.
 
 pub(crate) mod fs;
+pub(crate) mod resume;
 pub(crate) mod s3;
 pub(crate) mod scrub;
 
@@ -163,17 +164,27 @@ impl Store {
     }
 
     /// Opens an upload; called on a blocking thread (the S3 upload drives its requests from it).
-    pub fn begin(
+    /// `part` is the fs store's resumable part file, when the upload has one.
+    pub(crate) fn begin(
         &self,
         host_id: &str,
         episode_id: &str,
         tar_sha256: &str,
         commit: &str,
         length: u64,
+        part: Option<resume::PartFile>,
     ) -> io::Result<Box<dyn Upload>> {
         match self {
-            Store::Fs(s) => s.begin(host_id, episode_id),
+            Store::Fs(s) => s.begin(host_id, episode_id, part),
             Store::S3(s) => s.begin(host_id, episode_id, tar_sha256, commit, length),
+        }
+    }
+
+    /// Where resumable prefixes are held (the fs store only, so far).
+    pub(crate) fn resumes(&self) -> Option<&resume::Resumes> {
+        match self {
+            Store::Fs(s) => Some(s.resumes()),
+            Store::S3(_) => None,
         }
     }
 
@@ -251,15 +262,42 @@ impl prometheus_client::collector::Collector for Collector {
         mut enc: prometheus_client::encoding::DescriptorEncoder,
     ) -> Result<(), std::fmt::Error> {
         match &self.0 {
-            Store::S3(s) => s.metrics().encode(&mut enc),
-            Store::Fs(s) => crate::metrics::counter(
-                &mut enc,
-                "cis490_receiver_quarantine_scans",
-                "Listings of the quarantine directory (at start, then at most hourly)",
-                s.quarantine_scans(),
-            ),
+            Store::S3(s) => {
+                s.metrics().encode(&mut enc)?;
+                resume_series(&mut enc, 0, 0)
+            }
+            Store::Fs(s) => {
+                crate::metrics::counter(
+                    &mut enc,
+                    "cis490_receiver_quarantine_scans",
+                    "Listings of the quarantine directory (at start, then at most hourly)",
+                    s.quarantine_scans(),
+                )?;
+                let r = s.resumes();
+                resume_series(&mut enc, r.held_bytes(), r.resumed_total())
+            }
         }
     }
+}
+
+/// The series of SPEC §13: bytes held for resumes, and resumed uploads since start.
+fn resume_series(
+    enc: &mut prometheus_client::encoding::DescriptorEncoder,
+    held: u64,
+    resumed: u64,
+) -> Result<(), std::fmt::Error> {
+    crate::metrics::gauge(
+        enc,
+        "cis490_receiver_resumable_bytes",
+        "Bytes of interrupted uploads held for a resume",
+        i64::try_from(held).unwrap_or(i64::MAX),
+    )?;
+    crate::metrics::counter(
+        enc,
+        "cis490_receiver_resumed",
+        "Uploads resumed from a held prefix since start",
+        resumed,
+    )
 }
 
 /// The store as the maintenance commands (`reindex`, `export-index`) reach it: not opened as a
