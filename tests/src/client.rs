@@ -160,6 +160,75 @@ impl Client {
         })
     }
 
+    /// One HTTP/1.1 request sent with `Expect: 100-continue`: the body goes only after the
+    /// receiver's `100 Continue`, so an answer given from the headers alone (a refusal, 200
+    /// already stored) comes back as a reply instead of a broken body write.
+    pub async fn request_expect(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: &[u8],
+    ) -> Result<Reply, String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        let mut s = TlsConnector::from(self.cfg.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("tls: {e}"))?;
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\nexpect: 100-continue\r\n",
+            body.len()
+        );
+        if let Some(t) = &self.token {
+            head.push_str(&format!("authorization: Bearer {t}\r\n"));
+        }
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut answer = crate::harness::read_head(&mut s).await;
+        if answer.starts_with("HTTP/1.1 100") {
+            s.write_all(body).await.map_err(|e| e.to_string())?;
+            s.flush().await.map_err(|e| e.to_string())?;
+            answer = crate::harness::read_head(&mut s).await;
+        }
+        let mut lines = answer.split("\r\n");
+        let status: u16 = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("no status line in {answer:?}"))?;
+        let mut map = http::HeaderMap::new();
+        for l in lines.filter(|l| !l.is_empty()) {
+            if let Some((k, v)) = l.split_once(':') {
+                if let (Ok(k), Ok(v)) = (
+                    http::HeaderName::from_bytes(k.trim().as_bytes()),
+                    http::HeaderValue::from_str(v.trim()),
+                ) {
+                    map.append(k, v);
+                }
+            }
+        }
+        let len: usize = map
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
+        let mut out = vec![0u8; len];
+        s.read_exact(&mut out).await.map_err(|e| e.to_string())?;
+        Ok(Reply {
+            status,
+            headers: map,
+            body: out,
+        })
+    }
+
     /// PUTs a packed episode with the headers a shipper sends.
     pub async fn put(&self, host: &str, b: &crate::episode::Body) -> Reply {
         self.put_result(host, b).await.expect("request completes")

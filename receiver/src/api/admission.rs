@@ -83,11 +83,13 @@ fn commit(state: &AppState, headers: &HeaderMap) -> Result<Commit, ApiError> {
 
 /// Step 2, given the body's length when it is known (a `PUT` always knows it, a `check` when
 /// it sent `X-Cis490-Upload-Length`): size limits, the stored row, the gate, disk space and
-/// the upload slots.
+/// the upload slots. `held` bytes of the body are on disk already (a resumed upload) and need
+/// no more room.
 pub(super) async fn admit(
     state: &AppState,
     d: &Declared<'_>,
     length: Option<u64>,
+    held: u64,
 ) -> Result<Verdict, ApiError> {
     if let Some(len) = length {
         within_limits(state, len)?;
@@ -108,7 +110,7 @@ pub(super) async fn admit(
         ));
     }
     if let Some(len) = length {
-        room_for(state, len)?;
+        room_for(state, len.saturating_sub(held))?;
     }
     if state.uploads.available_permits() == 0 {
         return Err(ApiError::Overloaded);

@@ -23,10 +23,11 @@ pub(super) async fn check(
 ) -> Result<Resp, ApiError> {
     let d = declared(state, caller, host, episode, headers)?;
     let length = parse_len(headers, headers::UPLOAD_LENGTH)?;
-    Ok(match admit(state, &d, length).await? {
+    // What is held of this body needs no more room on disk.
+    let offset = resume_offset(state, &d, length).await;
+    Ok(match admit(state, &d, length, offset).await? {
         Verdict::Go => {
             let mut b = Response::builder().status(StatusCode::NO_CONTENT);
-            let offset = resume_offset(state, &d, length).await;
             if offset > 0 {
                 b = b.header(headers::RESUME_OFFSET, offset);
             }

@@ -37,7 +37,7 @@ pub(super) async fn put(
     let length = range.map_or(sent, |r| r.total);
     let start = range.map_or(0, |r| r.start);
     let prefix_sha256 = resume_prefix(headers, start)?;
-    if let Verdict::Stored(row) = admit(state, &d, Some(length)).await? {
+    if let Verdict::Stored(row) = admit(state, &d, Some(length), start).await? {
         return Ok(already_stored(&row));
     }
     let Ok(_permit) = state.uploads.clone().try_acquire_owned() else {
@@ -145,11 +145,13 @@ fn resume_prefix(headers: &HeaderMap, start: u64) -> Result<Option<String>, ApiE
             "a Content-Range from byte {start} needs the X-Cis490-Resume-Prefix-SHA256 header"
         ))),
         None => Ok(None),
-        Some(s) => cis490_common::ids::parse_sha256(s).map(Some).ok_or_else(|| {
-            ApiError::Malformed(format!(
-                "X-Cis490-Resume-Prefix-SHA256 {s:?} is not 64 hex digits"
-            ))
-        }),
+        Some(s) => cis490_common::ids::parse_sha256(s)
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::Malformed(format!(
+                    "X-Cis490-Resume-Prefix-SHA256 {s:?} is not 64 hex digits"
+                ))
+            }),
     }
 }
 
@@ -206,7 +208,10 @@ async fn resumable_part(
         Err(PartError::Unavailable { offset, why }) => {
             Err(ApiError::ResumeUnavailable { offset, why })
         }
-        Err(PartError::Io(e)) => Err(ApiError::store_write(e, "failed to open the upload's part file")),
+        Err(PartError::Io(e)) => Err(ApiError::store_write(
+            e,
+            "failed to open the upload's part file",
+        )),
     }
 }
 

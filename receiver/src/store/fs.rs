@@ -667,7 +667,10 @@ impl FsStore {
     ) -> io::Result<Box<dyn Upload>> {
         let file = match part {
             Some(p) => Target::Part(p),
-            None => Target::Temp(DurableFile::create_in(&self.inner.root.join("tmp"), "upload")?),
+            None => Target::Temp(DurableFile::create_in(
+                &self.inner.root.join("tmp"),
+                "upload",
+            )?),
         };
         Ok(Box::new(FsUpload {
             store: self.clone(),

@@ -50,7 +50,8 @@ fn parse_part_name(name: &str) -> Option<(&str, &str, u64)> {
     let length = it.next()?.parse().ok()?;
     let sha = it.next()?;
     let episode = it.next()?;
-    (sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit())).then_some((episode, sha, length))
+    (sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then_some((episode, sha, length))
 }
 
 /// The offset `check` offers for `held` bytes of a `length`-byte body: never the whole body
@@ -113,9 +114,17 @@ impl Resumes {
     /// The offset `check` offers for this body (0: start from zero).
     pub(crate) fn offered(&self, key: &ResumeKey) -> u64 {
         match fs::metadata(self.path(key)) {
-            Ok(m) if m.len() > 0 => offer(m.len(), key.length),
+            Ok(m) if m.len() > 0 && !self.expired(&m) => offer(m.len(), key.length),
             _ => 0,
         }
+    }
+
+    /// Whether a prefix is past `resume_keep_s` (the janitor may not have run yet).
+    fn expired(&self, m: &fs::Metadata) -> bool {
+        m.modified()
+            .ok()
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_some_and(|age| age > self.0.keep)
     }
 
     /// Reserves the id for one resumable upload; `None` while another one runs.
@@ -157,15 +166,24 @@ impl Resumes {
         }
         let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(PartError::Unavailable {
-                    offset: 0,
-                    why: "the receiver holds no part of this body (expired, dropped, or never received)".into(),
-                })
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(PartError::Unavailable {
+                offset: 0,
+                why:
+                    "the receiver holds no part of this body (expired, dropped, or never received)"
+                        .into(),
+            }),
             Err(e) => return Err(e.into()),
         };
-        let held = file.metadata()?.len();
+        let meta = file.metadata()?;
+        if self.expired(&meta) {
+            drop(file);
+            let _ = fs::remove_file(&path);
+            return Err(PartError::Unavailable {
+                offset: 0,
+                why: "the held part of this body expired (limits.resume_keep_s)".into(),
+            });
+        }
+        let held = meta.len();
         if held < start {
             return Err(PartError::Unavailable {
                 offset: offer(held, key.length),
@@ -197,7 +215,10 @@ impl Resumes {
         prefix.seek(SeekFrom::Start(0))?;
         self.0.resumed.fetch_add(1, Ordering::Relaxed);
         // The part file grows behind this reader as the new bytes arrive: read the prefix only.
-        Ok((PartFile::new(file, path, start, claim), Some(prefix.take(start))))
+        Ok((
+            PartFile::new(file, path, start, claim),
+            Some(prefix.take(start)),
+        ))
     }
 
     /// Removes the prefixes of other bodies of `key`'s id: a new body replaces them.
@@ -230,7 +251,11 @@ impl Resumes {
                 let f = f?;
                 let m = f.metadata()?;
                 if m.is_file() {
-                    out.push((m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len(), f.path()));
+                    out.push((
+                        m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                        m.len(),
+                        f.path(),
+                    ));
                 }
             }
         }
@@ -444,7 +469,10 @@ mod tests {
     fn names_parse_from_the_right() {
         let sha = "a".repeat(64);
         let name = format!("ep.with.dots.{sha}.12345.part");
-        assert_eq!(parse_part_name(&name), Some(("ep.with.dots", sha.as_str(), 12345)));
+        assert_eq!(
+            parse_part_name(&name),
+            Some(("ep.with.dots", sha.as_str(), 12345))
+        );
         assert_eq!(parse_part_name("ep.zz.12.part"), None);
         assert_eq!(parse_part_name(&format!("ep.{sha}.12")), None);
     }
@@ -497,7 +525,12 @@ mod tests {
         let good = hex::encode(Sha256::digest(&body[..start as usize]));
         let bad = hex::encode(Sha256::digest(b"other"));
         // Held less than asked: the receiver's own offer comes back.
-        match r.open_part(&k, start + OFFER_ALIGN * 100, Some(&good), r.claim(&k).unwrap()) {
+        match r.open_part(
+            &k,
+            start + OFFER_ALIGN * 100,
+            Some(&good),
+            r.claim(&k).unwrap(),
+        ) {
             Err(PartError::Unavailable { offset, .. }) => assert_eq!(offset, start),
             other => panic!("expected 416, got {:?}", other.map(|_| ())),
         }
@@ -545,8 +578,8 @@ mod tests {
         assert!(!r.path(&keys[0]).exists(), "oldest dropped over the budget");
         assert!(r.path(&keys[1]).exists() && r.path(&keys[2]).exists());
         assert!(!d.path().join("h1").join("stray").exists());
-        let r = Resumes::open(d.path(), 50, u64::MAX).unwrap();
-        assert!(!r.path(&keys[1]).exists(), "90 s old, keep 50 s");
+        let r = Resumes::open(d.path(), 85, u64::MAX).unwrap();
+        assert!(!r.path(&keys[1]).exists(), "90 s old, keep 85 s");
         assert!(r.path(&keys[2]).exists());
     }
 }

@@ -11,6 +11,7 @@ mod receiver_api;
 mod receiver_limits;
 mod receiver_process;
 mod receiver_tls;
+mod resume;
 mod rules;
 mod s3;
 mod scripts;

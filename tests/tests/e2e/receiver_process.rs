@@ -367,6 +367,12 @@ fn gate_command_prints_the_allow_list_view() {
 
 /// Runs the receiver in its own mount namespace with a small tmpfs as its store.
 fn start_on_small_disk(w: &World, size: &str) -> Option<Process> {
+    start_on_small_disk_with(w, size, "")
+}
+
+/// The receiver with its store on a tmpfs of `size` in its own mount namespace (`None` where
+/// no namespace can be made); `extra` is added to its config.
+pub(crate) fn start_on_small_disk_with(w: &World, size: &str, extra: &str) -> Option<Process> {
     let probe = Command::new("unshare").args(["-m", "true"]).status();
     if !matches!(probe, Ok(s) if s.success()) {
         eprintln!("SKIP: cannot create a mount namespace here");
@@ -374,7 +380,7 @@ fn start_on_small_disk(w: &World, size: &str) -> Option<Process> {
     }
     let store = w.store_dir();
     std::fs::create_dir_all(&store).unwrap();
-    let cfg = w.config("");
+    let cfg = w.config(extra);
     let wrapper = w.path().join("small-disk.sh");
     std::fs::write(
         &wrapper,
@@ -390,10 +396,9 @@ fn start_on_small_disk(w: &World, size: &str) -> Option<Process> {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let _ = cfg;
     Some(Process::start_with(
         Command::new("unshare").arg("-m").arg(&wrapper),
-        &w.config(""),
+        &cfg,
         &[],
     ))
 }
