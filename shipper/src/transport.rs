@@ -1182,4 +1182,284 @@ mod tests {
         ));
         assert_eq!(Disposition::of_status(416), Disposition::Transient);
     }
+
+    /// One request as the scripted receiver saw it.
+    struct Seen {
+        method: String,
+        path: String,
+        headers: http::HeaderMap,
+        body: Bytes,
+    }
+
+    impl Seen {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers.get(name).and_then(|v| v.to_str().ok())
+        }
+    }
+
+    /// A plain HTTPS server on 127.0.0.1:0 (no client certificate asked) that records every
+    /// request with its whole body and answers from `script` in order (500 once it runs out),
+    /// and a transport pointed at it.
+    async fn scripted_receiver(
+        script: Vec<(u16, Option<u64>)>,
+    ) -> (Transport, Arc<Mutex<Vec<Seen>>>) {
+        paced_receiver(script, 0.0).await
+    }
+
+    /// [`scripted_receiver`] with the transport's `bandwidth_limit_mbps` set to `mbps`.
+    async fn paced_receiver(
+        script: Vec<(u16, Option<u64>)>,
+        mbps: f64,
+    ) -> (Transport, Arc<Mutex<Vec<Seen>>>) {
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        let cert = ck.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let server = rustls::ServerConfig::builder_with_provider(cis490_common::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(Mutex::new(std::collections::VecDeque::from(script)));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let (log, script) = (log.clone(), script.clone());
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (log, script) = (log.clone(), script.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.unwrap().to_bytes();
+                            log.lock().unwrap().push(Seen {
+                                method: parts.method.to_string(),
+                                path: parts.uri.path().to_string(),
+                                headers: parts.headers,
+                                body,
+                            });
+                            let (status, offset) =
+                                script.lock().unwrap().pop_front().unwrap_or((500, None));
+                            let json = match status {
+                                416 => r#"{"error":"resume_unavailable","message":"gone"}"#,
+                                s if s >= 400 => r#"{"error":"internal","message":"x"}"#,
+                                _ => r#"{"status":"stored"}"#,
+                            };
+                            let mut resp = http::Response::builder().status(status);
+                            if let Some(o) = offset {
+                                resp = resp.header(RESUME_OFFSET, o.to_string());
+                            }
+                            Ok::<_, std::convert::Infallible>(
+                                resp.body(Full::new(Bytes::from_static(json.as_bytes())))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let tls = rustls::ClientConfig::builder_with_provider(cis490_common::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let t = Transport::new(Settings {
+            urls: vec![format!("https://127.0.0.1:{port}")],
+            tls,
+            token: Some("sekrit".into()),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(10),
+            bandwidth_limit_mbps: mbps,
+            host_commit: None,
+        })
+        .unwrap();
+        (t, seen)
+    }
+
+    /// A 3 MiB outbox tarball (so `check` is asked) and its shipment.
+    fn big_shipment(dir: &Path) -> (Vec<u8>, Shipment) {
+        let data = noise(3 * (1 << 20) + 17);
+        let path = dir.join("ep1.tar.zst");
+        std::fs::write(&path, &data).unwrap();
+        let s = Shipment {
+            host_id: "h1".into(),
+            episode_id: "ep1".into(),
+            commit: "0123456789abcdef0123456789abcdef01234567".into(),
+            tar_sha256: "ab".repeat(32),
+            tarball: Tarball::File {
+                path,
+                len: data.len() as u64,
+            },
+            progress: Arc::new(AtomicU64::new(0)),
+        };
+        (data, s)
+    }
+
+    /// Ships `s`, returning the outcome and the offsets `on_resume` was told.
+    async fn ship(t: &Transport, s: &Shipment) -> (Outcome, Vec<u64>) {
+        let resumed = Mutex::new(Vec::new());
+        let o = t
+            .ship(s, &|offset| resumed.lock().unwrap().push(offset))
+            .await;
+        (o, resumed.into_inner().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_resumed_put_sends_exactly_the_bytes_after_the_offset() {
+        let d = tempfile::tempdir().unwrap();
+        let (data, s) = big_shipment(d.path());
+        let len = data.len() as u64;
+        let n: u64 = (1 << 20) + 5;
+        let (t, seen) = scripted_receiver(vec![(204, Some(n)), (201, None)]).await;
+        let (o, resumed) = ship(&t, &s).await;
+        assert!(matches!(o, Outcome::Stored { status: 201, .. }), "{o:?}");
+        assert_eq!(resumed, [n]);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        let (check, put) = (&seen[0], &seen[1]);
+        assert_eq!(
+            (check.method.as_str(), check.path.as_str()),
+            ("POST", "/v1/episodes/h1/ep1/check")
+        );
+        assert_eq!(
+            check.header(headers::UPLOAD_LENGTH),
+            Some(&*len.to_string())
+        );
+        assert_eq!(
+            (put.method.as_str(), put.path.as_str()),
+            ("PUT", "/v1/episodes/h1/ep1")
+        );
+        assert_eq!(put.body.len() as u64, len - n);
+        assert!(
+            put.body[..] == data[n as usize..],
+            "bytes N..L, nothing else"
+        );
+        assert_eq!(
+            put.header("content-range"),
+            Some(&*format!("bytes {n}-{}/{len}", len - 1))
+        );
+        assert_eq!(put.header("content-length"), Some(&*(len - n).to_string()));
+        assert_eq!(
+            put.header(RESUME_PREFIX_SHA256),
+            Some(&*hex::encode(Sha256::digest(&data[..n as usize])))
+        );
+        // Every usual header, as on a whole PUT.
+        assert_eq!(put.header(headers::CODE_COMMIT), Some(&*s.commit));
+        assert_eq!(put.header(headers::TAR_SHA256), Some(&*s.tar_sha256));
+        assert_eq!(put.header("content-type"), Some(headers::CONTENT_TYPE_ZSTD));
+        assert_eq!(put.header("authorization"), Some("Bearer sekrit"));
+        assert_eq!(
+            put.header("user-agent"),
+            Some(concat!("cis490-shipper/", env!("CARGO_PKG_VERSION")))
+        );
+        // The resumed part is counted like a whole body (the idle timer and the watchdog read it).
+        assert_eq!(t.sent.load(Ordering::Relaxed), len - n);
+        assert!(s.progress.load(Ordering::Relaxed) >= len - n);
+    }
+
+    #[tokio::test]
+    async fn a_416_sends_again_from_the_receivers_offset_down_to_a_whole_put() {
+        let d = tempfile::tempdir().unwrap();
+        let (data, s) = big_shipment(d.path());
+        let len = data.len() as u64;
+        let (n, m) = (2u64 << 20, (1u64 << 20) + 3);
+        let (t, seen) = scripted_receiver(vec![
+            (204, Some(n)),
+            (416, Some(m)),
+            (416, Some(0)),
+            (201, None),
+        ])
+        .await;
+        let (o, resumed) = ship(&t, &s).await;
+        assert!(matches!(o, Outcome::Stored { status: 201, .. }), "{o:?}");
+        assert_eq!(resumed, [n, m], "the whole PUT is no resume");
+        let seen = seen.lock().unwrap();
+        let puts: Vec<&Seen> = seen.iter().filter(|r| r.method == "PUT").collect();
+        assert_eq!(puts.len(), 3);
+        assert!(puts[1].body[..] == data[m as usize..]);
+        assert_eq!(
+            puts[1].header("content-range"),
+            Some(&*content_range(m, len))
+        );
+        let whole = puts[2];
+        assert!(whole.body[..] == data[..], "from zero: the whole tarball");
+        assert_eq!(whole.header("content-range"), None);
+        assert_eq!(whole.header(RESUME_PREFIX_SHA256), None);
+        assert_eq!(whole.header("content-length"), Some(&*len.to_string()));
+    }
+
+    #[tokio::test]
+    async fn a_receiver_that_keeps_answering_416_makes_the_attempt_transient() {
+        let d = tempfile::tempdir().unwrap();
+        let (_, s) = big_shipment(d.path());
+        let n = 2u64 << 20;
+        let (t, seen) = scripted_receiver(vec![
+            (204, Some(n)),
+            (416, Some(n - 1)),
+            (416, Some(n - 2)),
+            (416, Some(n - 3)),
+            (201, None),
+        ])
+        .await;
+        let (o, resumed) = ship(&t, &s).await;
+        match o {
+            Outcome::Transient { detail, .. } => {
+                assert!(detail.contains("416 resume_unavailable"), "{detail}")
+            }
+            other => panic!("a 416 must end transient, got {other:?}"),
+        }
+        assert_eq!(resumed, [n, n - 1, n - 2]);
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            2 + RESUME_RESENDS as usize,
+            "check, the PUT and its resends; the next try waits for the backoff"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_an_offset_the_put_is_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let (data, s) = big_shipment(d.path());
+        let (t, seen) = scripted_receiver(vec![(204, None), (201, None)]).await;
+        let (o, resumed) = ship(&t, &s).await;
+        assert!(matches!(o, Outcome::Stored { .. }), "{o:?}");
+        assert!(resumed.is_empty());
+        let seen = seen.lock().unwrap();
+        assert!(seen[1].body[..] == data[..]);
+        assert_eq!(seen[1].header("content-range"), None);
+    }
+
+    #[tokio::test]
+    async fn the_bandwidth_limit_paces_a_resumed_body() {
+        let d = tempfile::tempdir().unwrap();
+        let (data, s) = big_shipment(d.path());
+        let len = data.len() as u64;
+        // 8 Mbit/s is 1 MB/s with a 1 MB burst: the last 1.5 MB take at least half a second.
+        let n = len - 1_500_000;
+        let (t, seen) = paced_receiver(vec![(204, Some(n)), (201, None)], 8.0).await;
+        let started = Instant::now();
+        let (o, _) = ship(&t, &s).await;
+        assert!(matches!(o, Outcome::Stored { .. }), "{o:?}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(450),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(seen.lock().unwrap()[1].body.len() as u64, len - n);
+    }
 }
