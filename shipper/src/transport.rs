@@ -187,7 +187,7 @@ pub fn after_put(
     ))
 }
 
-/// The SHA-256 (lowercase hex) of the next `n` bytes of `r`, read in [`CHUNK`]-sized pieces so a
+/// The SHA-256 (lowercase hex) of the next `n` bytes of `r`, read in 256 KiB pieces (`CHUNK`) so a
 /// prefix of any size costs one buffer; `progress` moves once per piece, so an upload whose
 /// long prefix is being hashed is not taken for a stalled one. Fails if `r` ends before `n`.
 pub fn prefix_sha256(r: &mut impl Read, n: u64, progress: &AtomicU64) -> std::io::Result<String> {
