@@ -94,6 +94,7 @@ pub(crate) struct Metrics {
     shipped_bytes: Counter,
     rejected: Family<ReasonLabel, Counter>,
     transient_errors: Counter,
+    resumed_bytes: Counter,
     last_success: Gauge,
     upload_bytes_in_flight: Gauge,
     binary_stale: Gauge,
@@ -142,6 +143,12 @@ impl Metrics {
             "cis490_shipper_transient_errors",
             "Attempts that ended in a transient failure and are retried with backoff",
             transient_errors.clone(),
+        );
+        let resumed_bytes = Counter::default();
+        registry.register(
+            "cis490_shipper_resumed_bytes",
+            "Body bytes not sent again because a PUT continued an interrupted upload (the sum of the resumed PUTs' offsets)",
+            resumed_bytes.clone(),
         );
         let last_success = Gauge::default();
         registry.register(
@@ -194,6 +201,7 @@ impl Metrics {
             shipped_bytes,
             rejected,
             transient_errors,
+            resumed_bytes,
             last_success,
             upload_bytes_in_flight,
             binary_stale,
@@ -241,6 +249,11 @@ impl Metrics {
 
     pub(crate) fn transient_error(&self) {
         self.transient_errors.inc();
+    }
+
+    /// A PUT sent from `offset`: that many body bytes were not sent again (SPEC §13).
+    pub(crate) fn resumed(&self, offset: u64) {
+        self.resumed_bytes.inc_by(offset);
     }
 
     /// Counts `bytes` as on the wire until the returned guard drops.
@@ -540,6 +553,8 @@ mod tests {
         m.rejected("forbidden");
         m.rejected("a label from nowhere");
         m.transient_error();
+        m.resumed(8 << 20);
+        m.resumed(1 << 20);
         m.binary_stale(true);
         m.host_commit(Some("0123456789abcdef0123456789abcdef01234567"));
         m.cert_not_after(
@@ -563,6 +578,7 @@ mod tests {
             ("cis490_shipper_rejected_total{reason=\"forbidden\"}", 1),
             ("cis490_shipper_rejected_total{reason=\"too_large\"}", 0),
             ("cis490_shipper_transient_errors_total", 1),
+            ("cis490_shipper_resumed_bytes_total", 9 << 20),
             ("cis490_shipper_last_success_timestamp_seconds", 1_700_000_100),
             ("cis490_shipper_upload_bytes_in_flight", 0),
             ("cis490_shipper_binary_stale", 1),

@@ -138,7 +138,11 @@ impl Shipper {
             .upload_turn(&s.episode_id, s.progress.clone())
             .await;
         let _in_flight = self.metrics.upload_in_flight(s.tarball.len());
-        self.transport.ship(s).await
+        let resumed = |offset: u64| {
+            self.metrics.resumed(offset);
+            tracing::info!(event = "ship_resumed", episode = %s.episode_id, offset, bytes = s.tarball.len(), "continuing an interrupted upload where the receiver holds it");
+        };
+        self.transport.ship(s, &resumed).await
     }
 
     /// The answer as a queue transition (SPEC §3's last column).
