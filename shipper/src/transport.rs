@@ -29,11 +29,7 @@ use crate::queue::Tarball;
 pub const CHECK_THRESHOLD: u64 = 1 << 20;
 /// After falling back to a later URL, the first is tried again after this long.
 pub const FALLBACK_RESET: Duration = Duration::from_secs(300);
-/// How many body bytes the receiver holds of this upload: in `check`'s 204 and in a 416
-/// (SPEC §13). Kept here until `common::headers` names it for both sides.
-pub const RESUME_OFFSET: &str = "x-cis490-resume-offset";
-/// The SHA-256 of the body bytes a resumed PUT leaves out (SPEC §13).
-pub const RESUME_PREFIX_SHA256: &str = "x-cis490-resume-prefix-sha256";
+pub use cis490_common::headers::{RESUME_OFFSET, RESUME_PREFIX_SHA256};
 /// A 416 makes the PUT go again at once from the receiver's offset at most this many times per
 /// attempt; one more 416 ends the attempt as transient (backoff), so a receiver that keeps
 /// losing its prefix cannot keep the shipper in a tight loop.
