@@ -10,3 +10,4 @@ pub mod git;
 pub mod harness;
 pub mod pki;
 pub mod rawtar;
+pub mod relay;

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use cis490_tests::client::Client;
 use cis490_tests::episode::{self, Body};
-use cis490_tests::harness::{metric, ops_get, Process, World};
+use cis490_tests::harness::{metric, ops_get, shipper_bin, shipper_daemon, Process, World};
+use cis490_tests::relay::{Cuts, Relay};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -146,17 +147,26 @@ async fn resume_raw(
 }
 
 /// What a shipper sends to resume `b` from `n`.
+/// The cut upload may still hold the id for a moment after `check` offers its prefix: a 503
+/// `overloaded` is retried, as the shipper would.
 async fn resume(c: &Client, b: &Body, n: u64) -> cis490_tests::client::Reply {
     let n_us = n as usize;
     let l = b.bytes.len();
-    resume_raw(
-        c,
-        b,
-        Some(format!("bytes {n}-{}/{l}", l - 1)),
-        Some(sha(&b.bytes[..n_us])),
-        b.bytes[n_us..].to_vec(),
-    )
-    .await
+    for _ in 0..100 {
+        let r = resume_raw(
+            c,
+            b,
+            Some(format!("bytes {n}-{}/{l}", l - 1)),
+            Some(sha(&b.bytes[..n_us])),
+            b.bytes[n_us..].to_vec(),
+        )
+        .await;
+        if r.status != 503 {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the id stayed busy");
 }
 
 fn stored(w: &World, b: &Body) -> Option<Vec<u8>> {
@@ -511,4 +521,155 @@ async fn a_full_disk_while_appending_is_507_and_the_prefix_stays_usable() {
         std::fs::read(store.join("episodes").join(HOST).join("ep-full.tar.zst")).unwrap(),
         b.bytes
     );
+}
+
+/// Waits until `data/shipped/<id>` exists.
+fn wait_shipped(data: &Path, id: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !data.join("shipped").join(id).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{id} not shipped within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The size of the episode's body (`CIS490_RESUME_MB`, default 40 MiB of incompressible data:
+/// a cut at 30 % then leaves more than the 8 MiB a receiver keeps).
+fn resume_mib() -> usize {
+    std::env::var("CIS490_RESUME_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipper_resumes_through_a_link_cut_at_30_60_and_90_percent() {
+    let w = World::new(1);
+    let p = Process::start(&w.config(""), &[]);
+    let data = w.data_dir(HOST);
+    let mib = resume_mib();
+    let payload = episode::noise(mib * MIB, 7);
+    episode::write(
+        &data.join("episodes"),
+        "ep-cut",
+        &w.commits[0],
+        &[("data.bin", &payload)],
+    );
+    // Incompressible: the body is the payload plus a little framing.
+    let approx = payload.len() as u64;
+    let cuts = [3, 6, 9].map(|k| approx * k / 10).to_vec();
+    let relay = Relay::start(p.addr, Cuts::Total(cuts)).await;
+    let cfg = w.shipper_config(
+        HOST,
+        &format!("https://localhost:{}", relay.addr.port()),
+        "",
+    );
+    let started = Instant::now();
+    let mut shipper = shipper_daemon(&shipper_bin(), &cfg, &[]).spawn().unwrap();
+    let data2 = data.clone();
+    tokio::task::spawn_blocking(move || wait_shipped(&data2, "ep-cut", Duration::from_secs(300)))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    let _ = shipper.kill();
+    let _ = shipper.wait();
+    let body = std::fs::read(
+        w.store_dir()
+            .join("episodes")
+            .join(HOST)
+            .join("ep-cut.tar.zst"),
+    )
+    .unwrap();
+    let rows = index_rows(&w.store_dir());
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["bytes"], body.len() as u64);
+    let tar = zstd::decode_all(&body[..]).unwrap();
+    assert_eq!(rows[0]["tar_sha256"], sha(&tar).as_str(), "stored intact");
+    assert_eq!(relay.cuts(), 3, "every cut happened");
+    let log = std::fs::read_to_string(cfg.with_extension("log")).unwrap();
+    let resumed = log.matches("ship_resumed").count();
+    assert!(resumed >= 2, "resumed {resumed} times:\n{log}");
+    let ratio = relay.sent() as f64 / body.len() as f64;
+    eprintln!(
+        "resume through 3 cuts: body {} bytes, sent {} bytes through the relay ({ratio:.3} x), {} resumes, {:.1} s",
+        body.len(),
+        relay.sent(),
+        resumed,
+        took.as_secs_f64()
+    );
+    assert!(ratio <= 1.1, "sent {ratio:.3} x the body");
+    assert!(held(&w.store_dir()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shipper_killed_mid_upload_resumes_after_its_restart() {
+    let w = World::new(1);
+    let p = Process::start(&w.config(""), &[]);
+    let data = w.data_dir(HOST);
+    let payload = episode::noise(24 * MIB, 11);
+    episode::write(
+        &data.join("episodes"),
+        "ep-restart",
+        &w.commits[0],
+        &[("data.bin", &payload)],
+    );
+    // A slow link, so the kill lands mid-upload.
+    let cfg = w.shipper_config(
+        HOST,
+        &format!("https://localhost:{}", p.addr.port()),
+        "[shipping]\nbandwidth_limit_mbps = 80\n",
+    );
+    let mut shipper = shipper_daemon(&shipper_bin(), &cfg, &[]).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held_len(&w.store_dir()) < 12 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the upload never got past 12 MiB"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shipper.kill().unwrap();
+    let _ = shipper.wait();
+    let outbox = files_under(&data.join("outbox"));
+    assert_eq!(
+        outbox,
+        vec!["ep-restart.tar.zst".to_string()],
+        "the tarball is kept"
+    );
+    let mut shipper = shipper_daemon(&shipper_bin(), &cfg, &[]).spawn().unwrap();
+    let data2 = data.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_shipped(&data2, "ep-restart", Duration::from_secs(120))
+    })
+    .await
+    .unwrap();
+    let _ = shipper.kill();
+    let _ = shipper.wait();
+    let log = std::fs::read_to_string(cfg.with_extension("log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("ship_resumed"))
+        .unwrap_or_else(|| panic!("no ship_resumed in\n{log}"));
+    let offset: u64 = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("offset="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no offset in {line}"));
+    assert!(offset >= 8 << 20, "{line}");
+    let body = std::fs::read(
+        w.store_dir()
+            .join("episodes")
+            .join(HOST)
+            .join("ep-restart.tar.zst"),
+    )
+    .unwrap();
+    let tar = zstd::decode_all(&body[..]).unwrap();
+    assert_eq!(
+        index_rows(&w.store_dir())[0]["tar_sha256"],
+        sha(&tar).as_str()
+    );
+    assert!(files_under(&data.join("outbox")).is_empty());
+    assert_eq!(p.log_text().matches("upload_resumed").count(), 1);
 }

@@ -1,0 +1,131 @@
+//! A TCP relay on 127.0.0.1 that counts the bytes a client sends through it and cuts the
+//! connection at set points, for resumable-upload tests and the resume benchmark (SPEC §13).
+//! TLS passes through untouched: the cut is what a dropped link looks like to both ends.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Where connections are cut, in bytes sent by the client.
+#[derive(Debug, Clone)]
+pub enum Cuts {
+    /// At these totals over all connections (each cut once, in order).
+    Total(Vec<u64>),
+    /// The k-th connection is cut after it carried the k-th amount; later ones run free.
+    PerConnection(Vec<u64>),
+}
+
+pub struct Relay {
+    pub addr: SocketAddr,
+    sent: Arc<AtomicU64>,
+    cut: Arc<AtomicU64>,
+}
+
+struct Plan {
+    cuts: Cuts,
+    next: usize,
+    connections: usize,
+}
+
+impl Relay {
+    /// Relays 127.0.0.1:<new port> to `target`, cutting per `cuts`.
+    pub async fn start(target: SocketAddr, cuts: Cuts) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = listener.local_addr().expect("relay address");
+        let sent = Arc::new(AtomicU64::new(0));
+        let cut = Arc::new(AtomicU64::new(0));
+        let plan = Arc::new(Mutex::new(Plan {
+            cuts,
+            next: 0,
+            connections: 0,
+        }));
+        let (s, c) = (sent.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (s, c, plan) = (s.clone(), c.clone(), plan.clone());
+                tokio::spawn(async move {
+                    if let Ok(server) = TcpStream::connect(target).await {
+                        pipe(client, server, s, c, plan).await;
+                    }
+                });
+            }
+        });
+        Relay { addr, sent, cut }
+    }
+
+    /// Bytes the clients sent through the relay so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Connections cut so far.
+    pub fn cuts(&self) -> u64 {
+        self.cut.load(Ordering::Relaxed)
+    }
+}
+
+async fn pipe(
+    client: TcpStream,
+    server: TcpStream,
+    sent: Arc<AtomicU64>,
+    cut: Arc<AtomicU64>,
+    plan: Arc<Mutex<Plan>>,
+) {
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    // This connection's own limit, for the per-connection plan.
+    let own = {
+        let mut p = plan.lock().unwrap_or_else(|e| e.into_inner());
+        p.connections += 1;
+        match &p.cuts {
+            Cuts::PerConnection(v) => v.get(p.connections - 1).copied(),
+            Cuts::Total(_) => None,
+        }
+    };
+    let down = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+        let _ = cw.shutdown().await;
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    let mut mine: u64 = 0;
+    loop {
+        let n = match cr.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // Forward only up to the cut point, then drop both sides.
+        let total = sent.load(Ordering::Relaxed);
+        let room = {
+            let mut p = plan.lock().unwrap_or_else(|e| e.into_inner());
+            let next = p.next;
+            match &p.cuts {
+                Cuts::Total(v) => match v.get(next) {
+                    Some(&at) if total + n as u64 >= at => {
+                        p.next += 1;
+                        Some(at.saturating_sub(total) as usize)
+                    }
+                    _ => None,
+                },
+                Cuts::PerConnection(_) => own
+                    .filter(|&at| mine + n as u64 >= at)
+                    .map(|at| (at - mine) as usize),
+            }
+        };
+        let take = room.unwrap_or(n).min(n);
+        if sw.write_all(&buf[..take]).await.is_err() {
+            break;
+        }
+        sent.fetch_add(take as u64, Ordering::Relaxed);
+        mine += take as u64;
+        if room.is_some() {
+            cut.fetch_add(1, Ordering::Relaxed);
+            break;
+        }
+    }
+    down.abort();
+}
