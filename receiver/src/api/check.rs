@@ -44,7 +44,7 @@ async fn resume_offset(state: &AppState, d: &Declared<'_>, length: Option<u64>) 
     let (Some(resumes), Some(length)) = (state.store.resumes(), length) else {
         return 0;
     };
-    if length <= MIN_KEPT {
+    if length <= MIN_KEPT || !resumes.enabled() {
         return 0;
     }
     let key = ResumeKey {

@@ -166,7 +166,7 @@ async fn resumable_part(
     prefix_sha256: Option<String>,
 ) -> Result<Option<(PartFile, Option<io::Take<File>>)>, ApiError> {
     let resumes = match state.store.resumes() {
-        Some(r) if length > MIN_KEPT => r.clone(),
+        Some(r) if length > MIN_KEPT && r.enabled() => r.clone(),
         _ if start > 0 => {
             return Err(ApiError::ResumeUnavailable {
                 offset: 0,

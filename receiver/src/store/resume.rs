@@ -106,6 +106,11 @@ impl Resumes {
         self.0.dir.join(&key.host).join(key.file_name())
     }
 
+    /// `resume_max_bytes = 0` turns resumable uploads off: nothing is kept or offered.
+    pub(crate) fn enabled(&self) -> bool {
+        self.0.max_bytes > 0
+    }
+
     /// Resumed uploads whose prefix was accepted, since start (for `/metrics`).
     pub(crate) fn resumed_total(&self) -> u64 {
         self.0.resumed.load(Ordering::Relaxed)
