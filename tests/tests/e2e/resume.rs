@@ -256,6 +256,9 @@ async fn bad_resumes_get_their_exact_answer_and_leave_the_prefix_alone() {
     let nu = n as usize;
     let l = b.bytes.len();
     let tail = || b.bytes[nu..].to_vec();
+    let (_, text) = ops_get(p.ops_addr, "/metrics").await;
+    let gauge = metric(&text, "cis490_receiver_resumable_bytes").unwrap_or(0.0);
+    assert!(gauge >= n as f64, "resumable_bytes {gauge} < {n}");
     let expect = |r: cis490_tests::client::Reply, status: u16, error: &str, words: &str| {
         let body = String::from_utf8_lossy(&r.body).to_string();
         assert_eq!((r.status, r.error().as_str()), (status, error), "{body}");
@@ -672,4 +675,29 @@ async fn a_shipper_killed_mid_upload_resumes_after_its_restart() {
     );
     assert!(files_under(&data.join("outbox")).is_empty());
     assert_eq!(p.log_text().matches("upload_resumed").count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_max_bytes_0_turns_resumes_off() {
+    let w = World::new(1);
+    let p = Process::start(&w.config("[limits]\nresume_max_bytes = 0\n"), &[]);
+    let c = w.client(p.addr, HOST);
+    let b = big(&w, "ep-off", 12);
+    let mut s = tls(&w, p.addr).await;
+    s.write_all(head(&b).as_bytes()).await.unwrap();
+    s.write_all(&b.bytes[..10 * MIB]).await.unwrap();
+    s.flush().await.unwrap();
+    // The upload goes to tmp/, as every upload did before resumes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while files_under(&w.store_dir().join("tmp")).is_empty() {
+        assert!(Instant::now() < deadline, "the upload never reached tmp/");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(held(&w.store_dir()).is_empty());
+    assert_eq!(check(&c, &b).await, (204, 0));
+    let r = resume(&c, &b, 9 << 20).await;
+    assert_eq!((r.status, offset_of(&r)), (416, 0));
+    assert_eq!(c.put(HOST, &b).await.status, 201);
 }
