@@ -793,18 +793,7 @@ mod tests {
         }
     }
 
-    /// Incompressible bytes, so the tarball's size follows the file's.
-    fn noise(n: usize) -> Vec<u8> {
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::test_bytes::noise;
 
     #[test]
     fn small_tarballs_stay_in_memory_and_large_ones_go_to_the_outbox() {

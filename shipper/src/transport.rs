@@ -897,18 +897,7 @@ use std::future::Future as _;
 mod tests {
     use super::*;
 
-    /// Bytes that do not repeat within a chunk, so an off-by-one in a range shows.
-    fn noise(n: usize) -> Vec<u8> {
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::test_bytes::noise;
 
     fn transport(host_commit: Option<&str>) -> Transport {
         let tls = rustls::ClientConfig::builder_with_provider(cis490_common::tls::provider())

@@ -76,16 +76,21 @@ impl Client {
         self
     }
 
-    /// TLS handshake only; the error text shows why a server refused it.
-    pub async fn handshake(&self) -> Result<(), String> {
+    /// A TCP connection and TLS handshake to the receiver as this client.
+    async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
         let tcp = TcpStream::connect(self.addr)
             .await
             .map_err(|e| e.to_string())?;
         let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-        let mut s = TlsConnector::from(self.cfg.clone())
+        TlsConnector::from(self.cfg.clone())
             .connect(name, tcp)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())
+    }
+
+    /// TLS handshake only; the error text shows why a server refused it.
+    pub async fn handshake(&self) -> Result<(), String> {
+        let mut s = self.connect().await?;
         // In TLS 1.3 the server judges the client certificate after the client finished:
         // a refusal arrives as an alert on the first read.
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -171,14 +176,7 @@ impl Client {
         body: &[u8],
     ) -> Result<Reply, String> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let tcp = TcpStream::connect(self.addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-        let mut s = TlsConnector::from(self.cfg.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("tls: {e}"))?;
+        let mut s = self.connect().await.map_err(|e| format!("tls: {e}"))?;
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\nexpect: 100-continue\r\n",
             body.len()

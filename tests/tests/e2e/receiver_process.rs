@@ -54,7 +54,8 @@ async fn raw_tls(
     cis490_tests::client::raw_tls(addr, &w.pki.ca_file, &w.pki.client(HOST)).await
 }
 
-fn put_head(b: &episode::Body) -> String {
+/// The head of a whole upload of `b` by `labhost-01`, for raw HTTP/1.1 requests.
+pub(crate) fn put_head(b: &episode::Body) -> String {
     format!(
         "PUT /v1/episodes/{HOST}/{} HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\nx-cis490-code-commit: {}\r\nx-cis490-tar-sha256: {}\r\n\r\n",
         b.id,

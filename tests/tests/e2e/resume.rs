@@ -14,6 +14,7 @@ use cis490_tests::relay::{Cuts, Relay};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::receiver_process::put_head;
 use crate::support::{files_under, index_rows};
 
 const HOST: &str = "labhost-01";
@@ -46,16 +47,6 @@ async fn tls(
     cis490_tests::client::raw_tls(addr, &w.pki.ca_file, &w.pki.client(HOST)).await
 }
 
-fn head(b: &Body) -> String {
-    format!(
-        "PUT /v1/episodes/{HOST}/{} HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\nx-cis490-code-commit: {}\r\nx-cis490-tar-sha256: {}\r\n\r\n",
-        b.id,
-        b.bytes.len(),
-        b.commit,
-        b.sha
-    )
-}
-
 /// Starts a whole upload, sends `n` bytes of it, and waits until the receiver's part file
 /// holds at least `at_least`; the stream is returned still open.
 async fn start_upload(
@@ -66,7 +57,7 @@ async fn start_upload(
     at_least: u64,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut s = tls(w, addr).await;
-    s.write_all(head(b).as_bytes()).await.unwrap();
+    s.write_all(put_head(b).as_bytes()).await.unwrap();
     s.write_all(&b.bytes[..n]).await.unwrap();
     s.flush().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -476,7 +467,7 @@ async fn a_full_disk_while_appending_is_507_and_the_prefix_stays_usable() {
     let store = root.join(w.store_dir().strip_prefix("/").unwrap());
     let b = big(&w, "ep-full", 20);
     let mut s = tls(&w, p.addr).await;
-    s.write_all(head(&b).as_bytes()).await.unwrap();
+    s.write_all(put_head(&b).as_bytes()).await.unwrap();
     s.write_all(&b.bytes[..12 * MIB]).await.unwrap();
     s.flush().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -684,7 +675,7 @@ async fn resume_max_bytes_0_turns_resumes_off() {
     let c = w.client(p.addr, HOST);
     let b = big(&w, "ep-off", 12);
     let mut s = tls(&w, p.addr).await;
-    s.write_all(head(&b).as_bytes()).await.unwrap();
+    s.write_all(put_head(&b).as_bytes()).await.unwrap();
     s.write_all(&b.bytes[..10 * MIB]).await.unwrap();
     s.flush().await.unwrap();
     // The upload goes to tmp/, as every upload did before resumes.
