@@ -183,6 +183,12 @@ impl FaultFs {
         self.shared.lock().unwrap_or_else(|e| e.into_inner()).budget = Some(n);
     }
 
+    /// The power goes now: every later request fails with EIO and nothing more reaches the
+    /// disk. The caller may then kill its daemons at leisure before [`FaultFs::power_cut`].
+    pub fn freeze(&self) {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).frozen = true;
+    }
+
     /// Whether the power is off (by [`FaultFs::cut_after`]) and waits for [`FaultFs::power_cut`].
     pub fn is_frozen(&self) -> bool {
         self.shared.lock().unwrap_or_else(|e| e.into_inner()).frozen
