@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod episode;
+pub mod faultfs;
 pub mod fleet;
 pub mod forgejo;
 pub mod garage;

@@ -7,6 +7,7 @@ mod gate;
 mod hardening;
 mod hostile;
 mod pki_cmd;
+mod power_cut;
 mod receiver_api;
 mod receiver_limits;
 mod receiver_process;
