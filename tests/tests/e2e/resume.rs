@@ -595,6 +595,46 @@ async fn the_shipper_resumes_through_a_link_cut_at_30_60_and_90_percent() {
     );
     assert!(ratio <= 1.1, "sent {ratio:.3} x the body");
     assert!(held(&w.store_dir()).is_empty());
+    // The receiver's side of each resume, from its log: the prefix hash check (PUT sent to
+    // `upload_resumed`) and, for the last one, reading the prefix again with the tail.
+    let rlog = p.log_text();
+    let at = |l: &str| seconds_of_day(l.split_whitespace().next().unwrap_or(""));
+    let sent_at: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains("ship_resumed"))
+        .map(at)
+        .collect();
+    let resumed_at: Vec<f64> = rlog
+        .lines()
+        .filter(|l| l.contains("upload_resumed"))
+        .map(at)
+        .collect();
+    let stored_at = rlog
+        .lines()
+        .filter(|l| l.contains("upload_stored"))
+        .map(at)
+        .last();
+    for (i, (s, r)) in sent_at.iter().zip(&resumed_at).enumerate() {
+        eprintln!("resume {}: prefix hash check {:.2} s", i + 1, r - s);
+    }
+    if let (Some(r), Some(done)) = (resumed_at.last(), stored_at) {
+        eprintln!(
+            "last resume: prefix re-read and tail to stored {:.2} s",
+            done - r
+        );
+    }
+}
+
+/// Seconds since midnight of a log line's RFC 3339 timestamp (`...THH:MM:SS.ffffffZ`).
+fn seconds_of_day(ts: &str) -> f64 {
+    let t = ts.split('T').nth(1).unwrap_or("").trim_end_matches('Z');
+    let mut parts = t.split(':').map(|p| p.parse::<f64>().unwrap_or(0.0));
+    let (h, m, s) = (
+        parts.next().unwrap_or(0.0),
+        parts.next().unwrap_or(0.0),
+        parts.next().unwrap_or(0.0),
+    );
+    h * 3600.0 + m * 60.0 + s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
