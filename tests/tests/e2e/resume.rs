@@ -609,11 +609,7 @@ async fn the_shipper_resumes_through_a_link_cut_at_30_60_and_90_percent() {
         .filter(|l| l.contains("upload_resumed"))
         .map(at)
         .collect();
-    let stored_at = rlog
-        .lines()
-        .filter(|l| l.contains("upload_stored"))
-        .map(at)
-        .last();
+    let stored_at = rlog.lines().rfind(|l| l.contains("upload_stored")).map(at);
     for (i, (s, r)) in sent_at.iter().zip(&resumed_at).enumerate() {
         eprintln!("resume {}: prefix hash check {:.2} s", i + 1, r - s);
     }
