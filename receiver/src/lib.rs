@@ -15,7 +15,7 @@ pub mod gate;
 pub mod ingest;
 pub(crate) mod metrics;
 pub(crate) mod ops;
-pub(crate) mod pki;
+pub mod pki;
 pub(crate) mod server;
 pub(crate) mod setup;
 pub(crate) mod slots;

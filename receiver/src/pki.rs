@@ -130,7 +130,9 @@ pub fn revoke(dir: &Path, host_id: &str) -> Result<Revoked, PkiError> {
             ));
         }
     }
-    if cert.issuer() != ca.subject() {
+    // The name alone is not enough: every `pki init` names its CA alike, so a certificate of
+    // another lab's CA would match. Its signature must verify with this CA's key.
+    if cert.issuer() != ca.subject() || cert.verify_signature(Some(ca.public_key())).is_err() {
         return Err(file_err(
             &cert_path,
             format!("was not issued by the CA in {}", ca_pem_path.display()),

@@ -26,7 +26,7 @@ impl World {
     pub fn new(n: usize) -> World {
         let tmp = tempfile::tempdir().unwrap();
         let pki = Pki::new(&tmp.path().join("pki"), "lab");
-        let server = pki.server("server");
+        let server = pki.receiver();
         let mut repo = GitRepo::init(&tmp.path().join("repo"));
         let mut commits = Vec::new();
         for _ in 0..n {

@@ -1,18 +1,18 @@
-//! A certificate authority made fresh for each test, with server and client certificates.
+//! A certificate authority made fresh for each test with the receiver's own `pki` code, as a
+//! lab admin makes one, plus the odd certificates only tests need.
 
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    date_time_ymd, BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
-    RevokedCertParams, SerialNumber,
+    date_time_ymd, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, Issuer, KeyIdMethod, KeyPair, RevocationReason, RevokedCertParams,
+    SerialNumber,
 };
 
 pub struct Pki {
     pub dir: PathBuf,
     pub ca_file: PathBuf,
-    ca_params: CertificateParams,
-    ca_key: KeyPair,
+    issuer: Issuer<'static, KeyPair>,
     name: String,
 }
 
@@ -39,36 +39,42 @@ pub enum Naming {
 }
 
 impl Pki {
-    /// Creates `dir/<name>-ca.pem` and keeps the CA key in memory for signing.
+    /// Makes the CA the way a lab admin does, with `cis490-receiver pki init` (in-process):
+    /// `dir/<name>/ca.pem`, `ca.key` and the receiver's certificate for `localhost` and
+    /// 127.0.0.1. The CA's parameters are kept for the unusual certificates only tests need
+    /// (expired, CN-only, chosen serials, CRLs).
     pub fn new(dir: &Path, name: &str) -> Pki {
-        std::fs::create_dir_all(dir).unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name
-            .push(DnType::CommonName, format!("{name} test CA"));
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca = p.self_signed(&ca_key).unwrap();
-        let ca_file = dir.join(format!("{name}-ca.pem"));
-        std::fs::write(&ca_file, ca.pem()).unwrap();
-        std::fs::write(dir.join(format!("{name}-ca.key")), ca_key.serialize_pem()).unwrap();
+        let home = dir.join(name);
+        let made = cis490_receiver::pki::init(
+            &home,
+            &["localhost".to_string(), "127.0.0.1".to_string()],
+            3650,
+            825,
+        )
+        .unwrap_or_else(|e| panic!("pki init in {}: {e}", home.display()));
+        let ca_key =
+            KeyPair::from_pem(&std::fs::read_to_string(home.join("ca.key")).unwrap()).unwrap();
+        let issuer =
+            Issuer::from_ca_cert_pem(&std::fs::read_to_string(&made.ca).unwrap(), ca_key).unwrap();
         Pki {
-            dir: dir.to_path_buf(),
-            ca_file,
-            ca_params: p,
-            ca_key,
+            dir: home,
+            ca_file: made.ca,
+            issuer,
             name: name.to_string(),
+        }
+    }
+
+    /// The receiver certificate `pki init` made (for `localhost` and 127.0.0.1).
+    pub fn receiver(&self) -> CertFiles {
+        CertFiles {
+            cert: self.dir.join("receiver.pem"),
+            key: self.dir.join("receiver.key"),
         }
     }
 
     fn issue(&self, file_stem: &str, params: CertificateParams) -> CertFiles {
         let key = KeyPair::generate().unwrap();
-        let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
-        let cert = params.signed_by(&key, &issuer).unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
         let files = CertFiles {
             cert: self.dir.join(format!("{}-{file_stem}.pem", self.name)),
             key: self.dir.join(format!("{}-{file_stem}.key", self.name)),
@@ -88,9 +94,19 @@ impl Pki {
         self.issue(stem, p)
     }
 
-    /// A client certificate for `host`.
+    /// A client certificate for `host`, issued as a lab admin does with `cis490-receiver pki
+    /// issue` (in-process) into `hosts/<host>/`; each call renews it. A `host` that is no valid
+    /// host id (which `pki issue` refuses) is signed directly, for the tests of such names.
     pub fn client(&self, host: &str) -> CertFiles {
-        self.client_with(host, Naming::DnsSan, Validity::Current)
+        if cis490_common::validate_id(host).is_err() {
+            return self.client_with(host, Naming::DnsSan, Validity::Current);
+        }
+        let issued = cis490_receiver::pki::issue(&self.dir, host, 397, None)
+            .unwrap_or_else(|e| panic!("pki issue {host}: {e}"));
+        CertFiles {
+            cert: issued.cert,
+            key: issued.key,
+        }
     }
 
     pub fn client_with(&self, host: &str, naming: Naming, validity: Validity) -> CertFiles {
@@ -145,13 +161,12 @@ impl Pki {
                 .collect(),
             key_identifier_method: KeyIdMethod::Sha256,
         };
-        let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
-        params.signed_by(&issuer).unwrap().pem().unwrap()
+        params.signed_by(&self.issuer).unwrap().pem().unwrap()
     }
 
     /// The CA's own certificate and key, presented as if it were a client certificate.
     pub fn ca_as_client(&self) -> CertFiles {
-        let key = self.dir.join(format!("{}-ca.key", self.name));
+        let key = self.dir.join("ca.key");
         CertFiles {
             cert: self.ca_file.clone(),
             key,

@@ -288,7 +288,7 @@ fn config_errors_exit_2_with_one_line_naming_file_and_key() {
     let cfg = w.config("");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
-        .replace("server.pem", "missing.pem");
+        .replace("receiver.pem", "missing.pem");
     std::fs::write(&cfg, text).unwrap();
     let out = Command::new(receiver_bin())
         .arg("--config")

@@ -264,7 +264,7 @@ async fn smoke_test_passes_or_names_the_fix() {
     assert!(
         out.contains("FAIL: TLS")
             && out.contains("receiver.ca_file (")
-            && out.contains("rogue-ca.pem"),
+            && out.contains(rogue.ca_file.to_str().unwrap()),
         "{out}"
     );
     r.stop().await;

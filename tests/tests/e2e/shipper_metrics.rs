@@ -222,10 +222,13 @@ async fn a_daemon_shows_what_it_shipped_on_metrics_healthz_and_the_textfile() {
         )),
         1.0
     );
+    // Where `pki issue` put the host's certificate (the harness issues them that way).
     let client_pem = w
         .pki
         .dir
-        .join(format!("lab-client-{HOST}-DnsSan-Current.pem"));
+        .join("hosts")
+        .join(HOST)
+        .join(format!("{HOST}.pem"));
     assert_eq!(
         m("cis490_shipper_cert_not_after_timestamp_seconds{cert=\"client\"}"),
         not_after(&client_pem)
