@@ -220,19 +220,17 @@ async fn s3_resumable(
             id: format!("{}/{}", d.host, d.episode),
         });
     };
+    let key = ResumeKey {
+        host: d.host.to_string(),
+        episode: d.episode.to_string(),
+        tar_sha256: d.tar_sha256.clone(),
+        length,
+    };
     let opened = s3
-        .resume_from(
-            d.host,
-            d.episode,
-            &d.tar_sha256,
-            length,
-            start,
-            prefix_sha256.as_deref(),
-            claim,
-        )
+        .resume_from(&key, start, prefix_sha256.as_deref(), claim)
         .await;
     let held = opened_or_416(d, length, start, opened)?;
-    Ok(Some(Held::S3(held)))
+    Ok(Some(Held::S3(Box::new(held))))
 }
 
 /// Logs an accepted resume, or turns a refused one into its answer.

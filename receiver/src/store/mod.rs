@@ -124,7 +124,7 @@ pub(crate) enum Held {
     /// The fs store's part file, and a reader of its held prefix for the validator.
     Fs(resume::PartFile, Option<io::Take<std::fs::File>>),
     /// The S3 store's claim on the id, with the checked record of a resume.
-    S3(s3::Held),
+    S3(Box<s3::Held>),
 }
 
 /// A store request failed or timed out: the client should retry (503 `store_unavailable`).
@@ -198,7 +198,7 @@ impl Store {
             (Store::Fs(s), Some(Held::Fs(part, _))) => s.begin(host_id, episode_id, Some(part)),
             (Store::Fs(s), _) => s.begin(host_id, episode_id, None),
             (Store::S3(s), Some(Held::S3(h))) => {
-                s.begin_recorded(host_id, episode_id, tar_sha256, length, h)
+                s.begin_recorded(host_id, episode_id, tar_sha256, length, *h)
             }
             (Store::S3(s), _) => s.begin(host_id, episode_id, tar_sha256, commit, length),
         }

@@ -30,7 +30,7 @@ use cis490_common::timefmt;
 
 use super::{reserve, unavailable, S3Store, Summary, PART_BYTES};
 use crate::ingest::Validated;
-use crate::store::resume::{PartError, MIN_KEPT};
+use crate::store::resume::{PartError, ResumeKey, MIN_KEPT};
 use crate::store::{CommitOutcome, QuarantineNote, StoreUnavailable, Upload};
 
 /// SHA-256 whose state can be written down at a 64-byte boundary and taken up again, so a
@@ -349,14 +349,17 @@ impl S3Store {
     /// the client's. A mismatch drops the record (its bytes are of no use to anyone).
     pub(crate) async fn resume_from(
         &self,
-        host: &str,
-        ep: &str,
-        sha: &str,
-        length: u64,
+        body: &ResumeKey,
         start: u64,
         prefix_sha256: Option<&str>,
         claim: Claim,
     ) -> Result<Held, PartError> {
+        let (host, ep, sha, length) = (
+            body.host.as_str(),
+            body.episode.as_str(),
+            body.tar_sha256.as_str(),
+            body.length,
+        );
         if start == 0 {
             return Ok(Held { claim, from: None });
         }
@@ -598,7 +601,7 @@ impl S3Store {
                 None => {}
             }
         }
-        kept.sort_by(|a, b| a.0.cmp(&b.0));
+        kept.sort_by_key(|a| a.0);
         let mut total: u64 = kept.iter().map(|(_, r)| r.covered()).sum();
         for (_, rec) in &kept {
             if total <= self.inner.resume_max_bytes {
