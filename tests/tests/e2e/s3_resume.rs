@@ -364,6 +364,12 @@ async fn records_older_than_resume_keep_s_are_not_offered_and_their_uploads_are_
         let c = w.client(pb.addr, HOST);
         let (status, n) = check(&c, &b).await;
         assert_eq!((status, n), (204, 15 << 20), "offered while fresh");
+        // The pass at start counts what the records hold.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while scrape(&pb, "cis490_receiver_resumable_bytes").await != (15 << 20) as f64 {
+            assert!(Instant::now() < deadline, "resumable bytes never counted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         drop(pb);
         c
     };
@@ -472,6 +478,8 @@ async fn the_shipper_resumes_on_receiver_b_what_killed_receiver_a_held() {
     assert!(log.contains("ship_resumed"), "{log}");
     let rlog = rb.log_text();
     assert!(rlog.contains("upload_resumed"), "{rlog}");
+    // B was sent the rest only: the body less what A had recorded.
+    let read_by_b = scrape(&rb, "cis490_receiver_body_bytes_read_total").await;
     let keys = bucket.keys(&format!("episodes/{HOST}/ep-ship")).await;
     assert_eq!(keys.len(), 1, "stored once: {keys:?}");
     let stored = bucket.get(&keys[0]).await.unwrap();
@@ -483,8 +491,13 @@ async fn the_shipper_resumes_on_receiver_b_what_killed_receiver_a_held() {
     assert_eq!(row["tar_sha256"], sha(&tar).as_str(), "stored intact");
     assert_eq!(row["bytes"], stored.len() as u64);
     assert!(bucket.keys("tmp/resume").await.is_empty());
+    assert!(
+        read_by_b <= (stored.len() as u64 - held) as f64 && read_by_b > 0.0,
+        "B read {read_by_b} bytes of {}",
+        stored.len()
+    );
     eprintln!(
-        "A held {held} bytes when killed; shipped through B in {took:?} (body {} bytes)",
+        "A held {held} bytes when killed; B read {read_by_b} bytes; shipped in {took:?} (body {} bytes)",
         stored.len()
     );
 }
