@@ -345,6 +345,57 @@ async fn bad_resumes_on_s3_are_416_and_a_spoiled_tail_is_422_with_nothing_stored
     // From zero it is stored as usual.
     assert_eq!(c.put(HOST, &b).await.status, 201);
     assert!(bucket.keys("tmp/resume").await.is_empty());
+
+    // A record whose multipart upload is gone (aborted behind its back): the resume fails as a
+    // store error (503, the shipper retries) and the record is dropped, so it is not offered
+    // again.
+    let g2 = big(&w, "ep-gone", 16);
+    let s = start_upload(&w, &bucket, p.addr, &g2, 12 * MIB, 10 << 20).await;
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let n = loop {
+        let (_, n) = check(&c, &g2).await;
+        if n > 0 {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "no resume offered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let record = bucket.json(&record_key(&g2)).await.unwrap();
+    MultipartStore::abort_multipart(
+        &*bucket.os,
+        &Key::from(record["temp_key"].as_str().unwrap()),
+        &record["upload_id"].as_str().unwrap().to_string(),
+    )
+    .await
+    .unwrap();
+    let l = g2.bytes.len();
+    let nu = n as usize;
+    let r = c
+        .request_expect(
+            "PUT",
+            &format!("/v1/episodes/{HOST}/{}", g2.id),
+            &[
+                ("x-cis490-code-commit", g2.commit.clone()),
+                ("x-cis490-tar-sha256", g2.sha.clone()),
+                ("content-range", format!("bytes {n}-{}/{l}", l - 1)),
+                ("x-cis490-resume-prefix-sha256", sha(&g2.bytes[..nu])),
+            ],
+            &g2.bytes[nu..],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bucket.json(&record_key(&g2)).await.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the record of a gone upload stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(check(&c, &g2).await, (204, 0));
+    assert_eq!(c.put(HOST, &g2).await.status, 201);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

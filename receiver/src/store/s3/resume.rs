@@ -648,22 +648,42 @@ struct Recorded {
     /// SHA-256 over every body byte from 0 to the end of `buf`.
     running: Running,
     buf: Vec<u8>,
-    in_flight: Option<JoinHandle<Result<PartRec, StoreUnavailable>>>,
+    in_flight: Option<JoinHandle<Result<PartRec, PartFailed>>>,
     /// Continues a record: the body is validated once it is whole, read back from the bucket.
     resumed: bool,
     state: State,
     _claim: Claim,
 }
 
+/// A part that did not go up; `gone` when the bucket no longer knows the upload (aborted by
+/// another receiver, or completed): its record must not be offered again.
+struct PartFailed {
+    gone: bool,
+    error: StoreUnavailable,
+}
+
+impl From<StoreUnavailable> for PartFailed {
+    fn from(error: StoreUnavailable) -> Self {
+        PartFailed { gone: false, error }
+    }
+}
+
 impl Recorded {
     fn wait_in_flight(&mut self) -> io::Result<()> {
         if let Some(h) = self.in_flight.take() {
-            let pr = self
+            let r = self
                 .rt
                 .block_on(h)
-                .map_err(|e| StoreUnavailable(format!("part upload task: {e}")).into_io())?
-                .map_err(StoreUnavailable::into_io)?;
-            self.rec.parts.push(pr);
+                .map_err(|e| StoreUnavailable(format!("part upload task: {e}")).into_io())?;
+            match r {
+                Ok(pr) => self.rec.parts.push(pr),
+                Err(PartFailed { gone, error }) => {
+                    if gone {
+                        self.state = State::Abandoned;
+                    }
+                    return Err(error.into_io());
+                }
+            }
         }
         Ok(())
     }
@@ -689,7 +709,10 @@ impl Recorded {
                     MultipartStore::put_part(&*os, &temp, &upload_id, idx, data).await
                 })
                 .await
-                .map_err(|e| unavailable("put_part", e))?;
+                .map_err(|e| PartFailed {
+                    gone: matches!(e, object_store::Error::NotFound { .. }),
+                    error: unavailable("put_part", e),
+                })?;
             let pr = PartRec {
                 etag: content_id,
                 end,
@@ -828,8 +851,10 @@ impl Upload for Recorded {
             _ => super::QuarantineBody::None,
         };
         if matches!(body, super::QuarantineBody::None) {
+            // The part in flight may still rewrite the record: let it finish before the record
+            // goes, or a record of an aborted upload could outlive it.
             if let Some(h) = self.in_flight.take() {
-                h.abort();
+                let _ = self.rt.block_on(h);
             }
             let store = self.store.clone();
             let rec = self.rec.clone();
@@ -870,8 +895,10 @@ impl Drop for Recorded {
             State::Open | State::Abandoned => {
                 // The part in flight is whole in memory: let it land, it lengthens the prefix.
                 if let Some(h) = self.in_flight.take() {
-                    if let Ok(Ok(pr)) = self.rt.block_on(h) {
-                        self.rec.parts.push(pr);
+                    match self.rt.block_on(h) {
+                        Ok(Ok(pr)) => self.rec.parts.push(pr),
+                        Ok(Err(PartFailed { gone: true, .. })) => self.state = State::Abandoned,
+                        _ => {}
                     }
                 }
                 let covered = self.rec.covered();
