@@ -521,5 +521,10 @@ async fn quarantine_janitor(state: Arc<AppState>, stop: CancellationToken) {
                 Err(e) => tracing::warn!(error = %e, "the resume cleanup task failed"),
             }
         }
+        if let Store::S3(s) = &state.store {
+            if let Err(e) = s.clean_resumes().await {
+                tracing::warn!(error = %e, "failed to abort expired multipart uploads");
+            }
+        }
     }
 }

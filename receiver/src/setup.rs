@@ -162,6 +162,8 @@ pub(crate) fn open_s3(cfg: &Config, cfg_path: &Path) -> Result<S3Store, ConfigEr
         quarantine_max_bytes: cfg.quarantine.max_bytes,
         quarantine_max_entries: cfg.quarantine.max_entries,
         instance,
+        resume_keep_s: cfg.limits.resume_keep_s,
+        resume_max_bytes: cfg.limits.resume_max_bytes,
     })
     .map_err(|e| ConfigError::new(cfg_path, "store.endpoint", e))
 }

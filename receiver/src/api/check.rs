@@ -41,6 +41,9 @@ pub(super) async fn check(
 /// How much of this body the receiver holds from an interrupted upload (SPEC §13): where the
 /// `PUT` may start. Known only with the body's length.
 async fn resume_offset(state: &AppState, d: &Declared<'_>, length: Option<u64>) -> u64 {
+    if let (crate::store::Store::S3(s3), Some(length)) = (&state.store, length) {
+        return s3.offered(d.host, d.episode, &d.tar_sha256, length).await;
+    }
     let (Some(resumes), Some(length)) = (state.store.resumes(), length) else {
         return 0;
     };

@@ -2,8 +2,7 @@
 //! blocking validator that streams into the store, then the answer for what the validator
 //! finished with.
 
-use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use http::{HeaderMap, StatusCode};
@@ -11,11 +10,11 @@ use hyper::body::Incoming;
 use tokio::task::JoinHandle;
 
 use crate::error::{ApiError, ConflictSeen};
-use crate::ingest::{self, Expect};
+use crate::ingest::{self, Expect, Rejection, Validated};
 use crate::metrics::Metrics;
 use crate::state::AppState;
-use crate::store::resume::{PartError, PartFile, ResumeKey, MIN_KEPT};
-use crate::store::{CommitOutcome, IndexRow, QuarantineNote, Store};
+use crate::store::resume::{PartError, ResumeKey, MIN_KEPT};
+use crate::store::{CommitOutcome, Held, IndexRow, QuarantineNote, S3Store, Store, Upload};
 
 use super::admission::{admit, declared, host_overloaded, Declared, Verdict};
 use super::body::{self, ChannelReader};
@@ -155,16 +154,19 @@ fn resume_prefix(headers: &HeaderMap, start: u64) -> Result<Option<String>, ApiE
     }
 }
 
-/// The part file of a body long enough to be resumable (fs store), opened from `start` after
-/// the held prefix's hash was checked; a resume the receiver cannot serve is the 416 of
-/// SPEC §13, answered before the body is read.
+/// What a body long enough to be resumable starts from: the fs store's part file, opened from
+/// `start` after the held prefix's hash was checked, or the S3 store's checked record. A
+/// resume the receiver cannot serve is the 416 of SPEC §13, answered before the body is read.
 async fn resumable_part(
     state: &AppState,
     d: &Declared<'_>,
     length: u64,
     start: u64,
     prefix_sha256: Option<String>,
-) -> Result<Option<(PartFile, Option<io::Take<File>>)>, ApiError> {
+) -> Result<Option<Held>, ApiError> {
+    if let Store::S3(s3) = &state.store {
+        return s3_resumable(s3, d, length, start, prefix_sha256).await;
+    }
     let resumes = match state.store.resumes() {
         Some(r) if length > MIN_KEPT && r.enabled() => r.clone(),
         _ if start > 0 => {
@@ -191,6 +193,53 @@ async fn resumable_part(
     })
     .await
     .map_err(|e| ApiError::Internal(format!("resume task failed: {e}")))?;
+    let (part, prefix) = opened_or_416(d, length, start, opened)?;
+    Ok(Some(Held::Fs(part, prefix)))
+}
+
+/// The S3 store's side of [`resumable_part`]: every body that goes up as a multipart upload
+/// is recorded, so the id is claimed here and a resume's record checked.
+async fn s3_resumable(
+    s3: &S3Store,
+    d: &Declared<'_>,
+    length: u64,
+    start: u64,
+    prefix_sha256: Option<String>,
+) -> Result<Option<Held>, ApiError> {
+    if !s3.recorded(length) {
+        if start > 0 {
+            return Err(ApiError::ResumeUnavailable {
+                offset: 0,
+                why: "this receiver holds no part of this body".into(),
+            });
+        }
+        return Ok(None);
+    }
+    let Some(claim) = s3.claim(d.host, d.episode) else {
+        return Err(ApiError::UploadInProgress {
+            id: format!("{}/{}", d.host, d.episode),
+        });
+    };
+    let key = ResumeKey {
+        host: d.host.to_string(),
+        episode: d.episode.to_string(),
+        tar_sha256: d.tar_sha256.clone(),
+        length,
+    };
+    let opened = s3
+        .resume_from(&key, start, prefix_sha256.as_deref(), claim)
+        .await;
+    let held = opened_or_416(d, length, start, opened)?;
+    Ok(Some(Held::S3(Box::new(held))))
+}
+
+/// Logs an accepted resume, or turns a refused one into its answer.
+fn opened_or_416<T>(
+    d: &Declared<'_>,
+    length: u64,
+    start: u64,
+    opened: Result<T, PartError>,
+) -> Result<T, ApiError> {
     match opened {
         Ok(p) => {
             if start > 0 {
@@ -203,14 +252,14 @@ async fn resumable_part(
                     "resuming an upload from its held prefix"
                 );
             }
-            Ok(Some(p))
+            Ok(p)
         }
         Err(PartError::Unavailable { offset, why }) => {
             Err(ApiError::ResumeUnavailable { offset, why })
         }
         Err(PartError::Io(e)) => Err(ApiError::store_write(
             e,
-            "failed to open the upload's part file",
+            "failed to open the upload's held prefix",
         )),
     }
 }
@@ -238,7 +287,7 @@ fn spawn_validator(
     d: &Declared<'_>,
     length: u64,
     reader: ChannelReader,
-    part: Option<(PartFile, Option<io::Take<File>>)>,
+    held: Option<Held>,
 ) -> JoinHandle<io::Result<Finished>> {
     let store: Store = state.store.clone();
     let limits = &state.cfg.limits;
@@ -252,17 +301,22 @@ fn spawn_validator(
     let (host, episode) = (d.host.to_string(), d.episode.to_string());
     let (sha, commit) = (d.tar_sha256.clone(), d.commit.to_string());
     tokio::task::spawn_blocking(move || -> io::Result<Finished> {
-        let (part, prefix) = match part {
-            Some((p, prefix)) => (Some(p), prefix),
-            None => (None, None),
-        };
         // A resumed upload's held prefix goes through the validator again, then the new bytes.
+        let (held, prefix) = match held {
+            Some(Held::Fs(part, prefix)) => (Some(Held::Fs(part, None)), prefix),
+            other => (other, None),
+        };
         let source: Box<dyn Read + Send> = match prefix {
             Some(f) => Box::new(io::BufReader::with_capacity(1 << 20, f).chain(reader)),
             None => Box::new(reader),
         };
-        let mut upload = store.begin(&host, &episode, &sha, &commit, length, part)?;
-        match ingest::validate(source, &mut upload, &expect) {
+        let mut upload = store.begin(&host, &episode, &sha, &commit, length, held)?;
+        let verdict = if upload.validates_afterwards() {
+            store_then_validate(source, &mut upload, &expect)
+        } else {
+            ingest::validate(source, &mut upload, &expect)
+        };
+        match verdict {
             Ok(v) => Ok(Finished::Committed(upload.commit(&v)?)),
             Err(r) => {
                 let verdict = r.is_verdict();
@@ -284,6 +338,31 @@ fn spawn_validator(
                 Ok(Finished::Refused { error, kept })
             }
         }
+    })
+}
+
+/// A resumed S3 upload: its prefix cannot be read while the rest arrives, so the new bytes go
+/// into the store first, then the whole stored body is read back through the validator.
+fn store_then_validate(
+    mut source: Box<dyn Read + Send>,
+    upload: &mut Box<dyn Upload>,
+    expect: &Expect,
+) -> Result<Validated, Rejection> {
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = match source.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Rejection::Source(e)),
+        };
+        upload.write_all(&buf[..n]).map_err(Rejection::Sink)?;
+    }
+    let body = upload.stored_body().map_err(Rejection::Sink)?;
+    // Reading the stored body back is the store's side: its failures are the store's too.
+    ingest::validate(body, io::sink(), expect).map_err(|r| match r {
+        Rejection::Source(e) => Rejection::Sink(e),
+        r => r,
     })
 }
 

@@ -101,10 +101,30 @@ impl QuarantineNote {
     }
 }
 
-/// An upload being written; dropped without `commit` or `quarantine`, it leaves nothing.
+/// An upload being written; dropped without `commit` or `quarantine`, it leaves nothing
+/// (or, for a resumable one, the prefix a resume may reuse).
 pub trait Upload: Write + Send {
     fn commit(self: Box<Self>, v: &Validated) -> io::Result<CommitOutcome>;
     fn quarantine(self: Box<Self>, note: &QuarantineNote) -> io::Result<()>;
+
+    /// True when the upload continues a prefix that cannot be read while the rest arrives
+    /// (S3): the bytes are written first, then [`Upload::stored_body`] is validated whole.
+    fn validates_afterwards(&self) -> bool {
+        false
+    }
+
+    /// The whole stored body, read back for validation, once every byte was written.
+    fn stored_body(&mut self) -> io::Result<Box<dyn io::Read + Send>> {
+        Err(io::Error::other("this upload is validated as it arrives"))
+    }
+}
+
+/// What a resumable upload starts from, taken before its body is read.
+pub(crate) enum Held {
+    /// The fs store's part file, and a reader of its held prefix for the validator.
+    Fs(resume::PartFile, Option<io::Take<std::fs::File>>),
+    /// The S3 store's claim on the id, with the checked record of a resume.
+    S3(Box<s3::Held>),
 }
 
 /// A store request failed or timed out: the client should retry (503 `store_unavailable`).
@@ -164,7 +184,7 @@ impl Store {
     }
 
     /// Opens an upload; called on a blocking thread (the S3 upload drives its requests from it).
-    /// `part` is the fs store's resumable part file, when the upload has one.
+    /// `held` is what a resumable upload starts from, when it is one.
     pub(crate) fn begin(
         &self,
         host_id: &str,
@@ -172,15 +192,19 @@ impl Store {
         tar_sha256: &str,
         commit: &str,
         length: u64,
-        part: Option<resume::PartFile>,
+        held: Option<Held>,
     ) -> io::Result<Box<dyn Upload>> {
-        match self {
-            Store::Fs(s) => s.begin(host_id, episode_id, part),
-            Store::S3(s) => s.begin(host_id, episode_id, tar_sha256, commit, length),
+        match (self, held) {
+            (Store::Fs(s), Some(Held::Fs(part, _))) => s.begin(host_id, episode_id, Some(part)),
+            (Store::Fs(s), _) => s.begin(host_id, episode_id, None),
+            (Store::S3(s), Some(Held::S3(h))) => {
+                s.begin_recorded(host_id, episode_id, tar_sha256, length, *h)
+            }
+            (Store::S3(s), _) => s.begin(host_id, episode_id, tar_sha256, commit, length),
         }
     }
 
-    /// Where resumable prefixes are held (the fs store only, so far).
+    /// The fs store's `resume/` directory (the S3 store keeps its prefixes in the bucket).
     pub(crate) fn resumes(&self) -> Option<&resume::Resumes> {
         match self {
             Store::Fs(s) => Some(s.resumes()),
@@ -264,7 +288,7 @@ impl prometheus_client::collector::Collector for Collector {
         match &self.0 {
             Store::S3(s) => {
                 s.metrics().encode(&mut enc)?;
-                resume_series(&mut enc, 0, 0)
+                resume_series(&mut enc, s.resumable_bytes(), s.resumed_total())
             }
             Store::Fs(s) => {
                 crate::metrics::counter(

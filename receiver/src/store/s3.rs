@@ -7,6 +7,7 @@
 //! - `index/<host>/<id>.json`: the index row of the episode, written after its body.
 //! - `quarantine/<host>/<stamp>-<id>-<rand>.{tar.zst,reason.json}`: rejected uploads.
 //! - `health/<instance>`: the writability probe of `/healthz`.
+//! - `tmp/resume/...`: resumable multipart uploads and their records (see `resume.rs`).
 //!
 //! When two different bodies of one id exist (two receivers raced), the episode is the one with
 //! the earlier LastModified, then the smaller SHA-256; every reader applies the same rule.
@@ -23,7 +24,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AwsAuthorizer, AwsCredential};
+use object_store::client::{HttpClient, HttpConnector, HttpRequestBody, ReqwestConnector};
 use object_store::path::Path as Key;
 use object_store::{
     Attribute, Attributes, BackoffConfig, ClientOptions, GetOptions, MultipartUpload, ObjectMeta,
@@ -37,6 +39,9 @@ use cis490_common::timefmt;
 
 use super::{CommitOutcome, IndexRow, QuarantineNote, StoreUnavailable, Upload};
 use crate::ingest::{self, Validated};
+
+mod resume;
+pub(crate) use resume::Held;
 
 /// Bodies up to this size go up in one PUT; larger ones as a multipart upload of parts this
 /// big (S3 wants at least 5 MiB for every part but the last). At most one part is in flight
@@ -70,6 +75,9 @@ pub struct S3Options {
     pub quarantine_max_entries: u64,
     /// Names this receiver's health-probe object.
     pub instance: String,
+    /// `[limits] resume_keep_s` and `resume_max_bytes` (SPEC §13).
+    pub resume_keep_s: u64,
+    pub resume_max_bytes: u64,
 }
 
 /// Latency and error counts per kind of store request, for `/metrics`.
@@ -163,6 +171,15 @@ struct Inner {
     metrics: StoreMetrics,
     quarantine_bytes: AtomicU64,
     buffers: Arc<Semaphore>,
+    resume_keep_s: u64,
+    resume_max_bytes: u64,
+    busy: resume::Busy,
+    resumed: AtomicU64,
+    resumable_bytes: AtomicU64,
+    /// For the one request object_store cannot make: a copy that sets new metadata.
+    http: HttpClient,
+    credential: AwsCredential,
+    region: String,
 }
 
 /// The receiver quarantine's entries on the bucket, oldest first, with their total size.
@@ -231,6 +248,9 @@ impl S3Store {
                 .map_err(|e| e.to_string())
         };
         let os = build(client.clone())?;
+        let http = ReqwestConnector::default()
+            .connect(&client)
+            .map_err(|e| e.to_string())?;
         let os_stream = build(client.with_timeout_disabled())?;
         Ok(S3Store {
             inner: Arc::new(Inner {
@@ -249,6 +269,18 @@ impl S3Store {
                 metrics: StoreMetrics::default(),
                 quarantine_bytes: AtomicU64::new(0),
                 buffers: Arc::new(Semaphore::new(BUFFER_BUDGET / 1024)),
+                resume_keep_s: o.resume_keep_s,
+                resume_max_bytes: o.resume_max_bytes,
+                busy: resume::Busy::default(),
+                resumed: AtomicU64::new(0),
+                resumable_bytes: AtomicU64::new(0),
+                http,
+                credential: AwsCredential {
+                    key_id: o.access_key,
+                    secret_key: o.secret_key,
+                    token: None,
+                },
+                region: o.region,
             }),
         })
     }
@@ -647,6 +679,146 @@ impl S3Store {
         Ok(ledger.bytes)
     }
 
+    /// Decides how a body just stored ends, from what is stored now: if a different body of
+    /// this id is there too (two receivers raced with two bodies), the upload is answered 409
+    /// and writes no row, whichever body is older. A multipart body's LastModified is its
+    /// start, so a body stored and answered 201 meanwhile can be "younger" than this one;
+    /// answering 201 here too would retire two different bodies. Both are kept; readers apply
+    /// the order rule.
+    async fn settle(&self, row: IndexRow) -> Result<CommitOutcome, StoreUnavailable> {
+        let bodies = self.bodies(&row.host_id, &row.episode_id).await?;
+        match bodies.iter().find(|b| b.sha != row.tar_sha256) {
+            Some(other) => {
+                let mut seen = row.clone();
+                seen.tar_sha256 = other.sha.clone();
+                seen.path = other.key.clone();
+                seen.bytes = other.bytes;
+                Ok(CommitOutcome::Conflict(seen))
+            }
+            None => {
+                self.write_row(&row).await?;
+                Ok(CommitOutcome::Stored(row))
+            }
+        }
+    }
+
+    /// Keeps a refused upload in the receiver quarantine: its body when there is one to keep,
+    /// and its reason.
+    async fn keep_in_quarantine(
+        &self,
+        note: &QuarantineNote,
+        body: QuarantineBody,
+    ) -> Result<(), StoreUnavailable> {
+        let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
+            .to_string()
+            .replace([':', '-'], "");
+        let base = format!(
+            "quarantine/{}/{stamp}-{}-{}",
+            note.host_id,
+            note.episode_id,
+            rand::random::<u32>()
+        );
+        let mut reason = serde_json::to_value(note).map_err(|e| StoreUnavailable(e.to_string()))?;
+        reason["body_kept"] = (!matches!(body, QuarantineBody::None)).into();
+        let reason =
+            serde_json::to_vec_pretty(&reason).map_err(|e| StoreUnavailable(e.to_string()))?;
+        let mut keys = Vec::new();
+        let mut len = reason.len() as u64;
+        let k = self.key(&format!("{base}.tar.zst"))?;
+        match body {
+            QuarantineBody::None => {}
+            QuarantineBody::Bytes(b) => {
+                len += b.len() as u64;
+                self.put("put_quarantine", &k, b, Attributes::new()).await?;
+                keys.push(k);
+            }
+            QuarantineBody::Copy(from, bytes) => {
+                len += bytes;
+                let os = self.inner.os.clone();
+                let to = k.clone();
+                self.timed("copy_quarantine", async move { os.copy(&from, &to).await })
+                    .await
+                    .map_err(|e| unavailable("copy_quarantine", e))?;
+                keys.push(k);
+            }
+        }
+        let k = self.key(&format!("{base}.reason.json"))?;
+        self.put("put_quarantine", &k, Bytes::from(reason), Attributes::new())
+            .await?;
+        keys.push(k);
+        // The upload is kept either way: a failed retention pass is only a warning (the
+        // janitor tries again). Accounting is the ledger's, not a listing per rejection
+        // (SPEC §16).
+        if let Err(e) = self.quarantine_added(base.clone(), len, keys).await {
+            tracing::warn!(error = %e, "failed to apply the receiver quarantine retention");
+        }
+        Ok(())
+    }
+
+    /// A server-side copy that gives the copy new user metadata (`x-amz-metadata-directive:
+    /// REPLACE`), signed here because object_store's `copy` keeps the source's metadata.
+    async fn copy_with_metadata(
+        &self,
+        from: &Key,
+        to: &Key,
+        meta: &[(&str, String)],
+    ) -> Result<(), StoreUnavailable> {
+        let i = &self.inner;
+        let url = format!(
+            "{}/{}/{}",
+            i.endpoint.trim_end_matches('/'),
+            encode_segment(&i.bucket),
+            encode_key(to)
+        );
+        let mut b = http::Request::builder()
+            .method(http::Method::PUT)
+            .uri(&url)
+            .header(
+                "x-amz-copy-source",
+                format!("{}/{}", encode_segment(&i.bucket), encode_key(from)),
+            )
+            .header("x-amz-metadata-directive", "REPLACE");
+        for (name, value) in meta {
+            b = b.header(format!("x-amz-meta-{name}"), value.as_str());
+        }
+        let mut req = b
+            .body(HttpRequestBody::empty())
+            .map_err(|e| StoreUnavailable(format!("copy request for {to}: {e}")))?;
+        AwsAuthorizer::new(&i.credential, "s3", &i.region).authorize(&mut req, None);
+        let http = i.http.clone();
+        let r = self
+            .timed("copy", async move {
+                let resp = http
+                    .execute(req)
+                    .await
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "S3",
+                        source: Box::new(e),
+                    })?;
+                let status = resp.status();
+                let body =
+                    resp.into_body()
+                        .bytes()
+                        .await
+                        .map_err(|e| object_store::Error::Generic {
+                            store: "S3",
+                            source: Box::new(e),
+                        })?;
+                // S3 may answer a copy 200 and still report an error in the body.
+                let text = String::from_utf8_lossy(&body);
+                if status.is_success() && text.contains("CopyObjectResult") {
+                    Ok(())
+                } else {
+                    Err(object_store::Error::Generic {
+                        store: "S3",
+                        source: format!("copy answered {status}: {}", text.trim()).into(),
+                    })
+                }
+            })
+            .await;
+        r.map_err(|e| unavailable("copy", e))
+    }
+
     /// Opens an upload whose body will be stored under its content address.
     pub fn begin(
         &self,
@@ -771,6 +943,35 @@ fn report_conflict(host: &str, ep: &str, bodies: &[Body]) {
             others.join(", ")
         );
     }
+}
+
+/// What a refused upload leaves in the quarantine besides its reason.
+enum QuarantineBody {
+    None,
+    Bytes(Bytes),
+    /// A completed temporary object of this many bytes, copied inside the bucket.
+    Copy(Key, u64),
+}
+
+/// Percent-encodes one key segment as a path of a signed request carries it.
+fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn encode_key(k: &Key) -> String {
+    k.as_ref()
+        .split('/')
+        .map(encode_segment)
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// Takes `bytes` of the shared buffer budget, waiting at most [`BUFFER_WAIT`].
@@ -963,24 +1164,8 @@ impl Upload for S3Upload {
         // too would retire two different bodies. Both are kept; readers apply the order rule.
         let row = self.row(v, bytes);
         let store = self.store.clone();
-        let (host, ep) = (self.host.clone(), self.ep.clone());
         self.rt
-            .block_on(async move {
-                let bodies = store.bodies(&host, &ep).await?;
-                match bodies.iter().find(|b| b.sha != row.tar_sha256) {
-                    Some(other) => {
-                        let mut seen = row.clone();
-                        seen.tar_sha256 = other.sha.clone();
-                        seen.path = other.key.clone();
-                        seen.bytes = other.bytes;
-                        Ok(CommitOutcome::Conflict(seen))
-                    }
-                    None => {
-                        store.write_row(&row).await?;
-                        Ok(CommitOutcome::Stored(row))
-                    }
-                }
-            })
+            .block_on(async move { store.settle(row).await })
             .map_err(StoreUnavailable::into_io)
     }
 
@@ -989,45 +1174,15 @@ impl Upload for S3Upload {
         // move it) and only its reason is kept.
         let kept_body = self.multipart.is_none();
         self.abort();
-        let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
-            .to_string()
-            .replace([':', '-'], "");
-        let base = format!(
-            "quarantine/{}/{stamp}-{}-{}",
-            note.host_id,
-            note.episode_id,
-            rand::random::<u32>()
-        );
         let store = self.store.clone();
-        let body = Bytes::from(std::mem::take(&mut self.buf));
-        let mut reason = serde_json::to_value(note).map_err(io::Error::other)?;
-        reason["body_kept"] = kept_body.into();
-        let reason = serde_json::to_vec_pretty(&reason).map_err(io::Error::other)?;
+        let body = if kept_body {
+            QuarantineBody::Bytes(Bytes::from(std::mem::take(&mut self.buf)))
+        } else {
+            QuarantineBody::None
+        };
+        let note = note.clone();
         self.rt
-            .block_on(async move {
-                let mut keys = Vec::new();
-                let mut len = reason.len() as u64;
-                if kept_body {
-                    let k = store.key(&format!("{base}.tar.zst"))?;
-                    len += body.len() as u64;
-                    store
-                        .put("put_quarantine", &k, body, Attributes::new())
-                        .await?;
-                    keys.push(k);
-                }
-                let k = store.key(&format!("{base}.reason.json"))?;
-                store
-                    .put("put_quarantine", &k, Bytes::from(reason), Attributes::new())
-                    .await?;
-                keys.push(k);
-                // The upload is kept either way: a failed retention pass is only a warning
-                // (the janitor tries again). Accounting is the ledger's, not a listing per
-                // rejection (SPEC §16).
-                if let Err(e) = store.quarantine_added(base.clone(), len, keys).await {
-                    tracing::warn!(error = %e, "failed to apply the receiver quarantine retention");
-                }
-                Ok::<(), StoreUnavailable>(())
-            })
+            .block_on(async move { store.keep_in_quarantine(&note, body).await })
             .map_err(StoreUnavailable::into_io)
     }
 }

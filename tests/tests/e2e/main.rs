@@ -15,6 +15,7 @@ mod receiver_tls;
 mod resume;
 mod rules;
 mod s3;
+mod s3_resume;
 mod scripts;
 mod shipper;
 mod shipper_metrics;

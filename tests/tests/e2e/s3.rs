@@ -224,8 +224,18 @@ async fn large_bodies_stream_as_multipart_and_a_failed_one_leaves_nothing() {
     let tar_len = zstd::decode_all(&big.bytes[..]).unwrap().len() as u64;
     assert_eq!(row["uncompressed_bytes"], tar_len);
 
-    // The row lost (a receiver died between body and row): the next look rebuilds it from the
-    // body itself, since a multipart body's metadata cannot carry its final sizes.
+    // Published by a copy that set all four metadata fields (SPEC §5b).
+    let meta = b.metadata(&key).await;
+    assert_eq!(meta["tar-sha256"], big.sha);
+    assert_eq!(meta["uncompressed-bytes"], tar_len.to_string());
+    assert_eq!(meta["files"], row["files"].to_string());
+    assert!(
+        b.keys("tmp/resume").await.is_empty(),
+        "nothing left under tmp/"
+    );
+
+    // The row lost (a receiver died between body and row): the next look rebuilds it without
+    // reading the body.
     b.delete(&format!("index/{HOST}/big.json")).await;
     let got = cb
         .request("GET", &format!("/v1/episodes/{HOST}/big"), &[], vec![])
@@ -247,9 +257,10 @@ async fn large_bodies_stream_as_multipart_and_a_failed_one_leaves_nothing() {
         None,
         "rebuilt from the summary, without reading the body"
     );
-    // Without the summary either (a body copied in by hand): the body itself is read.
+    // Without the summary or metadata (a body copied in by hand): the body itself is read.
     b.delete(&format!("index/{HOST}/big.json")).await;
     b.delete(&summary_key).await;
+    b.put(&key, big.bytes.clone()).await;
     let got = cb
         .request("GET", &format!("/v1/episodes/{HOST}/big"), &[], vec![])
         .await
