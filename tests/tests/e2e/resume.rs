@@ -95,17 +95,20 @@ fn offset_of(r: &cis490_tests::client::Reply) -> u64 {
         .map_or(0, |v| v.to_str().unwrap().parse().unwrap())
 }
 
-/// Waits until the receiver offers more than 8 MiB of `b` (the cut upload was noticed).
+/// Waits until the receiver offers more than 8 MiB of `b` and the offer stays put (the cut
+/// upload was noticed and its last bytes written).
 async fn offered(c: &Client, b: &Body) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = 0;
     loop {
         let (status, off) = check(c, b).await;
         assert_eq!(status, 204, "check while waiting for an offer");
-        if off > 8 << 20 {
+        if off > 8 << 20 && off == last {
             return off;
         }
-        assert!(Instant::now() < deadline, "no resume offered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        last = off;
+        assert!(Instant::now() < deadline, "no steady resume offer");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
