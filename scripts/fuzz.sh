@@ -65,13 +65,14 @@ for t in "${targets[@]}"; do
     fi
   fi
   log=$(mktemp)
+  work=$(realpath "$work")
   set +e
   # New inputs go to the first directory (the work one); the checked-in corpus is only read.
-  (cd fuzz && cargo fuzz run "$t" "$(realpath "$work")" "corpus/$t" -- \
+  (cd fuzz && cargo fuzz run "$t" "$work" "corpus/$t" -- \
     -max_total_time="$secs" -rss_limit_mb=256 -print_final_stats=1) >"$log" 2>&1
   code=$?
   set -e
-  execs=$(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}')
+  execs=$(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}' || true)
   findings=$( (find "fuzz/artifacts/$t" -type f 2>/dev/null || true) | wc -l)
   printf 'fuzz %-15s seconds=%s execs=%s exit=%s artifacts=%s\n' "$t" "$secs" "${execs:-?}" "$code" "$findings"
   if ((code != 0)); then
