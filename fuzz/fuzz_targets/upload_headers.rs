@@ -40,7 +40,11 @@ fuzz_target!(|data: &[u8]| {
         assert!(is_lower_hex(&u.tar_sha256, 64), "{u:?}");
         assert_eq!(u.span.is_some(), !check);
         if let Some(span) = &u.span {
-            assert_eq!(span.start.checked_add(span.sent), Some(span.length), "{u:?}");
+            assert_eq!(
+                span.start.checked_add(span.sent),
+                Some(span.length),
+                "{u:?}"
+            );
             match &span.prefix_sha256 {
                 Some(p) => assert!(is_lower_hex(p, 64), "{u:?}"),
                 None => assert_eq!(span.start, 0, "{u:?}"),
