@@ -11,6 +11,8 @@ pub mod cli;
 pub mod config;
 pub(crate) mod error;
 pub(crate) mod fleet;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gate;
 pub mod ingest;
 pub(crate) mod metrics;

@@ -38,6 +38,18 @@ pub(super) fn declared<'a>(
 ) -> Result<Declared<'a>, ApiError> {
     let (host, episode) = own_episode(caller, host, episode)?;
     let commit = commit(state, headers)?;
+    let tar_sha256 = tar_sha256_and_type(headers)?;
+    Ok(Declared {
+        host,
+        episode,
+        commit,
+        tar_sha256,
+    })
+}
+
+/// The tar hash (required) and the content type (optional, but zstd when given): the part of
+/// step 1 that needs nothing but the headers.
+pub(super) fn tar_sha256_and_type(headers: &HeaderMap) -> Result<String, ApiError> {
     let tar_sha256 = match header_str(headers, headers::TAR_SHA256)? {
         None => {
             return Err(ApiError::Malformed(
@@ -58,12 +70,7 @@ pub(super) fn declared<'a>(
             )));
         }
     }
-    Ok(Declared {
-        host,
-        episode,
-        commit,
-        tar_sha256,
-    })
+    Ok(tar_sha256)
 }
 
 /// The `X-Cis490-Code-Commit` header; a refusal carries the remediation.

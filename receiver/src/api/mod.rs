@@ -19,12 +19,40 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use serde_json::json;
 
-use cis490_common::{validate_id, ErrorCode};
+use cis490_common::{validate_id, Commit, ErrorCode};
 
 use crate::error::ApiError;
 use crate::fleet::{Answer, Upload};
 use crate::state::AppState;
 use crate::store::IndexRow;
+
+pub use put::BodySpan;
+
+/// Every header check a `check` (with `check = true`) or a PUT makes before it needs the
+/// receiver's state: the commit's syntax, the tar hash, the content type, and the body's
+/// length headers (`X-Cis490-Upload-Length` for a `check`, Content-Length, Content-Range and
+/// the resume prefix hash for a PUT). Run by the fuzz targets through [`crate::fuzzing`]; the
+/// endpoints make the same calls in the same order.
+pub(crate) fn stateless_upload_headers(
+    headers: &HeaderMap,
+    check: bool,
+) -> Result<(Commit, String, Option<BodySpan>, Option<u64>), ApiError> {
+    let commit = match header_str(headers, cis490_common::headers::CODE_COMMIT)? {
+        None | Some("") => {
+            return Err(ApiError::Malformed(
+                "the X-Cis490-Code-Commit header is required".into(),
+            ))
+        }
+        Some(s) => Commit::parse(s).map_err(|e| ApiError::Malformed(e.to_string()))?,
+    };
+    let tar_sha256 = admission::tar_sha256_and_type(headers)?;
+    if check {
+        let length = parse_len(headers, cis490_common::headers::UPLOAD_LENGTH)?;
+        Ok((commit, tar_sha256, None, length))
+    } else {
+        Ok((commit, tar_sha256, Some(put::body_span(headers)?), None))
+    }
+}
 
 pub(crate) const RECEIVER_VERSION: &str = env!("CARGO_PKG_VERSION");
 

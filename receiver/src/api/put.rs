@@ -31,11 +31,12 @@ pub(super) async fn put(
     // Admission. `sent` is what this request carries, `length` the whole body's length (they
     // differ for a resumed upload, SPEC §13).
     let d = declared(state, caller, host, episode, headers)?;
-    let sent = content_length(headers)?;
-    let range = content_range(headers, sent)?;
-    let length = range.map_or(sent, |r| r.total);
-    let start = range.map_or(0, |r| r.start);
-    let prefix_sha256 = resume_prefix(headers, start)?;
+    let BodySpan {
+        sent,
+        start,
+        length,
+        prefix_sha256,
+    } = body_span(headers)?;
     if let Verdict::Stored(row) = admit(state, &d, Some(length), start).await? {
         return Ok(already_stored(&row));
     }
@@ -63,6 +64,34 @@ pub(super) async fn put(
         .map_err(|e| ApiError::Internal(format!("validator task failed: {e}")))?
         .map_err(|e| ApiError::store_write(e, "failed to store the upload"))?;
     finish(state, &d, finished).await
+}
+
+/// What a PUT's length headers say about its body (SPEC §3, §13).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodySpan {
+    /// Bytes this request carries (`Content-Length`).
+    pub sent: u64,
+    /// Where in the whole body they start: 0 unless `Content-Range` says otherwise.
+    pub start: u64,
+    /// The whole body's length.
+    pub length: u64,
+    /// `X-Cis490-Resume-Prefix-SHA256`, lowercased; required when `start` > 0.
+    pub prefix_sha256: Option<String>,
+}
+
+/// `Content-Length`, `Content-Range` and the prefix hash, checked against each other.
+pub(crate) fn body_span(headers: &HeaderMap) -> Result<BodySpan, ApiError> {
+    let sent = content_length(headers)?;
+    let range = content_range(headers, sent)?;
+    let length = range.map_or(sent, |r| r.total);
+    let start = range.map_or(0, |r| r.start);
+    let prefix_sha256 = resume_prefix(headers, start)?;
+    Ok(BodySpan {
+        sent,
+        start,
+        length,
+        prefix_sha256,
+    })
 }
 
 /// `Content-Length`, which every upload must declare (no chunked bodies).

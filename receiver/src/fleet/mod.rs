@@ -255,6 +255,17 @@ impl Fleet {
         self.seen_and(host, headers, cert_not_after, answer);
     }
 
+    /// The shipper version and install commit recorded for `host`, as the fleet view shows
+    /// them (the commit as sent, and parsed when well formed).
+    pub(crate) fn shipper_of(
+        &self,
+        host: &str,
+    ) -> (Option<String>, Option<(String, Option<Commit>)>) {
+        let h = self.host(host);
+        let r = h.lock();
+        (r.shipper_version.clone(), r.host_commit.clone())
+    }
+
     #[cfg(test)]
     pub(crate) fn seen(&self, host: &str, headers: &HeaderMap, cert_not_after: Option<SystemTime>) {
         self.seen_and(host, headers, cert_not_after, None);

@@ -6,6 +6,8 @@
 //! known about each episode; `steps` is one episode's attempt.
 
 mod in_hand;
+#[cfg(test)]
+mod model_tests;
 mod steps;
 
 use std::collections::{HashMap, HashSet, VecDeque};

@@ -13,6 +13,7 @@ mod receiver_limits;
 mod receiver_process;
 mod receiver_tls;
 mod resume;
+mod roundtrip;
 mod rules;
 mod s3;
 mod s3_resume;
