@@ -15,6 +15,40 @@ use crate::support::{files_under, free_port, index_rows, spawn_shipper};
 
 const HOST: &str = "labhost-01";
 
+/// One step of a kill schedule: SIGKILLs the shipper, the receiver or both (as `rng` draws)
+/// and starts again what was killed. Returns the (shipper, receiver) kills made.
+fn kill_and_restart(
+    rng: &mut cis490_tests::harness::Lcg,
+    ship: &mut Option<std::process::Child>,
+    receiver: &mut Option<Process>,
+    rcfg: &std::path::Path,
+    spawn: impl Fn() -> std::process::Child,
+) -> (usize, usize) {
+    let which = rng.below(3);
+    let (mut sk, mut rk) = (0, 0);
+    if which != 1 {
+        if let Some(mut s) = ship.take() {
+            s.kill().unwrap();
+            let _ = s.wait();
+            sk = 1;
+        }
+    }
+    if which != 0 {
+        if let Some(mut r) = receiver.take() {
+            r.child.kill().unwrap();
+            let _ = r.child.wait();
+            rk = 1;
+        }
+    }
+    if receiver.is_none() {
+        *receiver = Some(Process::start(rcfg, &[]));
+    }
+    if ship.is_none() {
+        *ship = Some(spawn());
+    }
+    (sk, rk)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_shipper_and_receiver_loses_and_duplicates_nothing() {
     let kills_wanted: usize = std::env::var("CIS490_CRASH_KILLS")
@@ -63,28 +97,11 @@ async fn killing_shipper_and_receiver_loses_and_duplicates_nothing() {
     let budget = Duration::from_secs(60 + kills_wanted as u64 * 2);
     while kills < kills_wanted {
         tokio::time::sleep(Duration::from_millis(40 + rng.below(460))).await;
-        let which = rng.below(3);
-        if which != 1 {
-            let mut s = ship.take().unwrap();
-            s.kill().unwrap();
-            let _ = s.wait();
-            shipper_kills += 1;
-            kills += 1;
-        }
-        if which != 0 {
-            let mut r = receiver.take().unwrap();
-            r.child.kill().unwrap();
-            let _ = r.child.wait();
-            drop(r);
-            receiver_kills += 1;
-            kills += 1;
-        }
-        if receiver.is_none() {
-            receiver = Some(Process::start(&rcfg, &[]));
-        }
-        if ship.is_none() {
-            ship = Some(spawn_shipper(&scfg));
-        }
+        let (sk, rk) = kill_and_restart(&mut rng, &mut ship, &mut receiver, &rcfg, || {
+            spawn_shipper(&scfg)
+        });
+        (shipper_kills, receiver_kills, kills) =
+            (shipper_kills + sk, receiver_kills + rk, kills + sk + rk);
         assert!(started.elapsed() < budget, "crash loop ran past {budget:?}");
     }
     // Let the pair drain the backlog undisturbed.
@@ -223,28 +240,9 @@ async fn killing_both_during_large_uploads_resumes_and_loses_nothing() {
     let budget = Duration::from_secs(120 + kills_wanted as u64 * 5);
     while kills < kills_wanted && std::fs::read_dir(&eps).unwrap().count() > 0 {
         tokio::time::sleep(Duration::from_millis(300 + rng.below(900))).await;
-        let which = rng.below(3);
-        if which != 1 {
-            let mut s = ship.take().unwrap();
-            s.kill().unwrap();
-            let _ = s.wait();
-            shipper_kills += 1;
-            kills += 1;
-        }
-        if which != 0 {
-            let mut r = receiver.take().unwrap();
-            r.child.kill().unwrap();
-            let _ = r.child.wait();
-            drop(r);
-            receiver_kills += 1;
-            kills += 1;
-        }
-        if receiver.is_none() {
-            receiver = Some(Process::start(&rcfg, &[]));
-        }
-        if ship.is_none() {
-            ship = Some(daemon());
-        }
+        let (sk, rk) = kill_and_restart(&mut rng, &mut ship, &mut receiver, &rcfg, daemon);
+        (shipper_kills, receiver_kills, kills) =
+            (shipper_kills + sk, receiver_kills + rk, kills + sk + rk);
         assert!(started.elapsed() < budget, "crash loop ran past {budget:?}");
     }
     let deadline = Instant::now() + Duration::from_secs(180);

@@ -20,7 +20,7 @@ use crate::support::{files_under, index_rows};
 const HOST: &str = "labhost-01";
 const MIB: usize = 1 << 20;
 
-fn big(w: &World, id: &str, mib: usize) -> Body {
+pub(crate) fn big(w: &World, id: &str, mib: usize) -> Body {
     episode::body(&w.path().join("src"), id, &w.commits[0], mib * MIB)
 }
 
@@ -72,7 +72,7 @@ async fn start_upload(
 }
 
 /// `check` with the body's length: (status, offered offset).
-async fn check(c: &Client, b: &Body) -> (u16, u64) {
+pub(crate) async fn check(c: &Client, b: &Body) -> (u16, u64) {
     let r = c
         .request(
             "POST",
@@ -89,7 +89,7 @@ async fn check(c: &Client, b: &Body) -> (u16, u64) {
     (r.status, offset_of(&r))
 }
 
-fn offset_of(r: &cis490_tests::client::Reply) -> u64 {
+pub(crate) fn offset_of(r: &cis490_tests::client::Reply) -> u64 {
     r.headers
         .get("x-cis490-resume-offset")
         .map_or(0, |v| v.to_str().unwrap().parse().unwrap())
@@ -112,7 +112,7 @@ async fn offered(c: &Client, b: &Body) -> u64 {
     }
 }
 
-fn sha(bytes: &[u8]) -> String {
+pub(crate) fn sha(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
@@ -143,7 +143,7 @@ async fn resume_raw(
 /// What a shipper sends to resume `b` from `n`.
 /// The cut upload may still hold the id for a moment after `check` offers its prefix: a 503
 /// `overloaded` is retried, as the shipper would.
-async fn resume(c: &Client, b: &Body, n: u64) -> cis490_tests::client::Reply {
+pub(crate) async fn resume(c: &Client, b: &Body, n: u64) -> cis490_tests::client::Reply {
     let n_us = n as usize;
     let l = b.bytes.len();
     for _ in 0..100 {
@@ -521,7 +521,7 @@ async fn a_full_disk_while_appending_is_507_and_the_prefix_stays_usable() {
 }
 
 /// Waits until `data/shipped/<id>` exists.
-fn wait_shipped(data: &Path, id: &str, limit: Duration) {
+pub(crate) fn wait_shipped(data: &Path, id: &str, limit: Duration) {
     let deadline = Instant::now() + limit;
     while !data.join("shipped").join(id).exists() {
         assert!(

@@ -2,7 +2,6 @@
 //! an upload cut on one receiver is continued on another, validated whole, and stored exactly
 //! as a whole upload would be; bad resumes, spoiled tails and expired records.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cis490_tests::client::{Client, Reply};
@@ -11,10 +10,10 @@ use cis490_tests::garage::{Bucket, Garage};
 use cis490_tests::harness::{metric, ops_get, shipper_bin, shipper_daemon, Process, World};
 use object_store::multipart::MultipartStore;
 use object_store::path::Path as Key;
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::receiver_process::put_head;
+use crate::resume::{big, check, offset_of, resume, sha, wait_shipped};
 
 const HOST: &str = "labhost-01";
 const MIB: usize = 1 << 20;
@@ -34,15 +33,6 @@ fn record_key(b: &Body) -> String {
         b.sha,
         b.bytes.len()
     )
-}
-
-/// An incompressible body of `mib` MiB.
-fn big(w: &World, id: &str, mib: usize) -> Body {
-    episode::body(&w.path().join("src"), id, &w.commits[0], mib * MIB)
-}
-
-fn sha(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 /// Bytes the record of `b` covers (0 without one).
@@ -79,29 +69,6 @@ async fn start_upload(
     s
 }
 
-async fn check(c: &Client, b: &Body) -> (u16, u64) {
-    let r = c
-        .request(
-            "POST",
-            &format!("/v1/episodes/{HOST}/{}/check", b.id),
-            &[
-                ("x-cis490-code-commit", b.commit.clone()),
-                ("x-cis490-tar-sha256", b.sha.clone()),
-                ("x-cis490-upload-length", b.bytes.len().to_string()),
-            ],
-            vec![],
-        )
-        .await
-        .unwrap();
-    (r.status, offset_of(&r))
-}
-
-fn offset_of(r: &Reply) -> u64 {
-    r.headers
-        .get("x-cis490-resume-offset")
-        .map_or(0, |v| v.to_str().unwrap().parse().unwrap())
-}
-
 /// A resumed PUT of `tail` from `n`, with the prefix hash `prefix`; a 503 while the cut upload
 /// still holds the id is retried, as the shipper would.
 async fn resume_with(c: &Client, b: &Body, n: u64, prefix: String, tail: &[u8]) -> Reply {
@@ -128,11 +95,6 @@ async fn resume_with(c: &Client, b: &Body, n: u64, prefix: String, tail: &[u8]) 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the id stayed busy");
-}
-
-async fn resume(c: &Client, b: &Body, n: u64) -> Reply {
-    let n_us = n as usize;
-    resume_with(c, b, n, sha(&b.bytes[..n_us]), &b.bytes[n_us..]).await
 }
 
 async fn scrape(p: &Process, name: &str) -> f64 {
@@ -458,14 +420,6 @@ async fn records_older_than_resume_keep_s_are_not_offered_and_their_uploads_are_
         pc.log_text()
     );
     assert_eq!(scrape(&pc, "cis490_receiver_resumable_bytes").await, 0.0);
-}
-
-fn wait_shipped(data: &Path, id: &str, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while !data.join("shipped").join(id).exists() {
-        assert!(Instant::now() < deadline, "{id} was not shipped");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
