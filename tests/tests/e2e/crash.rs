@@ -15,6 +15,15 @@ use crate::support::{files_under, free_port, index_rows, spawn_shipper};
 
 const HOST: &str = "labhost-01";
 
+/// Waits until the shipper's queue `eps` is empty, failing after `limit`.
+async fn wait_drained(eps: &std::path::Path, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while std::fs::read_dir(eps).unwrap().count() > 0 {
+        assert!(Instant::now() < deadline, "backlog never drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// One step of a kill schedule: SIGKILLs the shipper, the receiver or both (as `rng` draws)
 /// and starts again what was killed. Returns the (shipper, receiver) kills made.
 fn kill_and_restart(
@@ -105,11 +114,7 @@ async fn killing_shipper_and_receiver_loses_and_duplicates_nothing() {
         assert!(started.elapsed() < budget, "crash loop ran past {budget:?}");
     }
     // Let the pair drain the backlog undisturbed.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while std::fs::read_dir(&eps).unwrap().count() > 0 {
-        assert!(Instant::now() < deadline, "backlog never drained");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_drained(&eps, Duration::from_secs(120)).await;
     let mut s = ship.take().unwrap();
     kill(Pid::from_raw(s.id() as i32), Signal::SIGTERM).unwrap();
     let _ = s.wait();
@@ -245,11 +250,7 @@ async fn killing_both_during_large_uploads_resumes_and_loses_nothing() {
             (shipper_kills + sk, receiver_kills + rk, kills + sk + rk);
         assert!(started.elapsed() < budget, "crash loop ran past {budget:?}");
     }
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while std::fs::read_dir(&eps).unwrap().count() > 0 {
-        assert!(Instant::now() < deadline, "backlog never drained");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_drained(&eps, Duration::from_secs(180)).await;
     let mut s = ship.take().unwrap();
     kill(Pid::from_raw(s.id() as i32), Signal::SIGTERM).unwrap();
     let _ = s.wait();
