@@ -34,15 +34,27 @@ fn main() {
         None => "unknown commit".to_string(),
     };
     println!("cargo:rustc-env=CIS490_BUILD_COMMIT={described}");
-    // Rebuilt when HEAD moves or the index changes (a commit, a checkout, an add).
-    for f in [
-        ".git/HEAD",
-        ".git/index",
-        ".git/packed-refs",
-        ".git/refs/heads",
-    ] {
-        let p = root.join(f);
-        if p.exists() {
+    // Rebuilt when HEAD moves or the index changes (a commit, a checkout, an add). In a linked
+    // worktree `.git` is a file: HEAD and the index live in the worktree's own git directory,
+    // the branches in the common one, so both are asked of git rather than assumed.
+    let abs = |d: String| {
+        let p = Path::new(&d).to_path_buf();
+        if p.is_absolute() {
+            p
+        } else {
+            root.join(p)
+        }
+    };
+    let git_dir = git(root, &["rev-parse", "--git-dir"]).map(abs);
+    let common_dir = git(root, &["rev-parse", "--git-common-dir"]).map(abs);
+    let watched = [
+        (&git_dir, "HEAD"),
+        (&git_dir, "index"),
+        (&common_dir, "packed-refs"),
+        (&common_dir, "refs/heads"),
+    ];
+    for (dir, f) in watched {
+        if let Some(p) = dir.as_ref().map(|d| d.join(f)).filter(|p| p.exists()) {
             println!("cargo:rerun-if-changed={}", p.display());
         }
     }

@@ -99,7 +99,15 @@ impl DurableFile {
 
     /// Fsyncs the data (unless [`DurableFile::sync`] already did and nothing was written since),
     /// moves it to `dest` and fsyncs `dest`'s directory.
-    pub fn commit(mut self, dest: &Path, existing: Existing) -> io::Result<()> {
+    pub fn commit(self, dest: &Path, existing: Existing) -> io::Result<()> {
+        self.place(dest, existing)?;
+        fsync_dir(parent_of(dest))
+    }
+
+    /// As [`DurableFile::commit`] without the last step: the data is durable and `dest` names
+    /// it, but the new name is durable only once the caller fsyncs `dest`'s directory (which
+    /// lets it share one directory fsync between several files: the receiver's group commit).
+    pub fn place(mut self, dest: &Path, existing: Existing) -> io::Result<()> {
         let file = self
             .file
             .take()
@@ -117,7 +125,7 @@ impl DurableFile {
                     fs::remove_file(&self.temp)?;
                 }
             }
-            fsync_dir(parent_of(dest))
+            Ok(())
         })();
         if result.is_err() {
             let _ = fs::remove_file(&self.temp);
@@ -191,13 +199,27 @@ pub fn open_append(path: &Path) -> io::Result<File> {
     Ok(f)
 }
 
-/// Creates a directory (and parents) and fsyncs the parent so the entry itself is durable.
+/// Creates a directory (and parents) and fsyncs the parent of every directory it created, so
+/// each new entry is durable: a store_dir created on first start along with its subdirectories
+/// survives a power cut whole, not only its innermost level.
 pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.as_os_str().is_empty() && fs::symlink_metadata(at).is_err() {
+        missing.push(at);
+        match at.parent() {
+            Some(p) => at = p,
+            None => break,
+        }
+    }
     fs::create_dir_all(dir)?;
-    fsync_dir(parent_of(dir))
+    for d in missing {
+        fsync_dir(parent_of(d))?;
+    }
+    Ok(())
 }
 
 /// Renames `from` to `to` (same filesystem) and fsyncs both parent directories.
@@ -279,6 +301,15 @@ mod tests {
         assert!(tmp.exists());
         drop(f);
         assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn create_dir_durable_makes_missing_parents() {
+        let d = tempfile::tempdir().unwrap();
+        let deep = d.path().join("store").join("episodes");
+        create_dir_durable(&deep).unwrap();
+        assert!(deep.is_dir());
+        create_dir_durable(&deep).unwrap();
     }
 
     #[test]

@@ -20,6 +20,10 @@ pub mod tls;
 pub use ids::{validate_id, Commit, IdError};
 pub use reason::{Disposition, ErrorCode, Reason};
 
+/// Largest zstd window log in a body: the receiver refuses a frame that declares a larger window
+/// (2^24 = 16 MiB bounds its decoder memory per upload), so the shipper never declares one.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 24;
+
 /// `--version` of both binaries: the version and the commit they were built from.
 pub const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),

@@ -5,12 +5,13 @@
 use libfuzzer_sys::fuzz_target;
 
 use cis490_common::Commit;
+use cis490_receiver::fuzzing::{COMMIT, EPISODE};
 use cis490_receiver::ingest::{validate, Expect};
 
 fuzz_target!(|data: &[u8]| {
     let expect = Expect {
-        commit: Commit::parse("0123456789abcdef0123456789abcdef01234567").ok(),
-        ..Expect::new("ep", 128 << 30)
+        commit: Commit::parse(COMMIT).ok(),
+        ..Expect::new(EPISODE, 128 << 30)
     };
     let _ = validate(data, std::io::sink(), &expect);
 });

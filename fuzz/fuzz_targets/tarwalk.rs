@@ -5,6 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
+use cis490_receiver::fuzzing::EPISODE;
 use cis490_receiver::ingest::MAX_ENTRIES;
 use cis490_receiver::tarwalk::{walk, Kind, WalkLimits, DEFAULT_MAX_PATH_BYTES};
 
@@ -14,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
         max_entries: MAX_ENTRIES,
     };
     let mut buf = [0u8; 64];
-    let r = walk(data, "ep", &limits, |m, body| {
+    let r = walk(data, EPISODE, &limits, |m, body| {
         // Names handed on are confined and bounded.
         assert!(m.rel.len() <= DEFAULT_MAX_PATH_BYTES);
         assert!(!m.rel.split('/').any(|c| c == ".." || c == "."));

@@ -14,6 +14,7 @@ use cis490_common::notify;
 use crate::config::{self, Config};
 use crate::server::Receiver;
 use crate::setup::offline_store;
+use crate::store::Offline;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -113,15 +114,16 @@ pub enum PkiCommand {
     },
 }
 
-/// `scrub`: the findings as lines (or JSON objects) as they come, then the totals.
-fn scrub(cfg: &Config, repair: bool, json: bool, per_s: u64) -> Result<(), CliError> {
+/// `scrub`: the findings as lines (or JSON objects) as they come, then the totals; the same
+/// output for both stores.
+fn scrub(
+    store: &Offline,
+    rt: &tokio::runtime::Runtime,
+    repair: bool,
+    json: bool,
+    per_s: u64,
+) -> Result<(), CliError> {
     use crate::store::scrub::{scrub_fs, Finding};
-    if cfg.store.kind != crate::config::StoreKind::Fs {
-        return Err(CliError::new(
-            EXIT_CONFIG,
-            "scrub: only [store] kind = \"fs\" can be scrubbed by this version",
-        ));
-    }
     let report = |f: &Finding| {
         if json {
             println!("{}", serde_json::to_string(f).unwrap_or_default());
@@ -130,15 +132,14 @@ fn scrub(cfg: &Config, repair: bool, json: bool, per_s: u64) -> Result<(), CliEr
             eprintln!("  {}", f.detail);
         }
     };
-    let tally = scrub_fs(
-        &cfg.store_dir,
-        cfg.limits.max_uncompressed_bytes,
-        per_s,
-        repair,
-        &|| false,
-        report,
-    )
-    .map_err(|e| CliError::failure(format_args!("scrub: {e:#}")))?;
+    let tally = match store {
+        Offline::Fs {
+            root,
+            max_uncompressed,
+        } => scrub_fs(root, *max_uncompressed, per_s, repair, &|| false, report),
+        Offline::S3(s) => rt.block_on(s.scrub(per_s, repair, &|| false, report)),
+    }
+    .map_err(|e| CliError::failure(format_args!("failed to scrub {}: {e:#}", store.describe())))?;
     if json {
         println!("{}", serde_json::to_string(&tally).unwrap_or_default());
     } else {
@@ -367,7 +368,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
             max_bytes_per_s,
         } => {
             let pace = max_bytes_per_s.unwrap_or(cfg.store.scrub_max_bytes_per_s);
-            scrub(&cfg, repair, json, pace)
+            let store = offline_store(&cfg, &path)?;
+            scrub(&store, &rt, repair, json, pace)
         }
     }
 }

@@ -7,6 +7,13 @@ use http::HeaderMap;
 
 pub use crate::api::BodySpan;
 
+/// The episode id the body targets validate against: the one of the hostile corpus
+/// (`tests/corpus/hostile`) their seeds come from, so a seed's members are walked, not refused
+/// at the first name.
+pub const EPISODE: &str = "ep-hostile";
+/// The commit the hostile corpus's `meta.json` names.
+pub const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
 /// What the stateless header checks of an upload accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadHeaders {

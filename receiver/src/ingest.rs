@@ -13,8 +13,8 @@ use sha2::{Digest, Sha256};
 use crate::tarwalk::{self, Kind, WalkError, WalkLimits, DEFAULT_MAX_PATH_BYTES};
 use crate::zframes::{FrameError, FrameScanner};
 
-/// Largest zstd window accepted (2^24 = 16 MiB); bounds decoder memory per upload.
-pub const WINDOW_LOG_MAX: u32 = 24;
+/// Largest zstd window accepted; bounds decoder memory per upload (shared with the shipper).
+pub const WINDOW_LOG_MAX: u32 = cis490_common::ZSTD_WINDOW_LOG_MAX;
 /// Most tar entries one episode may hold; bounds the duplicate-path set of a tar bomb.
 pub const MAX_ENTRIES: u64 = 1_000_000;
 /// Default of `[limits] max_compression_ratio`.

@@ -416,43 +416,47 @@ async fn background_scrub(state: Arc<AppState>, stop: CancellationToken) {
     if every == 0 {
         return;
     }
-    if state.cfg.store.kind != crate::config::StoreKind::Fs {
-        tracing::warn!("the background scrub covers fs stores only; [store] scrub_interval_s is ignored for S3");
-        return;
-    }
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(every)) => {}
         }
-        let st = state.clone();
         let started = std::time::Instant::now();
-        let halt = stop.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let cfg = &st.cfg;
-            crate::store::scrub::scrub_fs(
-                &cfg.store_dir,
-                cfg.limits.max_uncompressed_bytes,
-                cfg.store.scrub_max_bytes_per_s,
-                false,
-                &|| halt.is_cancelled(),
-                |f| {
-                    st.metrics.count_scrub_problem(f.problem.as_str());
-                    tracing::error!(
-                        event = "scrub_problem",
-                        host_id = %f.host_id,
-                        episode = %f.episode_id,
-                        problem = f.problem.as_str(),
-                        detail = %f.detail,
-                        fix = "cis490-receiver scrub --repair (then the host's next upload stores it again)",
-                        "a stored episode is not intact"
-                    );
-                },
-            )
-        })
-        .await;
+        let outcome = match &state.store {
+            Store::Fs(_) => {
+                let st = state.clone();
+                let halt = stop.clone();
+                tokio::task::spawn_blocking(move || {
+                    let cfg = &st.cfg;
+                    crate::store::scrub::scrub_fs(
+                        &cfg.store_dir,
+                        cfg.limits.max_uncompressed_bytes,
+                        cfg.store.scrub_max_bytes_per_s,
+                        false,
+                        &|| halt.is_cancelled(),
+                        |f| scrub_problem(&st, f),
+                    )
+                })
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("the scrub task failed: {e}")))
+            }
+            Store::S3(s) => {
+                let halt = stop.clone();
+                let stopped = move || halt.is_cancelled();
+                let scrub = s.scrub(
+                    state.cfg.store.scrub_max_bytes_per_s,
+                    false,
+                    &stopped,
+                    |f| scrub_problem(&state, f),
+                );
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = scrub => r,
+                }
+            }
+        };
         match outcome {
-            Ok(Ok(t)) => {
+            Ok(t) => {
                 state.metrics.scrub_checked.inc_by(t.checked);
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -466,14 +470,28 @@ async fn background_scrub(state: Arc<AppState>, stop: CancellationToken) {
                     missing = t.missing,
                     truncated = t.truncated,
                     corrupt = t.corrupt,
+                    bytes_read = t.bytes_read,
                     seconds = started.elapsed().as_secs_f64(),
                     "background scrub finished"
                 );
             }
-            Ok(Err(e)) => tracing::error!(error = %e, "background scrub failed"),
-            Err(e) => tracing::error!(error = %e, "background scrub task failed"),
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "background scrub failed"),
         }
     }
+}
+
+/// One bad episode found by the background scrub: counted, and logged for the operator.
+fn scrub_problem(state: &AppState, f: &crate::store::scrub::Finding) {
+    state.metrics.count_scrub_problem(f.problem.as_str());
+    tracing::error!(
+        event = "scrub_problem",
+        host_id = %f.host_id,
+        episode = %f.episode_id,
+        problem = f.problem.as_str(),
+        detail = %f.detail,
+        fix = "cis490-receiver scrub --repair (then the host's next upload stores it again)",
+        "a stored episode is not intact"
+    );
 }
 
 /// How long a stopping receiver waits for each background task.

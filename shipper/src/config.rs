@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::pack::Compression;
+use crate::pack::{Compression, Mode};
 
 pub const DEFAULT_PATH: &str = "/etc/cis490/lab-host.toml";
 pub const ENV_PATH: &str = "CIS490_SHIPPER_CONFIG";
@@ -89,7 +89,11 @@ pub struct Shipping {
     pub scan_interval_s: u64,
     pub settle_s: u64,
     pub concurrency: usize,
+    /// "auto" (default) or "level"; checked by `validate`, read through [`Shipping::mode`].
+    pub compression: String,
     pub zstd_level: i32,
+    /// The highest level `compression = "auto"` moves to when the link is the slower stage.
+    pub zstd_max_level: i32,
     pub zstd_threads: u32,
     pub max_backoff_s: u64,
     pub bandwidth_limit_mbps: f64,
@@ -108,7 +112,14 @@ impl Shipping {
         Compression {
             level: self.zstd_level,
             threads,
+            mode: self.mode(),
         }
+    }
+
+    /// `compression` as a mode; `validate` refused any other value, so this never falls back
+    /// on a config that loaded.
+    pub fn mode(&self) -> Mode {
+        self.compression.parse().unwrap_or_default()
     }
 }
 
@@ -118,7 +129,9 @@ impl Default for Shipping {
             scan_interval_s: 5,
             settle_s: 5,
             concurrency: 2,
+            compression: "auto".into(),
             zstd_level: 3,
+            zstd_max_level: 9,
             zstd_threads: 0,
             max_backoff_s: 300,
             bandwidth_limit_mbps: 0.0,
@@ -223,10 +236,19 @@ impl Validate for Config {
                 format!("must be between 1 and {MAX_CONCURRENCY}"),
             );
         }
+        if let Err(e) = s.compression.parse::<Mode>() {
+            return err("shipping.compression", e);
+        }
         if !(1..=22).contains(&s.zstd_level) {
             return err(
                 "shipping.zstd_level",
                 format!("{} is outside 1..=22", s.zstd_level),
+            );
+        }
+        if !(1..=19).contains(&s.zstd_max_level) {
+            return err(
+                "shipping.zstd_max_level",
+                format!("{} is outside 1..=19", s.zstd_max_level),
             );
         }
         if s.max_backoff_s == 0 {
@@ -304,6 +326,15 @@ key_file = "/k.pem"
 "#;
 
     #[test]
+    fn the_example_loads_with_the_default_compression() {
+        let example = include_str!("../../etc/lab-host.toml.example");
+        let c = Config::parse(Path::new("lab-host.toml.example"), example).unwrap();
+        assert_eq!(c.shipping.compression, Shipping::default().compression);
+        assert_eq!(c.shipping.mode(), Mode::Auto);
+        assert_eq!(c.shipping.zstd_level, 3);
+    }
+
+    #[test]
     fn defaults_follow_the_spec() {
         let c = Config::parse(Path::new("l.toml"), MIN).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/cis490"));
@@ -313,6 +344,7 @@ key_file = "/k.pem"
         assert_eq!(c.shipping.settle_s, 5);
         assert_eq!(c.shipping.concurrency, 2);
         assert_eq!(c.shipping.zstd_level, 3);
+        assert_eq!(c.shipping.mode(), Mode::Auto);
         assert_eq!(c.shipping.zstd_threads, 0);
         assert_eq!(c.shipping.max_backoff_s, 300);
         assert_eq!(c.shipping.bandwidth_limit_mbps, 0.0);
@@ -373,6 +405,54 @@ key_file = "/k.pem"
         assert_eq!(threads(0, 4, 2), 1);
         assert_eq!(threads(3, 2, 2), 3, "an explicit value is kept");
         assert_eq!(Shipping::default().compression(8).level, 3);
+    }
+
+    #[test]
+    fn compression_is_auto_or_level_and_a_bad_value_names_the_key() {
+        let with = |v: &str| {
+            Config::parse(
+                Path::new("l.toml"),
+                &format!("{MIN}\n[shipping]\ncompression = {v}\n"),
+            )
+        };
+        let c = with("\"level\"").unwrap();
+        assert_eq!(c.shipping.compression(2).mode, Mode::Level);
+        let c = with("\"auto\"").unwrap();
+        assert_eq!(c.shipping.compression(2).mode, Mode::Auto);
+        for bad in ["\"fast\"", "\"Auto\"", "\"\""] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(
+                e.starts_with("l.toml: shipping.compression: "),
+                "{bad}: {e}"
+            );
+            assert!(e.contains("\"auto\" or \"level\""), "{bad}: {e}");
+            assert!(!e.contains('\n'), "{bad}: {e}");
+        }
+        let e = with("3").unwrap_err().to_string();
+        assert!(e.contains("`compression`"), "{e}");
+    }
+
+    #[test]
+    fn zstd_max_level_defaults_to_9_and_a_bad_value_names_the_key() {
+        let with = |v: &str| {
+            Config::parse(
+                Path::new("l.toml"),
+                &format!("{MIN}\n[shipping]\nzstd_max_level = {v}\n"),
+            )
+        };
+        assert_eq!(Shipping::default().zstd_max_level, 9);
+        assert_eq!(with("19").unwrap().shipping.zstd_max_level, 19);
+        assert_eq!(with("1").unwrap().shipping.zstd_max_level, 1);
+        for bad in ["0", "20", "-3"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!("l.toml: shipping.zstd_max_level: {bad} is outside 1..=19"),
+                "{bad}"
+            );
+        }
+        let e = with("\"9\"").unwrap_err().to_string();
+        assert!(e.contains("`zstd_max_level`"), "{e}");
     }
 
     #[test]

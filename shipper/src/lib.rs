@@ -1,5 +1,6 @@
 //! `cis490-shipper`: packs finished episodes as canonical tar+zstd and ships them over mTLS.
 
+pub(crate) mod adapt;
 pub mod cli;
 pub mod config;
 pub(crate) mod daemon;

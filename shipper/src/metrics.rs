@@ -102,6 +102,7 @@ pub(crate) struct Metrics {
     /// The `host_commit` label of the one build_info series.
     build_commit: Mutex<String>,
     cert_not_after: Family<CertLabel, Gauge>,
+    zstd_level: Gauge,
 }
 
 impl Metrics {
@@ -180,6 +181,12 @@ impl Metrics {
             "Unix time at which the client certificate or the receiver CA of the config expires",
             cert_not_after.clone(),
         );
+        let zstd_level = Gauge::default();
+        registry.register(
+            "cis490_shipper_zstd_level",
+            "The zstd level the next pack uses (moved with the link under compression = \"auto\")",
+            zstd_level.clone(),
+        );
         for dir in ["episodes", "outbox", "shipped", "quarantine"] {
             episodes.get_or_create(&DirLabel { dir }).set(0);
         }
@@ -208,7 +215,12 @@ impl Metrics {
             build_info,
             build_commit: Mutex::new(String::new()),
             cert_not_after,
+            zstd_level,
         }
+    }
+
+    pub(crate) fn zstd_level(&self, level: i32) {
+        self.zstd_level.set(i64::from(level));
     }
 
     /// What a scan found in the queue.
@@ -556,6 +568,7 @@ mod tests {
         m.resumed(8 << 20);
         m.resumed(1 << 20);
         m.binary_stale(true);
+        m.zstd_level(5);
         m.host_commit(Some("0123456789abcdef0123456789abcdef01234567"));
         m.cert_not_after(
             CertFile::Client,
@@ -582,6 +595,7 @@ mod tests {
             ("cis490_shipper_last_success_timestamp_seconds", 1_700_000_100),
             ("cis490_shipper_upload_bytes_in_flight", 0),
             ("cis490_shipper_binary_stale", 1),
+            ("cis490_shipper_zstd_level", 5),
             (
                 &*format!(
                     "cis490_shipper_build_info{{version=\"{}\",host_commit=\"0123456789abcdef0123456789abcdef01234567\"}}",

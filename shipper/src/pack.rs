@@ -12,6 +12,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use zstd::zstd_safe::{CCtx, CParameter, ResetDirective};
 
+mod auto;
+#[doc(hidden)]
+pub use auto::{entropy, Switches, BLOCK, ENTROPY_LIMIT, MIN_STORED_STRETCH, SAMPLE};
+
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
     #[error("{path}: {kind} entries cannot be shipped (only regular files and directories)")]
@@ -62,11 +66,34 @@ impl<W: Write> Write for HashingWriter<W> {
 /// Bytes of input per multithreaded zstd job.
 const MT_JOB_SIZE: u32 = 1 << 20;
 
-/// Compression settings (`zstd_level`, `zstd_threads`; 0 threads = all cores).
+/// How the zstd setting is chosen (`[shipping] compression`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Every byte at `zstd_level`: one frame, the body the shipper made before `auto`.
+    Level,
+    /// Stretches that look incompressible are stored raw (frames of raw blocks), the rest at
+    /// `zstd_level`.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s {
+            "auto" => Ok(Mode::Auto),
+            "level" => Ok(Mode::Level),
+            other => Err(format!("{other:?} is not \"auto\" or \"level\"")),
+        }
+    }
+}
+
+/// Compression settings (`compression`, `zstd_level`, `zstd_threads`; 0 threads = all cores).
 #[derive(Debug, Clone, Copy)]
 pub struct Compression {
     pub level: i32,
     pub threads: u32,
+    pub mode: Mode,
 }
 
 impl Default for Compression {
@@ -74,6 +101,7 @@ impl Default for Compression {
         Compression {
             level: 3,
             threads: 0,
+            mode: Mode::Auto,
         }
     }
 }
@@ -106,7 +134,8 @@ fn zstd_error(code: usize) -> io::Error {
 }
 
 impl PooledContext {
-    fn take(level: i32, threads: u32) -> io::Result<PooledContext> {
+    /// `workers` as zstd's `nbWorkers`: 0 compresses on the calling thread.
+    fn take(level: i32, workers: u32) -> io::Result<PooledContext> {
         let pooled = CONTEXTS.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut ctx = match pooled {
             Some(c) => c,
@@ -121,9 +150,19 @@ impl PooledContext {
         ctx.reset(ResetDirective::SessionOnly).map_err(zstd_error)?;
         ctx.set_parameter(CParameter::CompressionLevel(level))
             .map_err(zstd_error)?;
-        ctx.set_parameter(CParameter::NbWorkers(if threads > 1 { threads } else { 0 }))
+        // Levels 20-22 would declare windows of 2^25-2^27 bytes in a stream of unknown size,
+        // which the receiver refuses; below 20 the level's own window is at most 2^23. A pooled
+        // context keeps its parameters, so the default (0) is set back explicitly.
+        let window_log = if level > 19 {
+            cis490_common::ZSTD_WINDOW_LOG_MAX
+        } else {
+            0
+        };
+        ctx.set_parameter(CParameter::WindowLog(window_log))
             .map_err(zstd_error)?;
-        if threads > 1 {
+        ctx.set_parameter(CParameter::NbWorkers(workers))
+            .map_err(zstd_error)?;
+        if workers > 0 {
             // Small jobs keep each worker's buffers near a MiB instead of 4 windows (bench: RSS).
             ctx.set_parameter(CParameter::JobSize(MT_JOB_SIZE))
                 .map_err(zstd_error)?;
@@ -156,12 +195,28 @@ pub fn pack<W: Write>(
     out: W,
     compression: Compression,
 ) -> Result<(Packed, W), PackError> {
+    let (packed, out, _) = pack_counted(dir, episode_id, out, compression)?;
+    Ok((packed, out))
+}
+
+/// [`pack`], and what the auto mode did (for tests and the benchmark).
+#[doc(hidden)]
+pub fn pack_counted<W: Write>(
+    dir: &Path,
+    episode_id: &str,
+    out: W,
+    compression: Compression,
+) -> Result<(Packed, W, Switches), PackError> {
     let threads = match compression.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         n => n,
     };
-    let mut ctx = PooledContext::take(compression.level, threads).map_err(io_at(dir))?;
-    let enc = zstd::stream::write::Encoder::with_context(out, ctx.get());
+    let workers = if threads > 1 { threads } else { 0 };
+    let mut ctx = PooledContext::take(compression.level, workers).map_err(io_at(dir))?;
+    let enc = match compression.mode {
+        Mode::Level => Encoder::Level(zstd::stream::write::Encoder::with_context(out, ctx.get())),
+        Mode::Auto => Encoder::Auto(auto::AutoEncoder::new(ctx.get(), out)),
+    };
     let hashing = HashingWriter {
         inner: enc,
         hasher: Sha256::new(),
@@ -177,7 +232,7 @@ pub fn pack<W: Write>(
         hasher,
         count,
     } = hashing;
-    let out = inner.finish().map_err(io_at(dir))?;
+    let (out, switches) = inner.finish().map_err(io_at(dir))?;
     Ok((
         Packed {
             tar_sha256: hex::encode(hasher.finalize()),
@@ -185,8 +240,49 @@ pub fn pack<W: Write>(
             files,
         },
         out,
+        switches,
     ))
 }
+
+/// The zstd writer of one pack.
+enum Encoder<'c, W: Write> {
+    Level(zstd::stream::write::Encoder<'c, W>),
+    Auto(auto::AutoEncoder<'c, W>),
+}
+
+impl<W: Write> Encoder<'_, W> {
+    /// A regular file's header and data, `len` bytes in all, come next.
+    fn member(&mut self, len: u64) -> io::Result<()> {
+        match self {
+            Encoder::Level(_) => Ok(()),
+            Encoder::Auto(a) => a.member(len),
+        }
+    }
+
+    fn finish(self) -> io::Result<(W, Switches)> {
+        match self {
+            Encoder::Level(e) => Ok((e.finish()?, Switches::default())),
+            Encoder::Auto(a) => a.finish(),
+        }
+    }
+}
+
+impl<W: Write> Write for Encoder<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Encoder::Level(e) => e.write(buf),
+            Encoder::Auto(a) => a.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Encoder::Level(e) => e.flush(),
+            Encoder::Auto(a) => a.flush(),
+        }
+    }
+}
+
+type Builder<'c, W> = tar::Builder<HashingWriter<Encoder<'c, W>>>;
 
 fn header(kind: tar::EntryType, size: u64, mode: u32, mtime: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
@@ -201,7 +297,7 @@ fn header(kind: tar::EntryType, size: u64, mode: u32, mtime: u64) -> tar::Header
 }
 
 fn append_dir<W: Write>(
-    b: &mut tar::Builder<W>,
+    b: &mut Builder<'_, W>,
     dir: &Path,
     name: &str,
     files: &mut u64,
@@ -245,11 +341,7 @@ fn append_dir<W: Write>(
     Ok(())
 }
 
-fn append_file<W: Write>(
-    b: &mut tar::Builder<W>,
-    path: &Path,
-    name: &str,
-) -> Result<(), PackError> {
+fn append_file<W: Write>(b: &mut Builder<'_, W>, path: &Path, name: &str) -> Result<(), PackError> {
     let f = File::open(path).map_err(io_at(path))?;
     let md = f.metadata().map_err(io_at(path))?;
     let exec = md.permissions().mode() & 0o111 != 0;
@@ -265,6 +357,11 @@ fn append_file<W: Write>(
         if exec { 0o755 } else { 0o644 },
         mtime,
     );
+    // The header's block plus the data: what the auto mode judges as one file.
+    b.get_mut()
+        .inner
+        .member(len.saturating_add(512))
+        .map_err(io_at(path))?;
     let mut reader = ExactReader {
         inner: f.take(len),
         left: len,
@@ -395,6 +492,7 @@ mod tests {
             Compression {
                 level: 3,
                 threads: 1,
+                mode: Mode::Level,
             },
         )
         .unwrap();
@@ -405,6 +503,7 @@ mod tests {
             Compression {
                 level: 9,
                 threads: 2,
+                mode: Mode::Level,
             },
         )
         .unwrap();
@@ -412,6 +511,44 @@ mod tests {
         assert_eq!(
             zstd::decode_all(&za[..]).unwrap(),
             zstd::decode_all(&zb[..]).unwrap()
+        );
+    }
+
+    /// Levels 20-22 declare windows over the receiver's limit unless the shipper caps them; a
+    /// pooled context that packed at level 22 must not keep the cap (or anything) for level 3.
+    #[test]
+    fn every_level_declares_a_window_the_receiver_accepts() {
+        let t = tempfile::tempdir().unwrap();
+        let d = episode(t.path());
+        fs::write(d.join("table.csv"), text(400_000, 7)).unwrap();
+        let decode = |z: &[u8]| -> Vec<u8> {
+            let mut dec = zstd::stream::read::Decoder::new(z).unwrap();
+            dec.window_log_max(cis490_common::ZSTD_WINDOW_LOG_MAX)
+                .unwrap();
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut dec, &mut out).unwrap();
+            out
+        };
+        let level = |level, threads, mode| Compression {
+            level,
+            threads,
+            mode,
+        };
+        let (first, z3) = pack(&d, "ep1", Vec::new(), level(3, 1, Mode::Level)).unwrap();
+        for mode in [Mode::Level, Mode::Auto] {
+            for threads in [1, 2] {
+                for l in 1..=22 {
+                    let (p, z) = pack(&d, "ep1", Vec::new(), level(l, threads, mode)).unwrap();
+                    let tar = decode(&z);
+                    assert_eq!(hex::encode(Sha256::digest(&tar)), p.tar_sha256, "level {l}");
+                    assert_eq!(p, first);
+                }
+            }
+        }
+        let (_, again) = pack(&d, "ep1", Vec::new(), level(3, 1, Mode::Level)).unwrap();
+        assert_eq!(
+            again, z3,
+            "a pooled context kept a parameter of an earlier pack"
         );
     }
 
@@ -437,6 +574,7 @@ mod tests {
             Compression {
                 level: 1,
                 threads: 1,
+                mode: Mode::Level,
             },
         )
         .unwrap_err();
@@ -469,7 +607,11 @@ mod tests {
             .collect();
         fs::write(d.join("big"), &noisy).unwrap();
         for threads in [1, 2] {
-            let c = Compression { level: 3, threads };
+            let c = Compression {
+                level: 3,
+                threads,
+                mode: Mode::Level,
+            };
             // Leaves frames half written in pooled contexts.
             for _ in 0..KEPT_CONTEXTS + 1 {
                 assert!(pack(&d, "ep1", FailAfter(100_000), c).is_err());
@@ -490,6 +632,195 @@ mod tests {
             fresh.write_all(&tar).unwrap();
             assert_eq!(fresh.finish().unwrap(), z1, "threads={threads}");
             assert_eq!(hex::encode(Sha256::digest(&tar)), p1.tar_sha256);
+        }
+    }
+
+    /// CSV-like lines: zstd -3 takes them to about a third.
+    fn text(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut out = Vec::with_capacity(n + 64);
+        while out.len() < n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.extend_from_slice(
+                format!(
+                    "{},{:.3},{},ok\n",
+                    out.len(),
+                    (x % 9999) as f64 / 7.0,
+                    x % 5
+                )
+                .as_bytes(),
+            );
+        }
+        out.truncate(n);
+        out
+    }
+
+    fn random(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    fn ep_with(root: &Path, files: &[(&str, Vec<u8>)]) -> PathBuf {
+        let d = root.join("ep1");
+        fs::create_dir_all(&d).unwrap();
+        for (name, bytes) in files {
+            fs::write(d.join(name), bytes).unwrap();
+        }
+        d
+    }
+
+    /// zstd frames in `body`.
+    fn frames(body: &[u8]) -> usize {
+        let mut rest = body;
+        let mut n = 0;
+        while !rest.is_empty() {
+            let len = zstd::zstd_safe::find_frame_compressed_size(rest).unwrap();
+            rest = &rest[len..];
+            n += 1;
+        }
+        n
+    }
+
+    const AUTO: Compression = Compression {
+        level: 3,
+        threads: 1,
+        mode: Mode::Auto,
+    };
+    const LEVEL: Compression = Compression {
+        level: 3,
+        threads: 1,
+        mode: Mode::Level,
+    };
+
+    #[test]
+    fn entropy_separates_text_from_random() {
+        assert_eq!(entropy(&[]), 0.0);
+        assert_eq!(entropy(&[7u8; 1000]), 0.0);
+        assert!(entropy(&random(SAMPLE, 1)) > 7.99);
+        assert!(entropy(&text(SAMPLE, 1)) < 4.5);
+        // A tar header's zeros in the sample do not hide random data.
+        let mut with_header = vec![0u8; 1536];
+        with_header.extend(random(SAMPLE - 1536, 2));
+        assert!(entropy(&with_header) > auto::ENTROPY_LIMIT);
+    }
+
+    #[test]
+    fn auto_stores_random_members_and_compresses_text_with_the_same_tar() {
+        let t = tempfile::tempdir().unwrap();
+        let d = ep_with(
+            t.path(),
+            &[
+                ("a.csv", text(3 << 20, 1)),
+                ("b.bin", random(3 << 20, 2)),
+                ("c.csv", text(2 << 20, 3)),
+                ("meta.json", b"{}".to_vec()),
+            ],
+        );
+        let (pl, level, sl) = pack_counted(&d, "ep1", Vec::new(), LEVEL).unwrap();
+        assert_eq!(sl, Switches::default());
+        assert_eq!(frames(&level), 1);
+        for threads in [1, 2] {
+            let c = Compression { threads, ..AUTO };
+            let (pa, auto, sa) = pack_counted(&d, "ep1", Vec::new(), c).unwrap();
+            assert_eq!(pa, pl, "{threads} threads: the same tar");
+            assert_eq!(
+                zstd::decode_all(&auto[..]).unwrap(),
+                zstd::decode_all(&level[..]).unwrap(),
+                "{threads} threads"
+            );
+            assert_eq!(sa.switches, 2, "stored from b.bin, zstd again from c.csv");
+            // b.bin's data and its header.
+            assert_eq!(sa.stored_bytes, (3 << 20) + 512, "{threads} threads");
+            // zstd (a.csv), raw (b.bin), zstd (c.csv, meta.json, the end blocks).
+            assert_eq!(frames(&auto), 3, "{threads} threads");
+            let first = zstd::zstd_safe::find_frame_compressed_size(&auto).unwrap();
+            let raw = &auto[first..];
+            assert_eq!(raw[..6], [0x28, 0xB5, 0x2F, 0xFD, 0x00, 0x38]);
+            assert_eq!(
+                zstd::zstd_safe::find_frame_compressed_size(raw).unwrap(),
+                6 + (3 << 20) + 512 + 3 * 25,
+                "24 full raw blocks and a last one of 512 bytes, 3 header bytes each"
+            );
+            // A tarball packed before a restart is hashed across all its frames.
+            let f = t.path().join(format!("auto-{threads}.tar.zst"));
+            fs::write(&f, &auto).unwrap();
+            assert_eq!(hash_tarball(&f).unwrap(), pa.tar_sha256);
+            // The random member costs what zstd's own raw blocks cost; the text the same.
+            assert!(
+                (auto.len() as f64) < level.len() as f64 * 1.001,
+                "{threads} threads: {} vs {}",
+                auto.len(),
+                level.len()
+            );
+        }
+    }
+
+    #[test]
+    fn small_and_short_members_never_switch() {
+        let t = tempfile::tempdir().unwrap();
+        let files: Vec<(String, Vec<u8>)> = (0..40)
+            .map(|i| {
+                (
+                    format!("f{i:02}"),
+                    if i % 2 == 0 {
+                        random(10_000, i)
+                    } else {
+                        text(10_000, i)
+                    },
+                )
+            })
+            .chain([(
+                "g.bin".to_string(),
+                random((MIN_STORED_STRETCH - 1024) as usize, 99),
+            )])
+            .collect();
+        let refs: Vec<(&str, Vec<u8>)> =
+            files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+        let d = ep_with(t.path(), &refs);
+        let (_, body, s) = pack_counted(&d, "ep1", Vec::new(), AUTO).unwrap();
+        assert_eq!(s, Switches::default(), "too short to be worth a frame");
+        let (_, level) = pack(&d, "ep1", Vec::new(), LEVEL).unwrap();
+        assert_eq!(body, level, "no switch: the body a level pack makes");
+    }
+
+    #[test]
+    fn a_lying_sample_costs_at_most_a_block() {
+        let t = tempfile::tempdir().unwrap();
+        // Compressible head, random tail; then random head, compressible tail.
+        let mut head_text = text(BLOCK as usize / 2, 1);
+        head_text.extend(random(4 * BLOCK as usize, 2));
+        let mut head_random = random(BLOCK as usize / 2, 3);
+        head_random.extend(text(4 * BLOCK as usize, 4));
+        for (bytes, fast_min, fast_max) in [
+            (head_text, 3 * BLOCK, 4 * BLOCK),
+            (head_random, BLOCK / 2, BLOCK + 1024),
+        ] {
+            let d = ep_with(t.path(), &[("x.bin", bytes)]);
+            let (p, body, s) = pack_counted(&d, "ep1", Vec::new(), AUTO).unwrap();
+            let (pl, level) = pack(&d, "ep1", Vec::new(), LEVEL).unwrap();
+            assert_eq!(p, pl);
+            assert_eq!(
+                zstd::decode_all(&body[..]).unwrap(),
+                zstd::decode_all(&level[..]).unwrap()
+            );
+            assert!((fast_min..=fast_max).contains(&s.stored_bytes), "{s:?}");
+            // The lie (half a block of text at the fast setting) can cost at most its own size.
+            assert!(
+                body.len() as u64 <= level.len() as u64 + BLOCK / 2,
+                "{} vs {}",
+                body.len(),
+                level.len()
+            );
+            fs::remove_dir_all(&d).unwrap();
         }
     }
 

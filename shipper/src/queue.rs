@@ -345,9 +345,15 @@ impl Queue {
     }
 
     /// Transition *quarantine*: the reason is written as `quarantine/.<name>.reason.pending`, the
-    /// directory is renamed into quarantine/, then the reason moves inside. A crash before the
-    /// directory rename leaves a stale pending file (removed; the episode is tried again); after
-    /// it, the sweep moves the pending reason into place.
+    /// directory is renamed into quarantine/, then the reason is written again inside it and the
+    /// pending file removed. A crash before the directory rename leaves a stale pending file
+    /// (removed; the episode is tried again); after it, the sweep writes the reason inside from
+    /// the pending file.
+    ///
+    /// The reason is written inside (a temp file, fsync, a rename within the episode's directory,
+    /// fsync), never renamed in from quarantine/: without a journal a rename between two
+    /// directories is two separate writes, and a power cut could keep the pending name's removal
+    /// and lose the new name, leaving a quarantined episode with no reason anywhere.
     pub fn quarantine(&self, id: &str, reason: &QuarantineReason) -> io::Result<PathBuf> {
         let _lock = self.lock()?;
         // This fsyncs episodes/: the entries earlier retires added to shipped/ go first.
@@ -372,21 +378,28 @@ impl Queue {
             let _ = fs::remove_file(&pending);
             return Err(e);
         }
-        if durable::rename_durable(&pending, &dest.join(REASON_FILE)).is_err() {
-            // The directory already moved: the reason must land inside it one way or another.
-            durable::write_atomic(&dest.join(REASON_FILE), &json)?;
-            let _ = fs::remove_file(&pending);
-        }
+        durable::write_atomic(&dest.join(REASON_FILE), &json)?;
+        // Not fsynced: should the removal be undone, the sweep finds the reason in place and
+        // removes the pending file again.
+        fs::remove_file(&pending)?;
         touch(&dest)?;
         Ok(dest)
     }
 
-    /// Finishes or discards quarantines a crash interrupted.
+    /// Finishes or discards quarantines a crash interrupted (under the lock, so no quarantine is
+    /// running): a pending reason whose directory moved is written inside it, any other pending
+    /// reason is stale. Temp files of either write that a power cut left are removed.
     pub fn recover_pending(&self) -> io::Result<()> {
         let qdir = self.quarantine_dir();
+        let mut removed = false;
         for e in fs::read_dir(&qdir).map_err(|e| io_ctx(&qdir, e))? {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
+            if is_pending_temp(&name) {
+                remove_if_there(&e.path())?;
+                removed = true;
+                continue;
+            }
             let Some(target) = name
                 .strip_prefix('.')
                 .and_then(|n| n.strip_suffix(PENDING_SUFFIX))
@@ -394,17 +407,34 @@ impl Queue {
                 continue;
             };
             let dest = qdir.join(target);
-            if dest.is_dir() && !dest.join(REASON_FILE).exists() {
-                durable::rename_durable(&e.path(), &dest.join(REASON_FILE))?;
-                touch(&dest)?;
-                tracing::warn!(
-                    event = "quarantined",
-                    episode = target,
-                    "finished a quarantine interrupted by a crash"
-                );
-            } else {
-                fs::remove_file(e.path())?;
+            if dest.is_dir() {
+                let mut inside = false;
+                for f in fs::read_dir(&dest).map_err(|e| io_ctx(&dest, e))? {
+                    let f = f?;
+                    if is_reason_temp(&f.file_name().to_string_lossy()) {
+                        remove_if_there(&f.path())?;
+                        inside = true;
+                    }
+                }
+                if inside {
+                    durable::fsync_dir(&dest)?;
+                }
+                if !dest.join(REASON_FILE).exists() {
+                    let json = fs::read(e.path()).map_err(|err| io_ctx(&e.path(), err))?;
+                    durable::write_atomic(&dest.join(REASON_FILE), &json)?;
+                    touch(&dest)?;
+                    tracing::warn!(
+                        event = "quarantined",
+                        episode = target,
+                        "finished a quarantine interrupted by a crash"
+                    );
+                }
             }
+            remove_if_there(&e.path())?;
+            removed = true;
+        }
+        if removed {
+            durable::fsync_dir(&qdir)?;
         }
         Ok(())
     }
@@ -543,6 +573,29 @@ impl Write for Spill {
             Some(f) => f.flush(),
             None => Ok(()),
         }
+    }
+}
+
+/// `quarantine/..<name>.reason.pending.<pid>.<n>.tmp`: the temp file of a pending reason's
+/// durable write, left behind when the power went before its rename.
+fn is_pending_temp(name: &str) -> bool {
+    name.starts_with('.')
+        && name
+            .strip_suffix(durable::TEMP_SUFFIX)
+            .is_some_and(|n| n.contains(&format!("{PENDING_SUFFIX}.")))
+}
+
+/// `quarantine/<name>/.quarantine_reason.json.<pid>.<n>.tmp`: the same for the reason file.
+fn is_reason_temp(name: &str) -> bool {
+    name.strip_prefix('.')
+        .and_then(|n| n.strip_prefix(REASON_FILE))
+        .is_some_and(|n| n.starts_with('.') && n.ends_with(durable::TEMP_SUFFIX))
+}
+
+fn remove_if_there(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_ctx(path, e)),
+        _ => Ok(()),
     }
 }
 
@@ -921,6 +974,43 @@ mod tests {
         assert!(!l.quarantine_dir().join(".ep1.reason.pending").exists());
         assert!(!l.quarantine_dir().join(".ep2.reason.pending").exists());
         assert!(l.episodes_dir().join("ep2").exists());
+    }
+
+    #[test]
+    fn the_sweep_removes_temp_files_a_power_cut_left_in_a_quarantine() {
+        let (_t, l) = queue();
+        let q = l.quarantine_dir();
+        // The pending reason's own temp file, its write cut before the rename.
+        fs::write(q.join("..ep1.reason.pending.77.0.tmp"), b"{").unwrap();
+        // The directory moved and the reason's temp file inside it, cut before its rename.
+        episode(&l, "ep2");
+        fs::rename(l.episodes_dir().join("ep2"), q.join("ep2")).unwrap();
+        fs::write(q.join(".ep2.reason.pending"), b"{\"y\":2}").unwrap();
+        fs::write(q.join("ep2").join(".quarantine_reason.json.77.1.tmp"), b"{").unwrap();
+        // A finished quarantine whose pending file's removal was undone.
+        episode(&l, "ep3");
+        fs::rename(l.episodes_dir().join("ep3"), q.join("ep3")).unwrap();
+        fs::write(q.join("ep3").join(REASON_FILE), b"{\"z\":3}").unwrap();
+        fs::write(q.join(".ep3.reason.pending"), b"{\"z\":3}").unwrap();
+        l.sweep(&Default::default()).unwrap();
+        let mut left: Vec<String> = fs::read_dir(&q)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["ep2", "ep3"]);
+        assert_eq!(
+            fs::read(q.join("ep2").join(REASON_FILE)).unwrap(),
+            b"{\"y\":2}"
+        );
+        assert!(!q
+            .join("ep2")
+            .join(".quarantine_reason.json.77.1.tmp")
+            .exists());
+        assert_eq!(
+            fs::read(q.join("ep3").join(REASON_FILE)).unwrap(),
+            b"{\"z\":3}"
+        );
     }
 
     #[test]

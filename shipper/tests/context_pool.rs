@@ -3,7 +3,7 @@
 use std::fs;
 use std::io::Write;
 
-use cis490_shipper::pack::{context_counts, pack, Compression};
+use cis490_shipper::pack::{context_counts, pack, Compression, Mode};
 
 fn noise(n: usize) -> Vec<u8> {
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
@@ -32,6 +32,7 @@ fn packs_reuse_one_context_and_a_level_change_does_not_stick() {
     let c3 = Compression {
         level: 3,
         threads: 1,
+        mode: Mode::Level,
     };
     let (p, first) = pack(&d, "ep1", Vec::new(), c3).unwrap();
     assert_eq!(context_counts(), (1, 1), "made one, gave it back");
@@ -54,6 +55,7 @@ fn packs_reuse_one_context_and_a_level_change_does_not_stick() {
         Compression {
             level: 19,
             threads: 1,
+            mode: Mode::Level,
         },
     )
     .unwrap();

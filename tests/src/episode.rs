@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cis490_shipper::pack::{self, Compression, Packed};
+use cis490_shipper::pack::{self, Compression, Mode, Packed};
 
 /// Writes `root/<id>/meta.json` stamped with `commit` plus the given files.
 pub fn write(root: &Path, id: &str, commit: &str, files: &[(&str, &[u8])]) -> PathBuf {
@@ -30,6 +30,7 @@ pub fn pack(dir: &Path, id: &str) -> (Packed, Vec<u8>) {
         Compression {
             level: 3,
             threads: 1,
+            mode: Mode::Level,
         },
     )
     .unwrap();
@@ -73,4 +74,50 @@ pub fn body(root: &Path, id: &str, commit: &str, size: usize) -> Body {
         sha: p.tar_sha256,
         bytes,
     }
+}
+
+/// The xorshift stream behind [`csv`] and [`random`].
+fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+/// Seeded sensor-log lines (a counter and four readings): zstd -3 takes them to about 37 %.
+/// The benchmarks' compressible member, and the tests' stand-in for a lab's CSV.
+pub fn csv(size: usize, seed: u64) -> Vec<u8> {
+    let mut next = xorshift(seed);
+    let mut out = Vec::with_capacity(size + 128);
+    let mut t = 0u64;
+    while out.len() < size {
+        t += 1;
+        let r = next();
+        out.extend_from_slice(
+            format!(
+                "{t},{:.4},{:.4},{:.4},{},ok\n",
+                (r % 10_000) as f64 / 1e3,
+                ((r >> 16) % 10_000) as f64 / 1e3,
+                ((r >> 32) % 10_000) as f64 / 1e3,
+                r % 7
+            )
+            .as_bytes(),
+        );
+    }
+    out.truncate(size);
+    out
+}
+
+/// Seeded incompressible bytes: the stand-in for camera frames and other packed data.
+pub fn random(size: usize, seed: u64) -> Vec<u8> {
+    let mut next = xorshift(seed);
+    let mut out = Vec::with_capacity(size + 8);
+    while out.len() < size {
+        out.extend_from_slice(&next().to_le_bytes());
+    }
+    out.truncate(size);
+    out
 }

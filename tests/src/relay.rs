@@ -1,10 +1,13 @@
 //! A TCP relay on 127.0.0.1 that counts the bytes a client sends through it and cuts the
 //! connection at set points, for resumable-upload tests and the resume benchmark (SPEC §13).
 //! TLS passes through untouched: the cut is what a dropped link looks like to both ends.
+//! [`Relay::paced`] is a slow link instead: what the clients send goes through at a set rate,
+//! shared by every connection (the link adaptation benchmark, issue 21).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,6 +27,25 @@ pub struct Relay {
     cut: Arc<AtomicU64>,
 }
 
+/// One link of `bytes_per_s` that every connection's client-to-server bytes queue for: a chunk
+/// leaves when the chunks before it have had their time on the wire.
+struct Pace {
+    bytes_per_s: f64,
+    free_at: Mutex<tokio::time::Instant>,
+}
+
+impl Pace {
+    async fn send(&self, n: usize) {
+        let done = {
+            let mut free_at = self.free_at.lock().unwrap_or_else(|e| e.into_inner());
+            let start = (*free_at).max(tokio::time::Instant::now());
+            *free_at = start + Duration::from_secs_f64(n as f64 / self.bytes_per_s);
+            *free_at
+        };
+        tokio::time::sleep_until(done).await;
+    }
+}
+
 struct Plan {
     cuts: Cuts,
     next: usize,
@@ -33,6 +55,20 @@ struct Plan {
 impl Relay {
     /// Relays 127.0.0.1:<new port> to `target`, cutting per `cuts`.
     pub async fn start(target: SocketAddr, cuts: Cuts) -> Relay {
+        Relay::with(target, cuts, None).await
+    }
+
+    /// Relays 127.0.0.1:<new port> to `target` over a link of `bits_per_s` (client to server;
+    /// answers run free), never cutting.
+    pub async fn paced(target: SocketAddr, bits_per_s: f64) -> Relay {
+        let pace = Pace {
+            bytes_per_s: bits_per_s / 8.0,
+            free_at: Mutex::new(tokio::time::Instant::now()),
+        };
+        Relay::with(target, Cuts::Total(Vec::new()), Some(Arc::new(pace))).await
+    }
+
+    async fn with(target: SocketAddr, cuts: Cuts, pace: Option<Arc<Pace>>) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let addr = listener.local_addr().expect("relay address");
         let sent = Arc::new(AtomicU64::new(0));
@@ -45,10 +81,10 @@ impl Relay {
         let (s, c) = (sent.clone(), cut.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let (s, c, plan) = (s.clone(), c.clone(), plan.clone());
+                let (s, c, plan, pace) = (s.clone(), c.clone(), plan.clone(), pace.clone());
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(target).await {
-                        pipe(client, server, s, c, plan).await;
+                        pipe(client, server, s, c, plan, pace).await;
                     }
                 });
             }
@@ -73,6 +109,7 @@ async fn pipe(
     sent: Arc<AtomicU64>,
     cut: Arc<AtomicU64>,
     plan: Arc<Mutex<Plan>>,
+    pace: Option<Arc<Pace>>,
 ) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
@@ -117,6 +154,9 @@ async fn pipe(
             }
         };
         let take = room.unwrap_or(n).min(n);
+        if let Some(pace) = &pace {
+            pace.send(take).await;
+        }
         if sw.write_all(&buf[..take]).await.is_err() {
             break;
         }

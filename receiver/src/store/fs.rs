@@ -14,6 +14,7 @@ use cis490_common::timefmt;
 
 use crate::ingest::{self, Validated};
 
+use super::group::{Flush, GroupCommit};
 use super::resume::{PartFile, Resumes};
 use super::{CommitOutcome, IndexRow, QuarantineNote, Upload};
 
@@ -86,6 +87,8 @@ struct FsInner {
     max_uncompressed: u64,
     /// Prefixes of interrupted uploads (SPEC §13).
     resumes: Resumes,
+    /// Uploads whose rows wait for a shared flush (issue 21).
+    group: GroupCommit,
     /// Held for the store's lifetime: one receiver per store directory.
     _lock: cis490_common::lock::DirLock,
 }
@@ -153,6 +156,7 @@ impl FsStore {
                 quarantine_scans: std::sync::atomic::AtomicU64::new(1),
                 max_uncompressed: opts.max_uncompressed,
                 resumes,
+                group: GroupCommit::default(),
                 _lock: lock,
             }),
         };
@@ -511,10 +515,65 @@ impl Target {
         }
     }
 
+    /// Links the durable body at `dest`; the directory fsync is the group's (group.rs).
+    fn place(self, dest: &Path, existing: Existing) -> io::Result<()> {
+        match self {
+            Target::Temp(f) => f.place(dest, existing),
+            Target::Part(f) => f.place(dest, existing),
+        }
+    }
+
     fn commit(self, dest: &Path, existing: Existing) -> io::Result<()> {
         match self {
             Target::Temp(f) => f.commit(dest, existing),
             Target::Part(f) => f.commit(dest, existing),
+        }
+    }
+}
+
+impl Flush for FsInner {
+    fn fsync_dir(&self, dir: &Path) -> io::Result<()> {
+        durable::fsync_dir(dir)
+    }
+
+    /// One write and one `fdatasync` for the whole group; on failure the index is cut back to
+    /// where it was, so no row of the group stays (nor a torn line).
+    fn append_rows(&self, rows: &[&IndexRow]) -> io::Result<()> {
+        let mut lines = Vec::with_capacity(rows.len());
+        let mut buf = Vec::new();
+        for row in rows {
+            let line = serde_json::to_string(row).map_err(io::Error::other)?;
+            let len =
+                u32::try_from(line.len()).map_err(|_| io::Error::other("index row over 4 GiB"))?;
+            lines.push((buf.len() as u64, len));
+            buf.extend_from_slice(line.as_bytes());
+            buf.push(b'\n');
+        }
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let before = w.metadata()?.len();
+        if let Err(e) = w.write_all(&buf).and_then(|()| w.sync_data()) {
+            let _ = w.set_len(before);
+            let _ = w.sync_all();
+            return Err(e);
+        }
+        let mut slots = self.rows.write().unwrap_or_else(|p| p.into_inner());
+        for (row, (at, len)) in rows.iter().zip(lines) {
+            slots.insert(
+                &row.host_id,
+                &row.episode_id,
+                Slot {
+                    offset: before + at,
+                    len,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn unlink(&self, dest: &Path) {
+        let _ = fs::remove_file(dest);
+        if let Some(dir) = dest.parent() {
+            let _ = durable::fsync_dir(dir);
         }
     }
 }
@@ -548,7 +607,16 @@ impl Upload for FsUpload {
         let host_dir = root.join("episodes").join(&host_id);
         durable::create_dir_durable(&host_dir)?;
         let dest = host_dir.join(format!("{episode_id}.tar.zst"));
+        let group = &store.inner.group;
         let mut w = store.writer();
+        // A row of this id still on its way to the disk is decided first: its file is already
+        // linked at `dest`, and the outcome (stored, or unlinked by a failed flush) decides
+        // what this upload is.
+        while group.is_pending(&host_id, &episode_id) {
+            drop(w);
+            group.wait_settled(&host_id, &episode_id);
+            w = store.writer();
+        }
         if let Some(row) = store.lookup_intact(&host_id, &episode_id)? {
             return Ok(judge(&row, v));
         }
@@ -559,11 +627,10 @@ impl Upload for FsUpload {
         } else {
             Existing::Keep
         };
-        // The link is durable (directory fsynced) before the row is written: a crash can leave
-        // a stored file without a row, which start-up repair indexes, never a row without a file.
-        // (Running the two fsyncs side by side was faster, but on a filesystem without a journal
-        // or on btrfs a power cut could keep the row and lose the link.)
-        match file.commit(&dest, existing) {
+        // Linked now; durable with its group's flush, which fsyncs the directory before it
+        // writes the row (group.rs): a crash can leave a stored file without a row, which
+        // start-up repair indexes, never a row without a file.
+        match file.place(&dest, existing) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 // A stored file without an index row (an append that failed, or a file start-up
@@ -592,12 +659,11 @@ impl Upload for FsUpload {
             v,
             timefmt::now_rfc3339(),
         );
-        if let Err(e) = store.append_row(&mut w, &row) {
-            // No row, no file: the client gets an error (507 when the disk is full) and retries.
-            let _ = fs::remove_file(&dest);
-            let _ = durable::fsync_dir(&host_dir);
-            return Err(e);
-        }
+        let ticket = group.enqueue(row.clone(), dest);
+        drop(w);
+        // No row, no file when the group fails: the client gets an error (507 when the disk
+        // is full) and retries.
+        group.wait(&ticket, &*store.inner)?;
         Ok(CommitOutcome::Stored(row))
     }
 
@@ -654,6 +720,11 @@ impl FsStore {
     }
 
     /// The `resume/` directory, for `check` offers and resumed uploads.
+    /// What the group commit has done since start.
+    pub(crate) fn group_counts(&self) -> super::group::Counts {
+        self.inner.group.counts()
+    }
+
     pub(crate) fn resumes(&self) -> &Resumes {
         &self.inner.resumes
     }
@@ -848,6 +919,71 @@ mod tests {
         )
         .unwrap();
         up.commit(&v)
+    }
+
+    fn upload_as(store: &FsStore, host: &str, bytes: &[u8]) -> io::Result<CommitOutcome> {
+        let mut up = store.begin(host, "ep", None)?;
+        let v = validate(
+            bytes,
+            &mut up,
+            &Expect {
+                commit: Some(Commit::parse(C).unwrap()),
+                ..Expect::new("ep", 1 << 30)
+            },
+        )
+        .unwrap();
+        up.commit(&v)
+    }
+
+    /// Concurrent commits through the group commit (issue 21): many hosts at once are all
+    /// stored, each with one row that survives a reopen; one id uploaded many times at once is
+    /// stored once, and every other upload of it is judged against that row (200 or 409),
+    /// never indexed twice.
+    #[test]
+    fn concurrent_commits_are_grouped_and_one_id_is_stored_once() {
+        let d = tempfile::tempdir().unwrap();
+        let store = FsStore::open(d.path(), &opts()).unwrap();
+        let b = body(b"same");
+        let other = body(b"other");
+        std::thread::scope(|s| {
+            let mut hs = Vec::new();
+            for i in 0..16 {
+                let store = &store;
+                hs.push(s.spawn(move || upload_as(store, &format!("h{i}"), &body(b"x"))));
+            }
+            for i in 0..12 {
+                let (store, b, other) = (&store, &b, &other);
+                hs.push(s.spawn(move || upload_as(store, "same", if i == 11 { other } else { b })));
+            }
+            let outcomes: Vec<CommitOutcome> =
+                hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect();
+            let stored = |range: std::ops::Range<usize>| {
+                outcomes[range]
+                    .iter()
+                    .filter(|o| matches!(o, CommitOutcome::Stored(_)))
+                    .count()
+            };
+            assert_eq!(stored(0..16), 16);
+            assert_eq!(stored(16..28), 1, "{:?}", &outcomes[16..]);
+        });
+        let text = std::fs::read_to_string(d.path().join("index.jsonl")).unwrap();
+        assert_eq!(text.lines().count(), 17, "{text}");
+        let g = store.group_counts();
+        assert_eq!(g.rows, 17);
+        assert!(g.groups <= 17 && g.dir_fsyncs <= 17, "{g:?}");
+        drop(store);
+        let store = FsStore::open(d.path(), &opts()).unwrap();
+        for i in 0..16 {
+            let row = store.get(&format!("h{i}"), "ep").unwrap().unwrap();
+            assert_eq!(row.path, format!("episodes/h{i}/ep.tar.zst"));
+        }
+        let same = store.get("same", "ep").unwrap().unwrap();
+        let on_disk = std::fs::read(d.path().join(&same.path)).unwrap();
+        assert!(on_disk == b || on_disk == other);
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("index.jsonl")).unwrap(),
+            text
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! from what is stored. `fs.rs` is the filesystem layout, `s3.rs` the bucket layout.
 
 pub(crate) mod fs;
+pub(crate) mod group;
 pub(crate) mod resume;
 pub(crate) mod s3;
 pub(crate) mod scrub;
@@ -178,8 +179,7 @@ impl Store {
                 tracing::error!(error = %e, "failed to check a stored body");
                 StoreUnavailable(format!("store: {e}"))
             }),
-            // Decided from the bodies in the bucket already: a missing body is no row.
-            Store::S3(s) => s.find(host_id, episode_id).await,
+            Store::S3(s) => s.find_intact(host_id, episode_id).await,
         }
     }
 
@@ -297,6 +297,25 @@ impl prometheus_client::collector::Collector for Collector {
                     "Listings of the quarantine directory (at start, then at most hourly)",
                     s.quarantine_scans(),
                 )?;
+                let g = s.group_counts();
+                crate::metrics::counter(
+                    &mut enc,
+                    "cis490_receiver_commit_groups",
+                    "Flushes of the group commit: each fsyncs the directories of its uploads once, then index.jsonl once",
+                    g.groups,
+                )?;
+                crate::metrics::counter(
+                    &mut enc,
+                    "cis490_receiver_commit_rows",
+                    "Index rows made durable by the group commit",
+                    g.rows,
+                )?;
+                crate::metrics::counter(
+                    &mut enc,
+                    "cis490_receiver_commit_dir_fsyncs",
+                    "Directory fsyncs made by the group commit",
+                    g.dir_fsyncs,
+                )?;
                 let r = s.resumes();
                 resume_series(&mut enc, r.held_bytes(), r.resumed_total())
             }
@@ -324,9 +343,10 @@ fn resume_series(
     )
 }
 
-/// The store as the maintenance commands (`reindex`, `export-index`) reach it: not opened as a
-/// serving receiver opens it (no start-up repair, no index held in memory), so they can run
-/// beside a receiver; `reindex` of the fs store still takes its lock, as it rewrites the index.
+/// The store as the maintenance commands (`reindex`, `export-index`, `scrub`) reach it: not
+/// opened as a serving receiver opens it (no start-up repair, no index held in memory), so they
+/// can run beside a receiver; `reindex` of the fs store still takes its lock, as it rewrites the
+/// index.
 pub(crate) enum Offline {
     Fs {
         root: std::path::PathBuf,

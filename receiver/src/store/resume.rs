@@ -406,7 +406,13 @@ impl PartFile {
     }
 
     /// Moves the whole body to `dest` durably (fsync of the data and of `dest`'s directory).
-    pub(crate) fn commit(mut self, dest: &Path, existing: Existing) -> io::Result<()> {
+    pub(crate) fn commit(self, dest: &Path, existing: Existing) -> io::Result<()> {
+        self.place(dest, existing)?;
+        durable::fsync_dir(dest.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// As `commit`, leaving the fsync of `dest`'s directory to the caller (the group commit).
+    pub(crate) fn place(mut self, dest: &Path, existing: Existing) -> io::Result<()> {
         if self.synced < self.written || self.written == 0 {
             self.sync()?;
         }
@@ -420,7 +426,7 @@ impl PartFile {
         }
         // Moved: nothing left for Drop to keep or remove.
         self.path = PathBuf::new();
-        durable::fsync_dir(dest.parent().unwrap_or(Path::new(".")))
+        Ok(())
     }
 }
 

@@ -41,6 +41,7 @@ use super::{CommitOutcome, IndexRow, QuarantineNote, StoreUnavailable, Upload};
 use crate::ingest::{self, Validated};
 
 mod resume;
+mod scrub;
 pub(crate) use resume::Held;
 
 /// Bodies up to this size go up in one PUT; larger ones as a multipart upload of parts this
@@ -208,6 +209,8 @@ pub struct Body {
     pub sha: String,
     pub bytes: u64,
     pub last_modified: SystemTime,
+    /// What the store said the object's version was, to see it replaced since it was listed.
+    pub e_tag: Option<String>,
 }
 
 /// The rule every reader applies when an id has several bodies: earliest first, then by SHA.
@@ -376,6 +379,7 @@ impl S3Store {
             sha: sha.to_string(),
             bytes: m.size,
             last_modified: SystemTime::from(m.last_modified),
+            e_tag: m.e_tag.clone(),
             key,
         })
     }
@@ -435,10 +439,61 @@ impl S3Store {
         let Some(first) = bodies.first() else {
             return Ok(None);
         };
-        if let Some(row) = self.read_row(host, ep).await? {
-            if row.tar_sha256 == first.sha {
-                return Ok(Some(row));
+        let row = self.read_row(host, ep).await?;
+        self.row_of_episode(host, ep, first, row).await
+    }
+
+    /// Like [`S3Store::find`], but a row whose body is gone, or listed with another length
+    /// than the row's `bytes`, counts as no row (SPEC §15) and is logged as `stored_missing`:
+    /// the episode is then stored again when its host sends it. The listing `find` makes
+    /// anyway gives every body's length, so this costs no request more than `find`.
+    pub async fn find_intact(
+        &self,
+        host: &str,
+        ep: &str,
+    ) -> Result<Option<IndexRow>, StoreUnavailable> {
+        let bodies = self.bodies(host, ep).await?;
+        let row = self.read_row(host, ep).await?;
+        let Some(row) = row else {
+            // No index object: the episode, if any, is its first body at its listed length.
+            return match bodies.first() {
+                Some(first) => self.row_of_episode(host, ep, first, None).await,
+                None => Ok(None),
+            };
+        };
+        let found_bytes = match bodies.first() {
+            // The row names another body than the episode's: the row is rebuilt from the body.
+            Some(first) if first.sha != row.tar_sha256 => {
+                return self.row_of_episode(host, ep, first, Some(row)).await
             }
+            Some(first) if first.bytes == row.bytes => return Ok(Some(row)),
+            Some(first) => Some(first.bytes),
+            None => None,
+        };
+        tracing::error!(
+            event = "stored_missing",
+            host_id = %host,
+            episode = %ep,
+            found_bytes = ?found_bytes,
+            indexed_bytes = row.bytes,
+            path = %row.path,
+            "an indexed episode's body is not in the bucket as indexed; it will be stored again when its host sends it"
+        );
+        Ok(None)
+    }
+
+    /// The row of the episode `first` (the first body in episode order), given the index
+    /// object read for the id: that object when it names this body, else one rebuilt from the
+    /// body and written back.
+    async fn row_of_episode(
+        &self,
+        host: &str,
+        ep: &str,
+        first: &Body,
+        indexed: Option<IndexRow>,
+    ) -> Result<Option<IndexRow>, StoreUnavailable> {
+        if let Some(row) = indexed.filter(|r| r.tar_sha256 == first.sha) {
+            return Ok(Some(row));
         }
         let row = self.row_from_body(host, ep, first).await?;
         self.write_row(&row).await?;
@@ -546,14 +601,35 @@ impl S3Store {
 
     /// Streams a stored body through the validator (nothing kept) to learn its summary: the
     /// last resort for a body stored without its summary object (e.g. copied in by hand).
-    /// No overall deadline (a large body takes long); each chunk must arrive within 30 s.
     async fn summarize(&self, key: &Key, ep: &str) -> Result<Validated, StoreUnavailable> {
+        let Some(reader) = self.open_body(key).await? else {
+            return Err(StoreUnavailable(format!("{key} is gone")));
+        };
+        let ep = ep.to_string();
+        let max = self.inner.max_uncompressed;
+        let key_s = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            ingest::summarize_reader(io::BufReader::new(reader), &ep, max)
+        })
+        .await
+        .map_err(|e| StoreUnavailable(e.to_string()))?
+        .map_err(|r| StoreUnavailable(format!("{key_s} cannot be summarised: {r}")))
+    }
+
+    /// A stored object as a blocking reader (for a blocking thread), or `None` when it is not
+    /// there. No overall deadline (a large body takes long); each chunk must arrive within
+    /// 30 s, else the read fails.
+    async fn open_body(
+        &self,
+        key: &Key,
+    ) -> Result<Option<Box<dyn io::Read + Send>>, StoreUnavailable> {
         let os = self.inner.os_stream.clone();
         let k = key.clone();
-        let get = self
-            .timed("get", async move { os.get(&k).await })
-            .await
-            .map_err(|e| unavailable("get", e))?;
+        let get = match self.timed("get", async move { os.get(&k).await }).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(unavailable("get", e)),
+        };
         let chunks = get.into_stream();
         let stream = futures_util::stream::unfold(chunks, |mut chunks| async move {
             match tokio::time::timeout(Duration::from_secs(30), chunks.next()).await {
@@ -568,18 +644,8 @@ impl S3Store {
                 )),
             }
         });
-        let stream = Box::pin(stream);
-        let reader = tokio_util::io::StreamReader::new(stream);
-        let ep = ep.to_string();
-        let max = self.inner.max_uncompressed;
-        let key_s = key.to_string();
-        tokio::task::spawn_blocking(move || {
-            let sync = tokio_util::io::SyncIoBridge::new(reader);
-            ingest::summarize_reader(io::BufReader::new(sync), &ep, max)
-        })
-        .await
-        .map_err(|e| StoreUnavailable(e.to_string()))?
-        .map_err(|r| StoreUnavailable(format!("{key_s} cannot be summarised: {r}")))
+        let reader = tokio_util::io::StreamReader::new(Box::pin(stream));
+        Ok(Some(Box::new(tokio_util::io::SyncIoBridge::new(reader))))
     }
 
     /// `/healthz`: writes this receiver's probe object.

@@ -1,8 +1,10 @@
-//! `cis490-receiver scrub` (SPEC §15) on the fs store: every indexed episode (the last row of
-//! each id) is checked against the disk: the body is there, has the indexed length,
-//! decompresses into a valid episode tar, and that tar's SHA-256 is the row's. It only reads,
-//! at a bounded rate, so it runs beside a serving receiver; `--repair` moves a truncated or
-//! corrupt body to the quarantine so that the next upload of the episode is stored again.
+//! `cis490-receiver scrub` (SPEC §15): every indexed episode (the last row of each id) is
+//! checked against the store: the body is there, has the indexed length, decompresses into a
+//! valid episode tar, and that tar's SHA-256 is the row's. It only reads, at a bounded rate, so
+//! it runs beside a serving receiver; `--repair` moves a truncated or corrupt body to the
+//! quarantine so that the next upload of the episode is stored again. This file holds what both
+//! stores share (findings, tally, pace, the verdict on a body) and the fs walk; the bucket walk
+//! is `s3/scrub.rs`.
 
 use std::fs;
 use std::io::{self, Read};
@@ -55,6 +57,9 @@ pub(crate) struct Tally {
     pub missing: u64,
     pub truncated: u64,
     pub corrupt: u64,
+    /// Body bytes read (what the pace bounds); not in the JSON of SPEC §15.
+    #[serde(skip)]
+    pub bytes_read: u64,
 }
 
 impl Tally {
@@ -62,7 +67,7 @@ impl Tally {
         self.missing + self.truncated + self.corrupt
     }
 
-    fn count(&mut self, p: Problem) {
+    pub(crate) fn count(&mut self, p: Problem) {
         match p {
             Problem::Missing => self.missing += 1,
             Problem::Truncated => self.truncated += 1,
@@ -71,26 +76,85 @@ impl Tally {
     }
 }
 
-/// Reads at most `per_s` bytes a second on average (0: no limit).
-struct Paced<R> {
-    inner: R,
+/// One pace for a whole scrub: at most `per_s` body bytes a second on average since `since`
+/// (0: no limit). The budget carries over from one episode to the next.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pace {
     per_s: u64,
     read: u64,
     since: Instant,
 }
 
+impl Pace {
+    pub(crate) fn new(per_s: u64) -> Pace {
+        Pace {
+            per_s,
+            read: 0,
+            since: Instant::now(),
+        }
+    }
+
+    /// Body bytes read so far.
+    pub(crate) fn read(&self) -> u64 {
+        self.read
+    }
+}
+
+/// A reader that sleeps as needed to keep its [`Pace`].
+pub(crate) struct Paced<R> {
+    inner: R,
+    pace: Pace,
+}
+
+impl<R> Paced<R> {
+    pub(crate) fn new(inner: R, pace: Pace) -> Paced<R> {
+        Paced { inner, pace }
+    }
+
+    /// The pace, to carry on with the next body.
+    pub(crate) fn pace(&self) -> Pace {
+        self.pace
+    }
+}
+
 impl<R: Read> Read for Paced<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.read += n as u64;
-        if self.per_s > 0 {
-            let due = Duration::from_secs_f64(self.read as f64 / self.per_s as f64);
-            let spent = self.since.elapsed();
+        let p = &mut self.pace;
+        p.read += n as u64;
+        if p.per_s > 0 {
+            let due = Duration::from_secs_f64(p.read as f64 / p.per_s as f64);
+            let spent = p.since.elapsed();
             if due > spent {
                 std::thread::sleep(due - spent);
             }
         }
         Ok(n)
+    }
+}
+
+/// Reads a whole body through the receiver's validator and compares its tar SHA-256 with the
+/// row's: `Ok(None)` when it is the episode, `Ok(Some(corrupt))` when it is not, `Err` when the
+/// body could not be read (which says nothing about the body itself).
+pub(crate) fn judge<R: Read>(
+    body: R,
+    row: &IndexRow,
+    max_uncompressed: u64,
+) -> io::Result<Option<(Problem, String)>> {
+    match crate::ingest::summarize_reader(body, &row.episode_id, max_uncompressed) {
+        Ok(v) if v.tar_sha256 == row.tar_sha256 => Ok(None),
+        Ok(v) => Ok(Some((
+            Problem::Corrupt,
+            format!(
+                "its tar SHA-256 is {}, the index says {}",
+                v.tar_sha256, row.tar_sha256
+            ),
+        ))),
+        Err(crate::ingest::Rejection::Source(e)) => Err(e),
+        Err(r) => Ok(Some((
+            Problem::Corrupt,
+            format!("it does not read as the episode: {r}"),
+        ))),
     }
 }
 
@@ -115,9 +179,7 @@ fn check(
     root: &Path,
     row: &IndexRow,
     max_uncompressed: u64,
-    per_s: u64,
-    started: Instant,
-    paced: &mut u64,
+    pace: &mut Pace,
 ) -> Option<(Problem, String)> {
     let path = root.join(&row.path);
     let meta = match fs::metadata(&path) {
@@ -145,29 +207,11 @@ fn check(
         Ok(f) => f,
         Err(e) => return Some((Problem::Corrupt, format!("{}: {e}", path.display()))),
     };
-    // One pace for the whole run: the budget carries over from one episode to the next.
-    let mut reader = Paced {
-        inner: io::BufReader::new(file),
-        per_s,
-        read: *paced,
-        since: started,
-    };
-    let verdict = crate::ingest::summarize_reader(&mut reader, &row.episode_id, max_uncompressed);
-    *paced = reader.read;
-    match verdict {
-        Ok(v) if v.tar_sha256 == row.tar_sha256 => None,
-        Ok(v) => Some((
-            Problem::Corrupt,
-            format!(
-                "its tar SHA-256 is {}, the index says {}",
-                v.tar_sha256, row.tar_sha256
-            ),
-        )),
-        Err(r) => Some((
-            Problem::Corrupt,
-            format!("it does not read as the episode: {r}"),
-        )),
-    }
+    let mut reader = Paced::new(io::BufReader::new(file), *pace);
+    let verdict = judge(&mut reader, row, max_uncompressed);
+    *pace = reader.pace();
+    // A local disk that cannot read its own file back holds a corrupt body.
+    verdict.unwrap_or_else(|e| Some((Problem::Corrupt, format!("{}: {e}", path.display()))))
 }
 
 /// Moves a bad body into `quarantine/` with a note naming the problem (`scrub_<problem>`).
@@ -213,16 +257,15 @@ pub(crate) fn scrub_fs(
         Err(e) => anyhow::bail!("failed to read {}: {e}", index.display()),
     };
     let mut tally = Tally::default();
-    let started = Instant::now();
-    let mut paced = 0;
+    let mut pace = Pace::new(per_s);
     for (_, row) in last_rows(&text) {
         if stopped() {
             break;
         }
         tally.checked += 1;
-        let Some((problem, detail)) =
-            check(root, &row, max_uncompressed, per_s, started, &mut paced)
-        else {
+        let verdict = check(root, &row, max_uncompressed, &mut pace);
+        tally.bytes_read = pace.read();
+        let Some((problem, detail)) = verdict else {
             continue;
         };
         tally.count(problem);
@@ -250,12 +293,7 @@ mod tests {
     fn the_pace_bounds_the_read_rate() {
         let data = vec![7u8; 1 << 20];
         let started = Instant::now();
-        let mut r = Paced {
-            inner: &data[..],
-            per_s: 4 << 20,
-            read: 0,
-            since: started,
-        };
+        let mut r = Paced::new(&data[..], Pace::new(4 << 20));
         let mut sink = Vec::new();
         r.read_to_end(&mut sink).unwrap();
         assert_eq!(sink.len(), 1 << 20);

@@ -22,10 +22,11 @@ use tokio_util::sync::CancellationToken;
 use cis490_common::binary::BinaryWatch;
 use cis490_common::notify;
 
+use crate::adapt::{Controller, Move};
 use crate::config::Config;
 use crate::host;
 use crate::metrics::{self, CertFile, Metrics, Textfile};
-use crate::pack::Compression;
+use crate::pack::{self, Compression};
 use crate::queue::{Candidate, Queue};
 use crate::retry::{RetryPolicy, Setback};
 use crate::transport::Transport;
@@ -67,8 +68,11 @@ pub(crate) struct Shipper {
     queue: Queue,
     transport: Transport,
     retry: RetryPolicy,
-    /// `[shipping]`'s zstd settings, `zstd_threads = 0` resolved for this host's cores.
+    /// `[shipping]`'s zstd settings, `zstd_threads = 0` resolved for this host's cores; under
+    /// `compression = "auto"` the level is `adapt`'s.
     compression: Compression,
+    /// The zstd level adapted to the link (`compression = "auto"` only).
+    adapt: Option<Mutex<Controller>>,
     in_hand: InHand,
     /// At most `concurrency` packs at once (the upload slots are counted in `in_hand`).
     pack_slots: Semaphore,
@@ -101,7 +105,8 @@ struct Rounds {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Invariant: the only critical section stores an Instant, which cannot panic midway.
+    // Invariant: the critical sections store an Instant or do the level controller's arithmetic;
+    // neither can panic midway.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -124,11 +129,20 @@ impl Shipper {
             }
         }
         metrics.host_commit(transport.host_commit().as_deref().map(String::as_str));
+        let compression = cfg.shipping.compression(cores);
+        metrics.zstd_level(compression.level);
+        let adapt = (compression.mode == pack::Mode::Auto).then(|| {
+            Mutex::new(Controller::new(
+                compression.level,
+                cfg.shipping.zstd_max_level,
+            ))
+        });
         Shipper {
             queue: Queue::new(&cfg.data_dir),
             transport,
             retry: RetryPolicy::new(Duration::from_secs(cfg.shipping.max_backoff_s)),
-            compression: cfg.shipping.compression(cores),
+            compression,
+            adapt,
             in_hand: InHand::new(conc),
             pack_slots: Semaphore::new(conc),
             loop_turned: Mutex::new(Instant::now()),
@@ -137,6 +151,33 @@ impl Shipper {
             binary: BinaryWatch::of_self(),
             cfg,
         }
+    }
+
+    /// The zstd settings for a pack starting now.
+    fn compression_now(&self) -> Compression {
+        let mut c = self.compression;
+        if let Some(a) = &self.adapt {
+            c.level = lock(a).level();
+        }
+        c
+    }
+
+    /// Feeds the level controller (no-op under `compression = "level"`) and reports a move.
+    fn adapt(&self, feed: impl FnOnce(&mut Controller) -> Option<Move>) {
+        let Some(a) = &self.adapt else { return };
+        let Some(m) = feed(&mut lock(a)) else { return };
+        self.metrics.zstd_level(m.to);
+        tracing::info!(
+            event = "zstd_level",
+            from = m.from,
+            to = m.to,
+            pack_s_per_gib = format_args!("{:.2}", m.pack_s_per_gib),
+            send_s_per_gib = format_args!("{:.2}", m.send_s_per_gib),
+            "zstd level {} -> {}: {}",
+            m.from,
+            m.to,
+            m.why
+        );
     }
 
     /// The daemon: runs until `shutdown`, serving `/metrics` and `/healthz` on `ops` (already

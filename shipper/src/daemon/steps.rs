@@ -5,7 +5,7 @@
 //! `#[instrument]` span: the fmt subscriber prints span fields as a `attempt{episode=..}:`
 //! prefix, not as the `episode=<id>` key SPEC §10 asks of each line and doctor and the tests read.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +38,7 @@ impl Shipper {
             Ok(commit) => commit,
             Err(verdict) => return verdict,
         };
-        let (tar_sha256, tarball) = match self.tarball(&c, &commit).await {
+        let (tar_sha256, tarball, fresh_level) = match self.tarball(&c, &commit).await {
             Ok(packed) => packed,
             Err(verdict) => return verdict,
         };
@@ -50,7 +50,7 @@ impl Shipper {
             tarball,
             progress: Arc::new(AtomicU64::new(0)),
         };
-        let outcome = self.upload(&shipment).await;
+        let outcome = self.upload(&shipment, fresh_level).await;
         self.apply(&c.id, &commit, &shipment, outcome)
     }
 
@@ -70,12 +70,12 @@ impl Shipper {
     }
 
     /// The tar SHA-256 and the tarball: the outbox file this process packed before, else one
-    /// left by an earlier run (hashed again), else a fresh pack.
-    async fn tarball(&self, c: &Candidate, commit: &str) -> Step<(String, Tarball)> {
+    /// left by an earlier run (hashed again), else a fresh pack (then also its zstd level).
+    async fn tarball(&self, c: &Candidate, commit: &str) -> Step<(String, Tarball, Option<i32>)> {
         let id = &c.id;
         let path = self.queue.tarball(id);
         if let Some((sha, len)) = self.in_hand.packed(id).filter(|_| path.exists()) {
-            return Ok((sha, Tarball::File { path, len }));
+            return Ok((sha, Tarball::File { path, len }, None));
         }
         // Re-hashing a tarball left by an earlier run costs as much disk and CPU as a pack, so it
         // takes a pack slot too (after a restart every episode in hand may have one).
@@ -85,24 +85,34 @@ impl Shipper {
             .await
             .expect("invariant: the pack semaphore is never closed");
         let queue = self.queue.clone();
-        let compression = self.compression;
+        let compression = self.compression_now();
         let cc = c.clone();
         let packed = tokio::task::spawn_blocking(move || match queue.existing_tarball(&cc.id) {
             Some((sha, len)) => {
                 let path = queue.tarball(&cc.id);
-                Ok((sha, Tarball::File { path, len }))
+                Ok((sha, Tarball::File { path, len }, None))
             }
-            None => queue.pack(&cc, compression).map(|(p, t)| (p.tar_sha256, t)),
+            None => {
+                let started = std::time::Instant::now();
+                queue.pack(&cc, compression).map(|(p, t)| {
+                    let took = started.elapsed().as_secs_f64();
+                    (p.tar_sha256, t, Some((p.tar_bytes, took)))
+                })
+            }
         })
         .await;
         match packed {
-            Ok(Ok((sha, tarball))) => {
+            Ok(Ok((sha, tarball, fresh))) => {
                 // Only outbox files are worth remembering: a retry of an in-memory tarball packs
                 // the (small) episode again.
                 if let Tarball::File { len, .. } = &tarball {
                     self.in_hand.remember_packed(id, &sha, *len);
                 }
-                Ok((sha, tarball))
+                if let Some((tar_bytes, secs)) = fresh {
+                    let body = tarball.len();
+                    self.adapt(|a| a.packed(compression.level, tar_bytes, body, secs));
+                }
+                Ok((sha, tarball, fresh.map(|_| compression.level)))
             }
             Ok(Err(e @ (PackError::Unsupported { .. } | PackError::NonUtf8 { .. }))) => {
                 self.metrics.rejected(Reason::UnsupportedEntry.as_str());
@@ -132,17 +142,29 @@ impl Shipper {
 
     /// Waits for the episode's turn (oldest first, a free upload slot), then sends it. The slot
     /// is freed on return: the next upload may start while this one is retired or quarantined.
-    async fn upload(&self, s: &Shipment) -> Outcome {
+    /// A whole body stored (201) from a fresh pack at `fresh_level` is the level controller's
+    /// evidence of the link.
+    async fn upload(&self, s: &Shipment, fresh_level: Option<i32>) -> Outcome {
         let _turn = self
             .in_hand
             .upload_turn(&s.episode_id, s.progress.clone())
             .await;
         let _in_flight = self.metrics.upload_in_flight(s.tarball.len());
+        let was_resumed = AtomicBool::new(false);
         let resumed = |offset: u64| {
+            was_resumed.store(true, Ordering::Relaxed);
             self.metrics.resumed(offset);
             tracing::info!(event = "ship_resumed", episode = %s.episode_id, offset, bytes = s.tarball.len(), "continuing an interrupted upload where the receiver holds it");
         };
-        self.transport.ship(s, &resumed).await
+        let started = std::time::Instant::now();
+        let outcome = self.transport.ship(s, &resumed).await;
+        if let (Some(level), Outcome::Stored { status: 201, .. }) = (fresh_level, &outcome) {
+            if !was_resumed.load(Ordering::Relaxed) {
+                let secs = started.elapsed().as_secs_f64();
+                self.adapt(|a| a.sent(level, s.tarball.len(), secs));
+            }
+        }
+        outcome
     }
 
     /// The answer as a queue transition (SPEC §3's last column).

@@ -396,6 +396,17 @@ const CASES: &[Case] = &[
         },
     },
     Case {
+        name: "create_dir_durable with a missing parent",
+        setup: |_| {},
+        run: |m| durable::create_dir_durable(&m.join("store/episodes")),
+        check: |m, done, _| {
+            let there = m.join("store/episodes").is_dir();
+            (there || !done)
+                .then_some(())
+                .ok_or_else(|| "store/episodes missing after create_dir_durable returned".into())
+        },
+    },
+    Case {
         name: "rename_durable of a directory between directories",
         setup: |b| {
             fs::create_dir_all(b.join("episodes/e1")).unwrap();

@@ -1,5 +1,6 @@
 //! End-to-end tests: real mTLS, real git repositories, real processes. One binary, many modules.
 
+mod compression;
 mod crash;
 mod differential;
 mod fleet_view;
@@ -17,6 +18,7 @@ mod roundtrip;
 mod rules;
 mod s3;
 mod s3_resume;
+mod s3_scrub;
 mod scripts;
 mod shipper;
 mod shipper_metrics;

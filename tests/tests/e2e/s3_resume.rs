@@ -306,7 +306,13 @@ async fn bad_resumes_on_s3_are_416_and_a_spoiled_tail_is_422_with_nothing_stored
     assert_eq!(check(&c, &b).await, (204, 0));
     // From zero it is stored as usual.
     assert_eq!(c.put(HOST, &b).await.status, 201);
-    assert!(bucket.keys("tmp/resume").await.is_empty());
+    // Seen once under heavy load (2026-12-07): a key left here after the 201. The names say
+    // which step left it.
+    let left = bucket.keys("tmp/resume").await;
+    assert!(
+        left.is_empty(),
+        "left under tmp/resume after the 201: {left:?}"
+    );
 
     // A record whose multipart upload is gone (aborted behind its back): the resume fails as a
     // store error (503, the shipper retries) and the record is dropped, so it is not offered

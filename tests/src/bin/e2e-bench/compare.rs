@@ -7,12 +7,43 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cis490_tests::episode;
 use cis490_tests::harness::{bin, Process, World};
 
 const HOST: &str = "labhost-01";
 
+/// `CIS490_COMPARE_PIN=1`: the client side (the shipper, or the tar|zstd|curl pipeline) runs on
+/// core 0 and the server side (the receiver, or nginx and its workers) on core 1, so each
+/// side's CPU cost shows alone and a shared 2-core machine's noise matters less.
+pub(crate) fn pinned() -> bool {
+    std::env::var("CIS490_COMPARE_PIN").is_ok_and(|v| v == "1")
+}
+
+/// Moves every thread of `pid` (and the threads it makes later) to `core`.
+pub(crate) fn pin_server(pid: u32) {
+    if pinned() {
+        let st = Command::new("taskset")
+            .args(["-a", "-cp", "1", &pid.to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .expect("taskset runs (util-linux)");
+        assert!(st.success(), "taskset -a -cp 1 {pid}");
+    }
+}
+
+/// The command that starts the client side: under `taskset -c 0` when pinned.
+pub(crate) fn client_command(program: &Path) -> Command {
+    if pinned() {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "0"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
 /// user+sys seconds of one process (all its threads), from /proc.
-fn cpu_of(pid: u32) -> f64 {
+pub(crate) fn cpu_of(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
@@ -40,7 +71,7 @@ fn children_of(pid: u32) -> Vec<u32> {
     out
 }
 
-fn hwm_mib(pid: u32) -> f64 {
+pub(crate) fn hwm_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -58,7 +89,7 @@ fn hwm_mib(pid: u32) -> f64 {
 }
 
 /// CPU seconds and max RSS of waited-for children so far (rusage).
-fn children_usage() -> (f64, f64) {
+pub(crate) fn children_usage() -> (f64, f64) {
     let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
     let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
     (
@@ -67,49 +98,23 @@ fn children_usage() -> (f64, f64) {
     )
 }
 
-/// Seeded bytes: compressible sensor-log text or incompressible frames.
-fn gen(kind: u8, size: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    let mut out = Vec::with_capacity(size + 128);
+/// Seeded bytes: compressible sensor-log text (kind 0) or incompressible frames.
+pub(crate) fn gen(kind: u8, size: usize, seed: u64) -> Vec<u8> {
     if kind == 0 {
-        let mut t = 0u64;
-        while out.len() < size {
-            t += 1;
-            let r = next();
-            out.extend_from_slice(
-                format!(
-                    "{t},{:.4},{:.4},{:.4},{},ok\n",
-                    (r % 10_000) as f64 / 1e3,
-                    ((r >> 16) % 10_000) as f64 / 1e3,
-                    ((r >> 32) % 10_000) as f64 / 1e3,
-                    r % 7
-                )
-                .as_bytes(),
-            );
-        }
+        episode::csv(size, seed)
     } else {
-        while out.len() < size {
-            out.extend_from_slice(&next().to_le_bytes());
-        }
+        episode::random(size, seed)
     }
-    out.truncate(size);
-    out
 }
 
-struct Workload {
-    name: &'static str,
-    dir: PathBuf,
-    episodes: usize,
-    bytes: u64,
+pub(crate) struct Workload {
+    pub(crate) name: &'static str,
+    pub(crate) dir: PathBuf,
+    pub(crate) episodes: usize,
+    pub(crate) bytes: u64,
 }
 
-fn make_workload(
+pub(crate) fn make_workload(
     root: &Path,
     name: &'static str,
     n: usize,
@@ -241,7 +246,7 @@ fn free_port() -> u16 {
 /// file's inode is found by stepping over every free inode of its group deleted in the last
 /// 60 s (360 s while the inode table block is still dirty), so cleaning up thousands of files
 /// charged a third of the next run's receiver CPU to whichever side ran after the cleanup.
-fn discard(w: &World, path: &Path) {
+pub(crate) fn discard(w: &World, path: &Path) {
     if !path.exists() {
         return;
     }
@@ -251,7 +256,7 @@ fn discard(w: &World, path: &Path) {
     std::fs::rename(path, trash.join(n.to_string())).unwrap();
 }
 
-fn empty_trash(w: &World) {
+pub(crate) fn empty_trash(w: &World) {
     let _ = std::fs::remove_dir_all(w.path().join("trash"));
 }
 
@@ -263,6 +268,10 @@ fn run_peer(w: &World, wl: &Workload, parallel: usize) -> Sample {
     let conf = nginx_conf(w, &dir, port);
     let nginx = start_nginx(&conf, &dir);
     let workers = children_of(nginx.id());
+    pin_server(nginx.id());
+    for p in &workers {
+        pin_server(*p);
+    }
     let me = w.pki.client(HOST);
     let one = format!(
         "tar -C '{wd}' -cf - \"$1\" | zstd -3 -T0 -q -c | curl -sS --fail --cacert '{ca}' --cert '{cert}' --key '{key}' -T - -o /dev/null https://localhost:{port}/upload/\"$1\".tar.zst",
@@ -279,7 +288,7 @@ fn run_peer(w: &World, wl: &Workload, parallel: usize) -> Sample {
     // A fresh python3 parent reports its descendants' CPU and peak RSS (getrusage), so earlier
     // children of this process do not count.
     let t = Instant::now();
-    let out = Command::new("python3")
+    let out = client_command(Path::new("python3"))
         .args([
             "-c",
             "import resource,subprocess,sys\nr=subprocess.run(['sh','-c',sys.argv[1]])\nu=resource.getrusage(resource.RUSAGE_CHILDREN)\nprint(r.returncode,u.ru_utime+u.ru_stime,u.ru_maxrss)",
@@ -328,6 +337,7 @@ fn run_cis490(w: &World, wl: &Workload, round: usize) -> Sample {
     );
     std::fs::write(&cfg, text).unwrap();
     let p = Process::start(&cfg, &[]);
+    pin_server(p.child.id());
     let data = w.path().join(format!("lab-{round}"));
     discard(w, &data);
     std::fs::create_dir_all(data.join("episodes")).unwrap();
@@ -358,7 +368,7 @@ fn run_cis490(w: &World, wl: &Workload, round: usize) -> Sample {
     let cpu_r0 = cpu_of(p.child.id());
     let (cpu0, _) = children_usage();
     let t = Instant::now();
-    let mut child = Command::new(bin("e2e-shipper"))
+    let mut child = client_command(&bin("e2e-shipper"))
         .arg("--config")
         .arg(&scfg)
         .arg("once")
@@ -416,6 +426,11 @@ fn report(wl: &Workload, side: &str, samples: &[Sample]) -> (f64, f64, f64) {
     let eps = wl.episodes as f64 / w;
     let client: f64 = samples.iter().map(|s| s.client_cpu).sum::<f64>() / samples.len() as f64;
     let server: f64 = samples.iter().map(|s| s.server_cpu).sum::<f64>() / samples.len() as f64;
+    let side = if pinned() {
+        format!("{side} pinned")
+    } else {
+        side.to_string()
+    };
     println!(
         "compare.{} side={side} runs={} wall_s={w:.2} ({wmin:.2}-{wmax:.2}) input_MBps={mbps:.0} episodes_per_s={eps:.0} cpu_s={c:.2} ({cmin:.2}-{cmax:.2}; client {client:.2}, server {server:.2}) cpu_s_per_GB={:.2} client_peak_rss_MiB={crss:.1} server_peak_rss_MiB={srss:.1}",
         wl.name,
@@ -522,8 +537,9 @@ pub fn run(reps: usize, scale: usize) {
         let (w2, c2, e2) = report(wl, "tar|zstd|curl>nginx 2-way", &b2);
         let (best_w, best_c, best_e) = if w1 < w2 { (w1, c1, e1) } else { (w2, c2, e2) };
         println!(
-            "compare.{} ratio cis490/best_peer throughput={:.2}x cpu={:.2}x episodes_per_s={:.2}x",
+            "compare.{}{} ratio cis490/best_peer throughput={:.2}x cpu={:.2}x episodes_per_s={:.2}x",
             wl.name,
+            if pinned() { " pinned" } else { "" },
             best_w / wa,
             ca / best_c,
             ea / best_e

@@ -11,7 +11,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
 mod compare;
+mod link;
 mod scaleout;
+mod stages;
 
 use cis490_tests::episode;
 use cis490_tests::harness::{bin, Process, World};
@@ -100,6 +102,7 @@ fn body_from(dir: &Path, id: &str, commit: &str) -> episode::Body {
         cis490_shipper::pack::Compression {
             level: 3,
             threads: 0,
+            mode: cis490_shipper::pack::Mode::Level,
         },
     )
     .unwrap();
@@ -617,6 +620,18 @@ async fn load_bench(secs: u64) {
         pct(&mut lat, 0.99).as_secs_f64() * 1e3,
         rss_kib(p.child.id(), "VmHWM:") as f64 / 1024.0
     );
+    // The group commit's work (issue 21): rows per flush, and fsyncs per stored episode (the
+    // body's own fsync, plus its share of the directory fsyncs and index fdatasyncs).
+    let (_, m) = cis490_tests::harness::ops_get(p.ops_addr, "/metrics").await;
+    let get = |name: &str| cis490_tests::harness::metric(&m, name).unwrap_or(0.0);
+    let groups = get("cis490_receiver_commit_groups_total");
+    let rows = get("cis490_receiver_commit_rows_total");
+    let dirs = get("cis490_receiver_commit_dir_fsyncs_total");
+    println!(
+        "load.group_commit rows={rows} groups={groups} rows_per_group={:.2} dir_fsyncs={dirs} receiver_fsyncs_per_episode={:.2}",
+        rows / groups.max(1.0),
+        1.0 + (dirs + groups) / rows.max(1.0)
+    );
     drop(slow);
 }
 
@@ -783,6 +798,8 @@ async fn main() {
     };
     match which.as_str() {
         "compare" => return compare::run(arg(2, 3) as usize, scale),
+        "stages" => return stages::run(arg(2, 3) as usize, scale),
+        "link" => return link::run(arg(2, 1) as usize, scale).await,
         "s3" => return scaleout::run(scale).await,
         "index" => return index_bench(arg(2, 1_000_000) as usize).await,
         "soak" => return soak(arg(2, 30)).await,
