@@ -8,6 +8,12 @@
 //! it sent, turned into tar bytes with the compression ratio the packs saw. Once both stages
 //! have enough evidence at the current level it moves one step and starts counting afresh.
 //!
+//! The two stages share the lab host's CPU, so when the shipper keeps its cores busy a pack's
+//! and an upload's wall times both stretch and their ratio says little: then the CPU is the
+//! bottleneck, and the level goes down whatever the ratio. The daemon passes its own CPU time
+//! with every report ([`Usage`]); the share of the cores it may run on ([`BUSY`] or more over
+//! the level's evidence) is the test.
+//!
 //! A climb must pay: when the last two steps up together saved less than [`MIN_GAIN`] of the
 //! wire bytes, both are undone and the level above stays out of reach for [`BLOCK_TAR_BYTES`]
 //! of packed tar (data changes, so the question is asked again later).
@@ -24,6 +30,15 @@ pub const MIN_GAIN: f64 = 0.02;
 pub const BLOCK_TAR_BYTES: u64 = 1 << 30;
 /// The lowest level the controller goes to.
 pub const MIN_LEVEL: i32 = 1;
+/// The process's share of its cores above which the CPU counts as the bottleneck.
+pub const BUSY: f64 = 0.85;
+
+/// The process's clock and CPU time at one report, in seconds from any fixed origin.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub wall_s: f64,
+    pub cpu_s: f64,
+}
 
 /// What one level has seen since the controller moved to it.
 #[derive(Debug, Default, Clone, Copy)]
@@ -56,6 +71,8 @@ pub struct Move {
     /// Seconds per GiB of tar, of each stage, as measured at `from`.
     pub pack_s_per_gib: f64,
     pub send_s_per_gib: f64,
+    /// The process's share of its cores over the evidence (0-1).
+    pub cpu_busy: f64,
     pub why: &'static str,
 }
 
@@ -68,13 +85,18 @@ pub struct Controller {
     climb: Vec<(i32, f64)>,
     /// A level undone by the gain rule and the tar bytes still to pack before it may return.
     blocked: Option<(i32, u64)>,
+    /// The cores the process may run on.
+    cores: f64,
+    /// Usage when the current evidence started.
+    since: Option<Usage>,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
 
 impl Controller {
-    /// Starts at `start`, moves within `MIN_LEVEL..=max` (`max` is at least `start`).
-    pub fn new(start: i32, max: i32) -> Controller {
+    /// Starts at `start`, moves within `MIN_LEVEL..=max` (`max` is at least `start`), for a
+    /// process that may run on `cores` cores.
+    pub fn new(start: i32, max: i32, cores: usize) -> Controller {
         let max = max.max(start);
         Controller {
             level: start.clamp(MIN_LEVEL, max),
@@ -82,6 +104,8 @@ impl Controller {
             now: Evidence::default(),
             climb: Vec::new(),
             blocked: None,
+            cores: cores.max(1) as f64,
+            since: None,
         }
     }
 
@@ -91,7 +115,15 @@ impl Controller {
 
     /// A fresh pack at `level` took `secs` of wall time for `tar` bytes into `body` bytes. A
     /// pack made at another level (it started before a move) is not evidence for this one.
-    pub fn packed(&mut self, level: i32, tar: u64, body: u64, secs: f64) -> Option<Move> {
+    pub fn packed(
+        &mut self,
+        level: i32,
+        tar: u64,
+        body: u64,
+        secs: f64,
+        at: Usage,
+    ) -> Option<Move> {
+        self.since.get_or_insert(at);
         if let Some((_, left)) = &mut self.blocked {
             *left = left.saturating_sub(tar);
             if *left == 0 {
@@ -104,36 +136,48 @@ impl Controller {
         self.now.pack_s += secs;
         self.now.packed_tar += tar;
         self.now.packed_body += body;
-        self.decide()
+        self.decide(at)
     }
 
     /// An upload answered 201 sent `body` bytes in `secs`; `level` is the one it was packed at.
-    pub fn sent(&mut self, level: i32, body: u64, secs: f64) -> Option<Move> {
+    pub fn sent(&mut self, level: i32, body: u64, secs: f64, at: Usage) -> Option<Move> {
+        self.since.get_or_insert(at);
         if level != self.level {
             return None;
         }
         self.now.send_s += secs;
         self.now.sent_body += body;
-        self.decide()
+        self.decide(at)
     }
 
-    fn decide(&mut self) -> Option<Move> {
+    fn decide(&mut self, at: Usage) -> Option<Move> {
         let e = self.now;
         if e.packed_tar < MIN_PACKED || e.sent_body < MIN_SENT {
             return None;
         }
         let (pack, send) = (e.pack_s_per_tar(), e.send_s_per_tar());
+        let since = self.since.unwrap_or(at);
+        let wall = at.wall_s - since.wall_s;
+        let busy = if wall > 0.0 {
+            ((at.cpu_s - since.cpu_s) / (wall * self.cores)).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         let from = self.level;
         let mv = |to: i32, why: &'static str| Move {
             from,
             to,
             pack_s_per_gib: pack * GIB,
             send_s_per_gib: send * GIB,
+            cpu_busy: busy,
             why,
         };
         let up_allowed =
             self.level < self.max && self.blocked.is_none_or(|(level, _)| self.level + 1 < level);
-        let decision = if send > IMBALANCE * pack && up_allowed {
+        let decision = if busy >= BUSY {
+            self.climb.clear();
+            (self.level > MIN_LEVEL).then(|| mv(from - 1, "the CPU is the bottleneck"))
+        } else if send > IMBALANCE * pack && up_allowed {
             // A climb of two steps that saved too little is undone, the step above blocked.
             match self.climb.as_slice() {
                 [.., (l2, r2), (l1, _)] if *l2 == from - 2 && *l1 == from - 1 => {
@@ -160,6 +204,7 @@ impl Controller {
         };
         // Evidence is per level: a move, or a decision to stay, starts counting afresh.
         self.now = Evidence::default();
+        self.since = Some(at);
         if let Some(m) = &decision {
             self.level = m.to;
         }
@@ -174,6 +219,7 @@ mod tests {
     /// A modelled host: packing costs `pack_s_per_mib(level)` and compresses to `ratio(level)`;
     /// the link carries `link_mib_s` MiB of body per second. Feeds 1 MiB episodes until the
     /// controller has made `episodes` decisions' worth of evidence; returns the levels visited.
+    /// The CPU stays idle (the share test never fires) unless a test says otherwise.
     fn run(
         c: &mut Controller,
         episodes: usize,
@@ -181,13 +227,30 @@ mod tests {
         ratio: impl Fn(i32) -> f64,
         link_mib_s: f64,
     ) -> Vec<i32> {
+        run_busy(c, episodes, pack_s_per_mib, ratio, link_mib_s, 0.0)
+    }
+
+    /// As [`run`], with the process using `busy` of its cores all along.
+    fn run_busy(
+        c: &mut Controller,
+        episodes: usize,
+        pack_s_per_mib: impl Fn(i32) -> f64,
+        ratio: impl Fn(i32) -> f64,
+        link_mib_s: f64,
+        busy: f64,
+    ) -> Vec<i32> {
         const MIB: u64 = 1 << 20;
         let mut levels = vec![c.level()];
+        let mut clock = Usage::default();
         for _ in 0..episodes {
             let l = c.level();
             let body = (MIB as f64 * ratio(l)) as u64;
-            c.packed(l, MIB, body, pack_s_per_mib(l));
-            c.sent(l, body, body as f64 / MIB as f64 / link_mib_s);
+            let (pack, send) = (pack_s_per_mib(l), body as f64 / MIB as f64 / link_mib_s);
+            // The stages overlap: an episode takes the slower one's time.
+            clock.wall_s += pack.max(send);
+            clock.cpu_s += pack.max(send) * busy * c.cores;
+            c.packed(l, MIB, body, pack, clock);
+            c.sent(l, body, send, clock);
             if c.level() != *levels.last().unwrap() {
                 levels.push(c.level());
             }
@@ -205,7 +268,7 @@ mod tests {
 
     #[test]
     fn a_slow_link_raises_the_level_until_the_stages_balance() {
-        let mut c = Controller::new(3, 9);
+        let mut c = Controller::new(3, 9, 2);
         // Link: 5 MiB/s of body, about 13 MiB/s of tar; pack at level 3: 45 MiB/s of tar.
         let levels = run(&mut c, 2000, cost, saving, 5.0);
         assert_eq!(levels[..3], [3, 4, 5], "{levels:?}");
@@ -221,7 +284,7 @@ mod tests {
 
     #[test]
     fn a_fast_link_takes_the_level_down_to_the_floor() {
-        let mut c = Controller::new(3, 9);
+        let mut c = Controller::new(3, 9, 2);
         let levels = run(&mut c, 200, cost, saving, 10_000.0);
         assert_eq!(levels, [3, 2, 1]);
         assert_eq!(c.level(), MIN_LEVEL);
@@ -229,50 +292,51 @@ mod tests {
 
     #[test]
     fn the_level_stays_within_its_bounds() {
-        let mut c = Controller::new(3, 5);
+        let mut c = Controller::new(3, 5, 2);
         // A link so slow that every level would climb, with a saving big enough to pay.
         let levels = run(&mut c, 500, cost, |l| 0.9f64.powi(l), 0.01);
         assert_eq!(*levels.iter().max().unwrap(), 5, "{levels:?}");
         assert_eq!(c.level(), 5);
         // The ceiling is at least the starting level.
-        assert_eq!(Controller::new(12, 9).level(), 12);
-        assert_eq!(Controller::new(0, 9).level(), MIN_LEVEL);
+        assert_eq!(Controller::new(12, 9, 2).level(), 12);
+        assert_eq!(Controller::new(0, 9, 2).level(), MIN_LEVEL);
     }
 
     #[test]
     fn a_move_waits_for_enough_of_both_stages() {
-        let mut c = Controller::new(3, 9);
+        let mut c = Controller::new(3, 9, 2);
+        let at = Usage::default();
         // Far slower link than pack, but just under the evidence thresholds: no move.
-        assert_eq!(c.packed(3, MIN_PACKED - 1, MIN_SENT, 0.01), None);
-        assert_eq!(c.sent(3, MIN_SENT, 100.0), None);
+        assert_eq!(c.packed(3, MIN_PACKED - 1, MIN_SENT, 0.01, at), None);
+        assert_eq!(c.sent(3, MIN_SENT, 100.0, at), None);
         assert_eq!(c.level(), 3);
         // One byte more packed: the decision is made on both stages' figures.
-        let m = c.packed(3, 1, 0, 0.0).unwrap();
+        let m = c.packed(3, 1, 0, 0.0, at).unwrap();
         assert_eq!((m.from, m.to), (3, 4));
         assert!(m.send_s_per_gib > m.pack_s_per_gib * IMBALANCE, "{m:?}");
         // Evidence of the old level (a pack started before the move) does not count.
-        assert_eq!(c.packed(3, MIN_PACKED, MIN_SENT, 0.0), None);
-        assert_eq!(c.sent(3, MIN_SENT, 100.0), None);
+        assert_eq!(c.packed(3, MIN_PACKED, MIN_SENT, 0.0, at), None);
+        assert_eq!(c.sent(3, MIN_SENT, 100.0, at), None);
         assert_eq!(c.level(), 4);
     }
 
     #[test]
     fn a_climb_that_saves_too_little_is_undone_and_its_ceiling_kept() {
-        let mut c = Controller::new(3, 9);
+        let mut c = Controller::new(3, 9, 2);
         // Every level saves only 0.5 % more than the one below: not worth two steps.
         let flat = |l: i32| 0.4 * 0.995f64.powi(l);
         let levels = run(&mut c, 120, cost, flat, 1.0);
         assert_eq!(levels[..4], [3, 4, 5, 3], "{levels:?}");
         // Back at 3 with 4 blocked: the link is still slow, yet the level holds until 1 GiB of
         // tar has been packed since the undo, then the climb is tried again.
-        let mut c = Controller::new(3, 9);
+        let mut c = Controller::new(3, 9, 2);
         let mut undone_at = None;
         let mut again_at = None;
         for episode in 0..3000u64 {
             let l = c.level();
             let body = ((1u64 << 20) as f64 * flat(l)) as u64;
-            c.packed(l, 1 << 20, body, cost(l));
-            c.sent(l, body, body as f64 / (1u64 << 20) as f64);
+            c.packed(l, 1 << 20, body, cost(l), Usage::default());
+            c.sent(l, body, body as f64 / (1u64 << 20) as f64, Usage::default());
             match (l, c.level()) {
                 (5, 3) => undone_at = undone_at.or(Some(episode)),
                 (3, 4) if undone_at.is_some() => {
@@ -294,9 +358,26 @@ mod tests {
 
     #[test]
     fn balanced_stages_keep_the_level() {
-        let mut c = Controller::new(3, 9);
+        let mut c = Controller::new(3, 9, 2);
         // Send 1.2 times slower than pack: inside the dead band.
         let levels = run(&mut c, 300, |_| 0.01, |_| 0.5, 0.5 / 0.012);
         assert_eq!(levels, [3]);
+    }
+
+    #[test]
+    fn a_busy_cpu_takes_the_level_down_even_when_sending_looks_slower() {
+        // Sending looks 3-10 times slower than packing, which alone would climb, but the
+        // process keeps 90 % of its cores busy: the CPU sets the pace, so the level goes down.
+        let mut c = Controller::new(3, 9, 1);
+        let levels = run_busy(&mut c, 200, cost, saving, 5.0, 0.9);
+        assert_eq!(levels, [3, 2, 1]);
+        // Just under the share, the same host climbs.
+        let mut c = Controller::new(3, 9, 1);
+        let levels = run_busy(&mut c, 200, cost, saving, 5.0, BUSY - 0.01);
+        assert_eq!(levels[..3], [3, 4, 5], "{levels:?}");
+        // The share is of the cores the process may use: 0.9 of one core on two is not busy.
+        let mut c = Controller::new(3, 9, 2);
+        let levels = run_busy(&mut c, 200, cost, saving, 5.0, 0.45);
+        assert_eq!(levels[..3], [3, 4, 5], "{levels:?}");
     }
 }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use cis490_common::binary::BinaryWatch;
 use cis490_common::notify;
 
-use crate::adapt::{Controller, Move};
+use crate::adapt::{Controller, Move, Usage};
 use crate::config::Config;
 use crate::host;
 use crate::metrics::{self, CertFile, Metrics, Textfile};
@@ -85,6 +85,20 @@ pub(crate) struct Shipper {
     binary: Option<BinaryWatch>,
 }
 
+/// This process's clock and CPU time (user + system, every thread), for the level controller.
+/// Without `getrusage` the CPU reads 0, so the controller goes by the stages' times alone.
+pub(crate) fn usage() -> Usage {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let wall_s = START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs_f64();
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    let cpu_s = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .map_or(0.0, |u| secs(u.user_time()) + secs(u.system_time()));
+    Usage { wall_s, cpu_s }
+}
+
 /// The work loop's own bookkeeping. Only the loop touches it, so it needs no lock.
 #[derive(Default)]
 struct Rounds {
@@ -135,6 +149,7 @@ impl Shipper {
             Mutex::new(Controller::new(
                 compression.level,
                 cfg.shipping.zstd_max_level,
+                cores,
             ))
         });
         Shipper {
@@ -173,6 +188,7 @@ impl Shipper {
             to = m.to,
             pack_s_per_gib = format_args!("{:.2}", m.pack_s_per_gib),
             send_s_per_gib = format_args!("{:.2}", m.send_s_per_gib),
+            cpu_busy = format_args!("{:.2}", m.cpu_busy),
             "zstd level {} -> {}: {}",
             m.from,
             m.to,

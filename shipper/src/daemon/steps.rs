@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use cis490_common::{ErrorCode, Reason};
 
-use super::{Shipper, Verdict};
+use super::{usage, Shipper, Verdict};
 use crate::pack::PackError;
 use crate::queue::{read_stamp, Candidate, QuarantineReason, Stamp, Tarball};
 use crate::retry::Setback;
@@ -110,7 +110,7 @@ impl Shipper {
                 }
                 if let Some((tar_bytes, secs)) = fresh {
                     let body = tarball.len();
-                    self.adapt(|a| a.packed(compression.level, tar_bytes, body, secs));
+                    self.adapt(|a| a.packed(compression.level, tar_bytes, body, secs, usage()));
                 }
                 Ok((sha, tarball, fresh.map(|_| compression.level)))
             }
@@ -161,7 +161,7 @@ impl Shipper {
         if let (Some(level), Outcome::Stored { status: 201, .. }) = (fresh_level, &outcome) {
             if !was_resumed.load(Ordering::Relaxed) {
                 let secs = started.elapsed().as_secs_f64();
-                self.adapt(|a| a.sent(level, s.tarball.len(), secs));
+                self.adapt(|a| a.sent(level, s.tarball.len(), secs, usage()));
             }
         }
         outcome
