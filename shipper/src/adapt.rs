@@ -12,7 +12,9 @@
 //! and an upload's wall times both stretch and their ratio says little: then the CPU is the
 //! bottleneck, and the level goes down whatever the ratio. The daemon passes its own CPU time
 //! with every report ([`Usage`]); the share of the cores it may run on ([`BUSY`] or more over
-//! the level's evidence) is the test.
+//! the level's evidence) is the test. A step up costs CPU, so it is only taken with headroom
+//! (a share under [`CLIMB_BELOW`]); between the two the level stays unless packing is the
+//! slower stage, so a level just under the limit does not swing back up.
 //!
 //! A climb must pay: when the last two steps up together saved less than [`MIN_GAIN`] of the
 //! wire bytes, both are undone and the level above stays out of reach for [`BLOCK_TAR_BYTES`]
@@ -32,12 +34,27 @@ pub const BLOCK_TAR_BYTES: u64 = 1 << 30;
 pub const MIN_LEVEL: i32 = 1;
 /// The process's share of its cores above which the CPU counts as the bottleneck.
 pub const BUSY: f64 = 0.85;
+/// A step up costs CPU: it is only taken while the share is below this.
+pub const CLIMB_BELOW: f64 = 0.6;
 
-/// The process's clock and CPU time at one report, in seconds from any fixed origin.
+/// The process's clock and CPU time at one instant, in seconds from any fixed origin.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Usage {
     pub wall_s: f64,
     pub cpu_s: f64,
+}
+
+/// The process's usage when one pack or upload started and when it ended.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Span {
+    pub start: Usage,
+    pub end: Usage,
+}
+
+impl Span {
+    fn secs(&self) -> f64 {
+        (self.end.wall_s - self.start.wall_s).max(0.0)
+    }
 }
 
 /// What one level has seen since the controller moved to it.
@@ -87,7 +104,8 @@ pub struct Controller {
     blocked: Option<(i32, u64)>,
     /// The cores the process may run on.
     cores: f64,
-    /// Usage when the current evidence started.
+    /// Usage at the start of the earliest pack or upload counted in the current evidence: the
+    /// CPU share is taken over everything the evidence covers, not only since the last move.
     since: Option<Usage>,
 }
 
@@ -113,17 +131,9 @@ impl Controller {
         self.level
     }
 
-    /// A fresh pack at `level` took `secs` of wall time for `tar` bytes into `body` bytes. A
-    /// pack made at another level (it started before a move) is not evidence for this one.
-    pub fn packed(
-        &mut self,
-        level: i32,
-        tar: u64,
-        body: u64,
-        secs: f64,
-        at: Usage,
-    ) -> Option<Move> {
-        self.since.get_or_insert(at);
+    /// A fresh pack at `level` made `body` bytes of `tar` bytes over `span`. A pack made at
+    /// another level (it started before a move) is not evidence for this one.
+    pub fn packed(&mut self, level: i32, tar: u64, body: u64, span: Span) -> Option<Move> {
         if let Some((_, left)) = &mut self.blocked {
             *left = left.saturating_sub(tar);
             if *left == 0 {
@@ -133,21 +143,29 @@ impl Controller {
         if level != self.level {
             return None;
         }
-        self.now.pack_s += secs;
+        self.now.pack_s += span.secs();
         self.now.packed_tar += tar;
         self.now.packed_body += body;
-        self.decide(at)
+        self.count(span)
     }
 
-    /// An upload answered 201 sent `body` bytes in `secs`; `level` is the one it was packed at.
-    pub fn sent(&mut self, level: i32, body: u64, secs: f64, at: Usage) -> Option<Move> {
-        self.since.get_or_insert(at);
+    /// An upload answered 201 sent `body` bytes over `span`; `level` is the one it was packed
+    /// at.
+    pub fn sent(&mut self, level: i32, body: u64, span: Span) -> Option<Move> {
         if level != self.level {
             return None;
         }
-        self.now.send_s += secs;
+        self.now.send_s += span.secs();
         self.now.sent_body += body;
-        self.decide(at)
+        self.count(span)
+    }
+
+    fn count(&mut self, span: Span) -> Option<Move> {
+        let since = self.since.get_or_insert(span.start);
+        if span.start.wall_s < since.wall_s {
+            *since = span.start;
+        }
+        self.decide(span.end)
     }
 
     fn decide(&mut self, at: Usage) -> Option<Move> {
@@ -177,7 +195,7 @@ impl Controller {
         let decision = if busy >= BUSY {
             self.climb.clear();
             (self.level > MIN_LEVEL).then(|| mv(from - 1, "the CPU is the bottleneck"))
-        } else if send > IMBALANCE * pack && up_allowed {
+        } else if send > IMBALANCE * pack && up_allowed && busy < CLIMB_BELOW {
             // A climb of two steps that saved too little is undone, the step above blocked.
             match self.climb.as_slice() {
                 [.., (l2, r2), (l1, _)] if *l2 == from - 2 && *l1 == from - 1 => {
@@ -204,7 +222,7 @@ impl Controller {
         };
         // Evidence is per level: a move, or a decision to stay, starts counting afresh.
         self.now = Evidence::default();
-        self.since = Some(at);
+        self.since = None;
         if let Some(m) = &decision {
             self.level = m.to;
         }
@@ -241,16 +259,25 @@ mod tests {
     ) -> Vec<i32> {
         const MIB: u64 = 1 << 20;
         let mut levels = vec![c.level()];
-        let mut clock = Usage::default();
+        let cores = c.cores;
+        // The process's usage at time t: `busy` of its cores all along.
+        let at = |t: f64| Usage {
+            wall_s: t,
+            cpu_s: t * busy * cores,
+        };
+        let span = |t: f64, secs: f64| Span {
+            start: at(t),
+            end: at(t + secs),
+        };
+        let mut t = 0.0;
         for _ in 0..episodes {
             let l = c.level();
             let body = (MIB as f64 * ratio(l)) as u64;
             let (pack, send) = (pack_s_per_mib(l), body as f64 / MIB as f64 / link_mib_s);
+            c.packed(l, MIB, body, span(t, pack));
+            c.sent(l, body, span(t, send));
             // The stages overlap: an episode takes the slower one's time.
-            clock.wall_s += pack.max(send);
-            clock.cpu_s += pack.max(send) * busy * c.cores;
-            c.packed(l, MIB, body, pack, clock);
-            c.sent(l, body, send, clock);
+            t += pack.max(send);
             if c.level() != *levels.last().unwrap() {
                 levels.push(c.level());
             }
@@ -305,18 +332,24 @@ mod tests {
     #[test]
     fn a_move_waits_for_enough_of_both_stages() {
         let mut c = Controller::new(3, 9, 2);
-        let at = Usage::default();
+        let took = |secs: f64| Span {
+            start: Usage::default(),
+            end: Usage {
+                wall_s: secs,
+                cpu_s: 0.0,
+            },
+        };
         // Far slower link than pack, but just under the evidence thresholds: no move.
-        assert_eq!(c.packed(3, MIN_PACKED - 1, MIN_SENT, 0.01, at), None);
-        assert_eq!(c.sent(3, MIN_SENT, 100.0, at), None);
+        assert_eq!(c.packed(3, MIN_PACKED - 1, MIN_SENT, took(0.01)), None);
+        assert_eq!(c.sent(3, MIN_SENT, took(100.0)), None);
         assert_eq!(c.level(), 3);
         // One byte more packed: the decision is made on both stages' figures.
-        let m = c.packed(3, 1, 0, 0.0, at).unwrap();
+        let m = c.packed(3, 1, 0, took(0.0)).unwrap();
         assert_eq!((m.from, m.to), (3, 4));
         assert!(m.send_s_per_gib > m.pack_s_per_gib * IMBALANCE, "{m:?}");
         // Evidence of the old level (a pack started before the move) does not count.
-        assert_eq!(c.packed(3, MIN_PACKED, MIN_SENT, 0.0, at), None);
-        assert_eq!(c.sent(3, MIN_SENT, 100.0, at), None);
+        assert_eq!(c.packed(3, MIN_PACKED, MIN_SENT, took(0.0)), None);
+        assert_eq!(c.sent(3, MIN_SENT, took(100.0)), None);
         assert_eq!(c.level(), 4);
     }
 
@@ -335,8 +368,15 @@ mod tests {
         for episode in 0..3000u64 {
             let l = c.level();
             let body = ((1u64 << 20) as f64 * flat(l)) as u64;
-            c.packed(l, 1 << 20, body, cost(l), Usage::default());
-            c.sent(l, body, body as f64 / (1u64 << 20) as f64, Usage::default());
+            let took = |secs: f64| Span {
+                start: Usage::default(),
+                end: Usage {
+                    wall_s: secs,
+                    cpu_s: 0.0,
+                },
+            };
+            c.packed(l, 1 << 20, body, took(cost(l)));
+            c.sent(l, body, took(body as f64 / (1u64 << 20) as f64));
             match (l, c.level()) {
                 (5, 3) => undone_at = undone_at.or(Some(episode)),
                 (3, 4) if undone_at.is_some() => {
@@ -371,13 +411,39 @@ mod tests {
         let mut c = Controller::new(3, 9, 1);
         let levels = run_busy(&mut c, 200, cost, saving, 5.0, 0.9);
         assert_eq!(levels, [3, 2, 1]);
-        // Just under the share, the same host climbs.
+        // Between the two limits it holds: no headroom for a step up, not busy enough to
+        // step down.
         let mut c = Controller::new(3, 9, 1);
         let levels = run_busy(&mut c, 200, cost, saving, 5.0, BUSY - 0.01);
+        assert_eq!(levels, [3]);
+        // With headroom the same host climbs.
+        let mut c = Controller::new(3, 9, 1);
+        let levels = run_busy(&mut c, 200, cost, saving, 5.0, CLIMB_BELOW - 0.01);
         assert_eq!(levels[..3], [3, 4, 5], "{levels:?}");
         // The share is of the cores the process may use: 0.9 of one core on two is not busy.
         let mut c = Controller::new(3, 9, 2);
         let levels = run_busy(&mut c, 200, cost, saving, 5.0, 0.45);
         assert_eq!(levels[..3], [3, 4, 5], "{levels:?}");
+    }
+
+    #[test]
+    fn the_cpu_share_covers_the_whole_evidence_not_only_the_last_moments() {
+        // A slow link: one upload of 5 MiB takes 9.6 s; then one 8 MiB pack keeps the core
+        // busy for 0.4 s. Over both spans the CPU is nearly idle (5 %), so the controller
+        // climbs; measured from the upload's end it would have looked fully busy.
+        let mut c = Controller::new(3, 9, 1);
+        let at = |wall_s: f64, cpu_s: f64| Usage { wall_s, cpu_s };
+        let upload = Span {
+            start: at(0.0, 0.0),
+            end: at(9.6, 0.1),
+        };
+        let pack = Span {
+            start: at(9.6, 0.1),
+            end: at(10.0, 0.5),
+        };
+        assert_eq!(c.sent(3, 5 << 20, upload), None);
+        let m = c.packed(3, MIN_PACKED, 3 << 20, pack).unwrap();
+        assert_eq!((m.from, m.to), (3, 4), "{m:?}");
+        assert!((m.cpu_busy - 0.05).abs() < 1e-9, "{m:?}");
     }
 }

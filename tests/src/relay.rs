@@ -34,11 +34,18 @@ struct Pace {
     free_at: Mutex<tokio::time::Instant>,
 }
 
+/// Unused link time a paced relay may catch up on.
+const BURST: Duration = Duration::from_millis(20);
+
 impl Pace {
     async fn send(&self, n: usize) {
         let done = {
             let mut free_at = self.free_at.lock().unwrap_or_else(|e| e.into_inner());
-            let start = (*free_at).max(tokio::time::Instant::now());
+            // Timers fire up to a millisecond late, longer than a TLS record takes at 1 Gbit/s:
+            // the link keeps up to BURST of unused time as credit, or the late wake-ups would
+            // be lost and the link would run at half its rate.
+            let now = tokio::time::Instant::now();
+            let start = (*free_at).max(now.checked_sub(BURST).unwrap_or(now));
             *free_at = start + Duration::from_secs_f64(n as f64 / self.bytes_per_s);
             *free_at
         };

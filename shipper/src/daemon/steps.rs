@@ -14,6 +14,7 @@ use serde_json::Value;
 use cis490_common::{ErrorCode, Reason};
 
 use super::{usage, Shipper, Verdict};
+use crate::adapt::Span;
 use crate::pack::PackError;
 use crate::queue::{read_stamp, Candidate, QuarantineReason, Stamp, Tarball};
 use crate::retry::Setback;
@@ -93,10 +94,13 @@ impl Shipper {
                 Ok((sha, Tarball::File { path, len }, None))
             }
             None => {
-                let started = std::time::Instant::now();
+                let start = usage();
                 queue.pack(&cc, compression).map(|(p, t)| {
-                    let took = started.elapsed().as_secs_f64();
-                    (p.tar_sha256, t, Some((p.tar_bytes, took)))
+                    let span = Span {
+                        start,
+                        end: usage(),
+                    };
+                    (p.tar_sha256, t, Some((p.tar_bytes, span)))
                 })
             }
         })
@@ -108,9 +112,9 @@ impl Shipper {
                 if let Tarball::File { len, .. } = &tarball {
                     self.in_hand.remember_packed(id, &sha, *len);
                 }
-                if let Some((tar_bytes, secs)) = fresh {
+                if let Some((tar_bytes, span)) = fresh {
                     let body = tarball.len();
-                    self.adapt(|a| a.packed(compression.level, tar_bytes, body, secs, usage()));
+                    self.adapt(|a| a.packed(compression.level, tar_bytes, body, span));
                 }
                 Ok((sha, tarball, fresh.map(|_| compression.level)))
             }
@@ -156,12 +160,15 @@ impl Shipper {
             self.metrics.resumed(offset);
             tracing::info!(event = "ship_resumed", episode = %s.episode_id, offset, bytes = s.tarball.len(), "continuing an interrupted upload where the receiver holds it");
         };
-        let started = std::time::Instant::now();
+        let start = usage();
         let outcome = self.transport.ship(s, &resumed).await;
         if let (Some(level), Outcome::Stored { status: 201, .. }) = (fresh_level, &outcome) {
             if !was_resumed.load(Ordering::Relaxed) {
-                let secs = started.elapsed().as_secs_f64();
-                self.adapt(|a| a.sent(level, s.tarball.len(), secs, usage()));
+                let span = Span {
+                    start,
+                    end: usage(),
+                };
+                self.adapt(|a| a.sent(level, s.tarball.len(), span));
             }
         }
         outcome

@@ -94,6 +94,14 @@ async fn ship(w: &World, wl: &Workload, mbps: Option<f64>, mode: &str, round: us
             }
         }
     }
+    // The shipper's log of each run stays for a look at why the level moved.
+    let keep = std::path::Path::new("target/link-logs");
+    std::fs::create_dir_all(keep).unwrap();
+    std::fs::copy(
+        &log,
+        keep.join(format!("{}-{}-{mode}.log", wl.name, mbps.unwrap_or(0.0))),
+    )
+    .unwrap();
     let wire = relay.sent();
     drop(p);
     compare::discard(w, &store);
