@@ -325,7 +325,8 @@ fn run_peer(w: &World, wl: &Workload, parallel: usize) -> Sample {
     }
 }
 
-fn run_cis490(w: &World, wl: &Workload, round: usize) -> Sample {
+/// A receiver (pinned when asked) on a store of its own for run `round`; (process, store dir).
+pub(crate) fn start_receiver(w: &World, round: usize) -> (Process, PathBuf) {
     let store = w.path().join(format!("store-{round}"));
     let cfg = w.config(&format!(
         "[version_gate]\nrepo_path = \"{}\"\n",
@@ -338,10 +339,22 @@ fn run_cis490(w: &World, wl: &Workload, round: usize) -> Sample {
     std::fs::write(&cfg, text).unwrap();
     let p = Process::start(&cfg, &[]);
     pin_server(p.child.id());
+    (p, store)
+}
+
+/// A lab host's data dir for run `round` holding the workload (hard links: the shipper moves
+/// directories, never rewrites files), and its config sending to `url` with the `[shipping]`
+/// lines `shipping`; (data dir, config).
+pub(crate) fn stage_shipper(
+    w: &World,
+    wl: &Workload,
+    round: usize,
+    url: &str,
+    shipping: &str,
+) -> (PathBuf, PathBuf) {
     let data = w.path().join(format!("lab-{round}"));
     discard(w, &data);
     std::fs::create_dir_all(data.join("episodes")).unwrap();
-    // Hard links: the shipper moves directories, never rewrites files.
     let st = Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -352,19 +365,27 @@ fn run_cis490(w: &World, wl: &Workload, round: usize) -> Sample {
         .status()
         .unwrap();
     assert!(st.success());
-    let scfg = w.shipper_config(
-        HOST,
-        &format!("https://localhost:{}", p.addr.port()),
-        &format!(
-            "[shipping]\nconcurrency = {}\nzstd_threads = 0\nsettle_s = 0\n",
-            std::env::var("CIS490_COMPARE_CONCURRENCY").unwrap_or_else(|_| "2".into())
-        ),
-    );
+    let scfg = w.shipper_config(HOST, url, &format!("[shipping]\n{shipping}"));
     let text = std::fs::read_to_string(&scfg).unwrap().replace(
         &w.data_dir(HOST).display().to_string(),
         &data.display().to_string(),
     );
     std::fs::write(&scfg, text).unwrap();
+    (data, scfg)
+}
+
+fn run_cis490(w: &World, wl: &Workload, round: usize) -> Sample {
+    let (p, store) = start_receiver(w, round);
+    let (data, scfg) = stage_shipper(
+        w,
+        wl,
+        round,
+        &format!("https://localhost:{}", p.addr.port()),
+        &format!(
+            "concurrency = {}\nzstd_threads = 0\nsettle_s = 0\n",
+            std::env::var("CIS490_COMPARE_CONCURRENCY").unwrap_or_else(|_| "2".into())
+        ),
+    );
     let cpu_r0 = cpu_of(p.child.id());
     let (cpu0, _) = children_usage();
     let t = Instant::now();

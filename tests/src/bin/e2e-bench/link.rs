@@ -8,12 +8,10 @@
 use std::process::Stdio;
 use std::time::Instant;
 
-use cis490_tests::harness::{bin, Process, World};
+use cis490_tests::harness::{bin, World};
 use cis490_tests::relay::Relay;
 
 use crate::compare::{self, Workload};
-
-const HOST: &str = "labhost-01";
 
 struct Run {
     wall: f64,
@@ -24,45 +22,18 @@ struct Run {
 }
 
 async fn ship(w: &World, wl: &Workload, mbps: Option<f64>, mode: &str, round: usize) -> Run {
-    let store = w.path().join(format!("store-{round}"));
-    let cfg = w.config(&format!(
-        "[version_gate]\nrepo_path = \"{}\"\n",
-        w.repo.path.display()
-    ));
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        &w.store_dir().display().to_string(),
-        &store.display().to_string(),
-    );
-    std::fs::write(&cfg, text).unwrap();
-    let p = Process::start(&cfg, &[]);
-    compare::pin_server(p.child.id());
+    let (p, store) = compare::start_receiver(w, round);
     // Unlimited still goes through the relay, so every run pays the same copies.
     let relay = Relay::paced(p.addr, mbps.map_or(f64::INFINITY, |m| m * 1e6)).await;
-    let data = w.path().join(format!("lab-{round}"));
-    compare::discard(w, &data);
-    std::fs::create_dir_all(data.join("episodes")).unwrap();
-    let st = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cp -al '{}'/. '{}/episodes/'",
-            wl.dir.display(),
-            data.display()
-        ))
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let scfg = w.shipper_config(
-        HOST,
+    let (data, scfg) = compare::stage_shipper(
+        w,
+        wl,
+        round,
         &format!("https://localhost:{}", relay.addr.port()),
         &format!(
-            "[shipping]\ncompression = \"{mode}\"\nzstd_level = 3\nconcurrency = 2\nzstd_threads = 0\nsettle_s = 0\n"
+            "compression = \"{mode}\"\nzstd_level = 3\nconcurrency = 2\nzstd_threads = 0\nsettle_s = 0\n"
         ),
     );
-    let text = std::fs::read_to_string(&scfg).unwrap().replace(
-        &w.data_dir(HOST).display().to_string(),
-        &data.display().to_string(),
-    );
-    std::fs::write(&scfg, text).unwrap();
     let log = w.path().join(format!("shipper-{round}.log"));
     let (cpu0, _) = compare::children_usage();
     let t = Instant::now();
