@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks of the real binaries on loopback mTLS (release build). Figures go to stdout and,
-# by hand, into docs/BENCHMARKS.md. Usage: scripts/bench.sh [all|receiver|gate|shipper|load [seconds]|soak [minutes]|fleet [hosts] [episodes each]|compare [reps]|stages [reps]|link [reps]|s3|quarantine [uploads]]
+# by hand, into docs/BENCHMARKS.md. Usage: scripts/bench.sh [all|receiver|gate|shipper|load [seconds]|soak [minutes]|fleet [hosts] [episodes each]|compare [reps]|stages [reps]|link [reps]|s3|quarantine [uploads]|memory [runs]]
 # CIS490_BENCH_SCALE=10 shrinks every size tenfold for a quick check.
 # compare: CIS490_COMPARE_PIN=1 pins the client side to core 0 and the server side to core 1.
 # link: about 1 GB per run over a paced relay (100 Mbit/s, 1 Gbit/s, unlimited), auto vs level 3,

@@ -103,6 +103,9 @@ pub struct Limits {
     pub resume_keep_s: u64,
     /// Most bytes held for resumes; the oldest prefixes are dropped first (SPEC §13).
     pub resume_max_bytes: u64,
+    /// Memory the uploads' zstd decoders may hold together (docs/receiver.md); an upload whose
+    /// decoder does not fit waits, then gets 503 `overloaded`.
+    pub decoder_memory_bytes: u64,
 }
 
 impl Default for Limits {
@@ -122,6 +125,7 @@ impl Default for Limits {
             idle_timeout_s: 300,
             resume_keep_s: 86400,
             resume_max_bytes: 64 << 30,
+            decoder_memory_bytes: crate::decoders::DEFAULT_BUDGET,
         }
     }
 }
@@ -292,6 +296,12 @@ impl Validate for Config {
                 "must be between 101 and 1048576 (names up to 100 bytes fit a tar header)",
             );
         }
+        if self.limits.decoder_memory_bytes < crate::decoders::MIN_BUDGET {
+            return err(
+                "limits.decoder_memory_bytes",
+                "must be at least 4194304 (4 MiB: one decoder of a 2 MiB window, zstd level 3's)",
+            );
+        }
         if self.limits.max_uploads_per_host == 0 {
             return err("limits.max_uploads_per_host", "must be greater than 0");
         }
@@ -424,6 +434,7 @@ client_ca_file = "/ca.pem"
         assert_eq!(l.max_connections, 1024);
         assert_eq!(l.max_handshakes, 64);
         assert_eq!(l.idle_timeout_s, 300);
+        assert_eq!(l.decoder_memory_bytes, 32 << 20);
         assert_eq!(c.quarantine.max_entries, 100_000);
         assert!(c.tls.crl_file.is_none());
         let example = include_str!("../../etc/receiver.toml.example");
@@ -438,6 +449,7 @@ client_ca_file = "/ca.pem"
             ("[limits]\nmax_path_bytes = 100\n", "limits.max_path_bytes"),
             ("[limits]\nmax_path_bytes = 2000000\n", "limits.max_path_bytes"),
             ("[limits]\nmax_uploads_per_host = 0\n", "limits.max_uploads_per_host"),
+            ("[limits]\ndecoder_memory_bytes = 4194303\n", "limits.decoder_memory_bytes"),
             ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
             ("[limits]\nmax_handshakes = 0\n", "limits.max_handshakes"),
             ("[limits]\nidle_timeout_s = 0\n", "limits.idle_timeout_s"),

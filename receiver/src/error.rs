@@ -77,6 +77,8 @@ pub(crate) enum ApiError {
         host: String,
         cap: usize,
     },
+    /// The decoders' memory budget stayed full (`[limits] decoder_memory_bytes`).
+    DecoderBusy(String),
     /// The gate has not loaded its window yet.
     GateUnavailable,
     /// The object store (or the index it answers from) failed: the shipper retries.
@@ -114,6 +116,7 @@ impl ApiError {
             ApiError::Internal(_) => ErrorCode::Internal,
             ApiError::Overloaded
             | ApiError::HostOverloaded { .. }
+            | ApiError::DecoderBusy(_)
             | ApiError::UploadInProgress { .. } => ErrorCode::Overloaded,
             ApiError::ResumeUnavailable { .. } => ErrorCode::ResumeUnavailable,
             ApiError::GateUnavailable => ErrorCode::GateUnavailable,
@@ -197,6 +200,7 @@ impl ApiError {
             | ApiError::InvalidContent(m)
             | ApiError::Internal(m)
             | ApiError::StoreUnavailable(m)
+            | ApiError::DecoderBusy(m)
             | ApiError::InsufficientStorage(m) => m.clone(),
         }
     }
@@ -287,6 +291,7 @@ impl From<Rejection> for ApiError {
             Rejection::Source(e) if e.kind() == io::ErrorKind::TimedOut => {
                 ApiError::BodyTimeout(format!("the upload stalled: {e}"))
             }
+            Rejection::Busy(b) => ApiError::DecoderBusy(format!("{b}; retry later")),
             Rejection::Source(e) => {
                 ApiError::Malformed(format!("failed to read the request body: {e}"))
             }

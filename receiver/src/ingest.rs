@@ -5,11 +5,13 @@
 use std::cell::{Cell, RefCell};
 use std::io::{self, BufRead, Read, Write};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use cis490_common::meta::{commit_from_meta, MAX_META_BYTES};
 use cis490_common::Commit;
 use sha2::{Digest, Sha256};
 
+use crate::decoders::{self, Busy, DecoderBudget, DecoderLease};
 use crate::tarwalk::{self, Kind, WalkError, WalkLimits, DEFAULT_MAX_PATH_BYTES};
 use crate::zframes::{FrameError, FrameScanner};
 
@@ -34,6 +36,9 @@ pub struct Expect {
     pub max_path_bytes: usize,
     /// Largest uncompressed/compressed ratio once 1 MiB is decoded; 0 turns the check off.
     pub max_ratio: u64,
+    /// The budget the decoder leases its memory from, and the host it leases for (`None`:
+    /// unbudgeted, for the tools that decode one body at a time).
+    pub decoder_budget: Option<(Arc<DecoderBudget>, String)>,
 }
 
 impl Expect {
@@ -46,6 +51,7 @@ impl Expect {
             max_uncompressed,
             max_path_bytes: DEFAULT_MAX_PATH_BYTES,
             max_ratio: DEFAULT_MAX_COMPRESSION_RATIO,
+            decoder_budget: None,
         }
     }
 }
@@ -77,6 +83,9 @@ pub enum Rejection {
     /// Reading the body failed (client gone, idle timeout); the upload is abandoned.
     #[error("failed to read the request body: {0}")]
     Source(io::Error),
+    /// 503: the decoder's memory did not come free in time; nothing is the client's fault.
+    #[error("{0}")]
+    Busy(Busy),
 }
 
 impl Rejection {
@@ -94,6 +103,7 @@ struct Probe {
     source_err: RefCell<Option<io::Error>>,
     sink_err: RefCell<Option<io::Error>>,
     frame_err: RefCell<Option<FrameError>>,
+    busy: RefCell<Option<Busy>>,
     too_large: Cell<bool>,
     ratio: Cell<bool>,
     bytes_in: Cell<u64>,
@@ -109,6 +119,7 @@ struct Tee<R, W> {
     sink: W,
     count: u64,
     frames: FrameScanner,
+    lease: Option<DecoderLease>,
     probe: Rc<Probe>,
 }
 
@@ -125,6 +136,13 @@ impl<R: Read, W: Write> Read for Tee<R, W> {
         if let Err(e) = self.frames.feed(&buf[..n]) {
             *self.probe.frame_err.borrow_mut() = Some(e);
             return Err(io::Error::other("zstd framing refused"));
+        }
+        if let Some(lease) = &mut self.lease {
+            // The frame headers just read say what the decoder will allocate: lease it first.
+            if let Err(busy) = lease.grow(self.frames.decoder_bytes, decoders::WAIT) {
+                *self.probe.busy.borrow_mut() = Some(busy);
+                return Err(io::Error::other("decoder memory budget exhausted"));
+            }
         }
         if let Err(e) = self.sink.write_all(&buf[..n]) {
             let kind = e.kind();
@@ -189,8 +207,34 @@ pub fn validate_listing<R: Read, W: Write>(
     expect: &Expect,
     on_entry: impl FnMut(&str, Kind),
 ) -> Result<Validated, Rejection> {
+    let lease = expect
+        .decoder_budget
+        .as_ref()
+        .map(|(budget, host)| budget.lease(host));
+    validate_inner(body, sink, expect, lease, on_entry)
+}
+
+/// As [`validate`], with decoder memory already leased (`None`: unbudgeted; the caller bounds
+/// it otherwise). The lease still grows, waiting as [`validate`] does, should a later frame
+/// declare a larger window.
+pub fn validate_leased<R: Read, W: Write>(
+    body: R,
+    sink: W,
+    expect: &Expect,
+    lease: Option<DecoderLease>,
+) -> Result<Validated, Rejection> {
+    validate_inner(body, sink, expect, lease, |_, _| {})
+}
+
+fn validate_inner<R: Read, W: Write>(
+    body: R,
+    sink: W,
+    expect: &Expect,
+    lease: Option<DecoderLease>,
+    on_entry: impl FnMut(&str, Kind),
+) -> Result<Validated, Rejection> {
     let probe = Rc::new(Probe::default());
-    let mut hashing = open(body, sink, expect, &probe)?;
+    let mut hashing = open(body, sink, expect, lease, &probe)?;
     let (walked, meta_commit) = walk_members(&mut hashing, expect, &probe, on_entry)?;
     debug_assert_eq!(walked.total, hashing.count);
     let sha = hex::encode(hashing.hasher.finalize());
@@ -222,6 +266,9 @@ impl Probe {
         if let Some(e) = take_err(&self.source_err) {
             return Rejection::Source(e);
         }
+        if let Some(b) = take_err(&self.busy) {
+            return Rejection::Busy(b);
+        }
         if let Some(e) = take_err(&self.frame_err) {
             return invalid(e.to_string());
         }
@@ -243,6 +290,7 @@ fn open<R: Read, W: Write>(
     body: R,
     sink: W,
     expect: &Expect,
+    lease: Option<DecoderLease>,
     probe: &Rc<Probe>,
 ) -> Result<Streams<R, W>, Rejection> {
     let tee = Tee {
@@ -250,6 +298,7 @@ fn open<R: Read, W: Write>(
         sink,
         count: 0,
         frames: FrameScanner::new(),
+        lease,
         probe: probe.clone(),
     };
     let mut decoder = zstd::stream::read::Decoder::new(tee)
@@ -292,6 +341,9 @@ fn walk_members<R: Read>(
             // A refusal can follow a read error the walk saw as an end of data.
             if let Some(e) = take_err(&probe.frame_err) {
                 return Err(invalid(e.to_string()));
+            }
+            if let Some(b) = take_err(&probe.busy) {
+                return Err(Rejection::Busy(b));
             }
             Err(invalid(m))
         }

@@ -9,6 +9,7 @@ pub(crate) mod api;
 pub(crate) mod auth;
 pub mod cli;
 pub mod config;
+pub mod decoders;
 pub(crate) mod error;
 pub(crate) mod fleet;
 #[doc(hidden)]

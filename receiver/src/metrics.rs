@@ -47,6 +47,11 @@ pub struct Metrics {
     pub scrub_checked: Counter,
     scrub_problems: Family<ProblemLabel, Counter>,
     pub scrub_last_completed: Gauge,
+    /// Bytes the zstd decoders hold under `[limits] decoder_memory_bytes`, and the uploads
+    /// answered 503 because none came free in time.
+    pub decoder_memory: Gauge,
+    pub decoder_memory_refused: Counter,
+    pub decoder_memory_spooled: Counter,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,6 +75,9 @@ impl Default for Metrics {
             scrub_checked: Counter::default(),
             scrub_problems: Family::default(),
             scrub_last_completed: Gauge::default(),
+            decoder_memory: Gauge::default(),
+            decoder_memory_refused: Counter::default(),
+            decoder_memory_spooled: Counter::default(),
         };
         for problem in ["missing", "truncated", "corrupt"] {
             drop(m.scrub_problems.get_or_create(&ProblemLabel { problem }));
@@ -114,6 +122,21 @@ impl Metrics {
             "cis490_receiver_uploads_in_flight",
             "Uploads whose body is being received",
             self.uploads_in_flight.clone(),
+        );
+        r.register(
+            "cis490_receiver_decoder_memory_bytes",
+            "Bytes the uploads' zstd decoders hold under limits.decoder_memory_bytes",
+            self.decoder_memory.clone(),
+        );
+        r.register(
+            "cis490_receiver_decoder_memory_refused",
+            "Uploads answered 503 because limits.decoder_memory_bytes stayed full for 10 s",
+            self.decoder_memory_refused.clone(),
+        );
+        r.register(
+            "cis490_receiver_decoder_memory_spooled",
+            "Uploads written whole before validation because limits.decoder_memory_bytes was full",
+            self.decoder_memory_spooled.clone(),
         );
         r.register(
             "cis490_receiver_body_bytes_read",

@@ -30,6 +30,12 @@ pub(crate) fn state(cfg: Config, config_path: &Path) -> Result<AppState, ConfigE
     if !gate.enabled() {
         tracing::warn!("version gate is DISABLED: any well-formed commit is admitted");
     }
+    let decoders = crate::decoders::DecoderBudget::with_metrics(
+        cfg.limits.decoder_memory_bytes,
+        metrics.decoder_memory.clone(),
+        metrics.decoder_memory_refused.clone(),
+        metrics.decoder_memory_spooled.clone(),
+    );
     Ok(AppState {
         config_path: config_path.to_path_buf(),
         tls: ArcSwap::from_pointee(tls_cfg),
@@ -42,6 +48,7 @@ pub(crate) fn state(cfg: Config, config_path: &Path) -> Result<AppState, ConfigE
         ))),
         uploads: Arc::new(Semaphore::new(cfg.limits.max_concurrent_uploads)),
         host_slots: crate::slots::HostSlots::new(cfg.limits.max_uploads_per_host),
+        decoders,
         connections: Arc::new(Semaphore::new(cfg.limits.max_connections)),
         handshakes: Arc::new(Semaphore::new(cfg.limits.max_handshakes)),
         probe_cache: tokio::sync::Mutex::new(None),

@@ -28,6 +28,8 @@ pub struct AppState {
     pub(crate) fleet: Arc<crate::fleet::Fleet>,
     pub uploads: Arc<Semaphore>,
     pub host_slots: Arc<crate::slots::HostSlots>,
+    /// The zstd decoders' memory budget (`[limits] decoder_memory_bytes`).
+    pub decoders: Arc<crate::decoders::DecoderBudget>,
     /// `[limits] max_connections`: a permit per open API connection.
     pub connections: Arc<Semaphore>,
     /// `[limits] max_handshakes`: a permit per TLS handshake in progress.

@@ -2,8 +2,11 @@
 //! the receiver can refuse what libzstd would silently step over (SPEC §16): a skippable frame
 //! carries bytes that are neither part of the tar nor covered by its SHA-256.
 //!
-//! Only the framing is read: the magic number, the frame header's size fields and each block's
-//! 3-byte header. Block contents are skipped by count. Decoding errors stay libzstd's to report.
+//! Only the framing is read: the magic number, the frame header and each block's 3-byte header.
+//! Block contents are skipped by count. Decoding errors stay libzstd's to report, except a
+//! window larger than the receiver decodes, which is refused here before any memory is leased
+//! for it. The frame header also tells how much memory a decoder will need for the frame
+//! ([`FrameScanner::decoder_bytes`]), so the upload can lease it first (`crate::decoders`).
 
 /// Magic number of an ordinary zstd frame (little endian on the wire).
 const ZSTD_MAGIC: u32 = 0xFD2F_B528;
@@ -17,7 +20,7 @@ enum State {
     Magic,
     /// Collecting the frame header descriptor byte.
     Descriptor,
-    /// Skipping the rest of the frame header (window, dictionary id, content size).
+    /// Collecting the rest of the frame header (window, dictionary id, content size).
     HeaderRest,
     /// Collecting a 3-byte block header.
     BlockHeader,
@@ -33,6 +36,7 @@ pub enum FrameError {
     Skippable { offset: u64 },
     BadMagic { offset: u64, magic: u32 },
     ReservedBlock { offset: u64 },
+    WindowTooLarge { offset: u64, window: u64 },
 }
 
 impl std::fmt::Display for FrameError {
@@ -50,6 +54,11 @@ impl std::fmt::Display for FrameError {
                 f,
                 "body is not a valid zstd stream: block at byte {offset} has the reserved type"
             ),
+            FrameError::WindowTooLarge { offset, window } => write!(
+                f,
+                "the zstd frame at byte {offset} needs a {window}-byte window; the receiver decodes windows up to {} bytes (zstd --long or levels 20-22 without a window limit)",
+                1u64 << crate::ingest::WINDOW_LOG_MAX
+            ),
         }
     }
 }
@@ -61,14 +70,21 @@ pub struct FrameScanner {
     /// Bytes collected for the field being read (magic, descriptor, block header).
     acc: [u8; 4],
     have: usize,
-    /// Bytes still to skip in `HeaderRest`, `BlockBody` or `Checksum`.
+    /// Bytes still to skip in `BlockBody` or `Checksum`, or to collect in `HeaderRest`.
     skip: u64,
+    /// The frame header after its descriptor byte (at most 1 + 4 + 8 bytes).
+    header: [u8; 13],
+    header_len: usize,
+    descriptor: u8,
+    frame_start: u64,
     last_block: bool,
     checksum: bool,
     offset: u64,
     field_start: u64,
     /// Ordinary frames seen so far.
     pub frames: u64,
+    /// The most decoder memory any frame so far needs (`crate::decoders::decoder_bytes`).
+    pub decoder_bytes: u64,
 }
 
 impl Default for FrameScanner {
@@ -78,11 +94,16 @@ impl Default for FrameScanner {
             acc: [0; 4],
             have: 0,
             skip: 0,
+            header: [0; 13],
+            header_len: 0,
+            descriptor: 0,
+            frame_start: 0,
             last_block: false,
             checksum: false,
             offset: 0,
             field_start: 0,
             frames: 0,
+            decoder_bytes: 0,
         }
     }
 }
@@ -96,7 +117,19 @@ impl FrameScanner {
     pub fn feed(&mut self, mut buf: &[u8]) -> Result<(), FrameError> {
         while !buf.is_empty() {
             match self.state {
-                State::HeaderRest | State::BlockBody | State::Checksum => {
+                State::HeaderRest => {
+                    let n = (buf.len() as u64).min(self.skip) as usize;
+                    self.header[self.header_len..self.header_len + n].copy_from_slice(&buf[..n]);
+                    self.header_len += n;
+                    self.skip -= n as u64;
+                    self.offset += n as u64;
+                    buf = &buf[n..];
+                    if self.skip == 0 {
+                        self.header_done()?;
+                        self.after_skip();
+                    }
+                }
+                State::BlockBody | State::Checksum => {
                     let n = (buf.len() as u64).min(self.skip) as usize;
                     self.skip -= n as u64;
                     self.offset += n as u64;
@@ -147,6 +180,44 @@ impl FrameScanner {
         };
     }
 
+    /// The frame header is complete: its window and content size give the decoder's memory.
+    fn header_done(&mut self) -> Result<(), FrameError> {
+        let d = self.descriptor;
+        let single_segment = d & 0x20 != 0;
+        let h = &self.header[..self.header_len];
+        let (window_field, rest) = if single_segment {
+            (None, h)
+        } else {
+            (h.first().copied(), h.get(1..).unwrap_or(&[]))
+        };
+        let dict_len = [0usize, 1, 2, 4][(d & 0x03) as usize];
+        let fcs_bytes = rest.get(dict_len..).unwrap_or(&[]);
+        let mut le = [0u8; 8];
+        le[..fcs_bytes.len()].copy_from_slice(fcs_bytes);
+        let content = match fcs_bytes.len() {
+            0 => None,
+            2 => Some(u64::from_le_bytes(le) + 256),
+            _ => Some(u64::from_le_bytes(le)),
+        };
+        let window = match window_field {
+            Some(b) => {
+                let base = 1u64 << (10 + u32::from(b >> 3));
+                base + (base / 8) * u64::from(b & 7)
+            }
+            // A single-segment frame's window is its content.
+            None => content.unwrap_or(0),
+        };
+        if window > 1u64 << crate::ingest::WINDOW_LOG_MAX {
+            return Err(FrameError::WindowTooLarge {
+                offset: self.frame_start,
+                window,
+            });
+        }
+        let need = crate::decoders::decoder_bytes(window, content);
+        self.decoder_bytes = self.decoder_bytes.max(need);
+        Ok(())
+    }
+
     fn field_done(&mut self) -> Result<(), FrameError> {
         match self.state {
             State::Magic => {
@@ -163,6 +234,7 @@ impl FrameScanner {
                     });
                 }
                 self.frames += 1;
+                self.frame_start = self.field_start;
                 self.state = State::Descriptor;
             }
             State::Descriptor => {
@@ -180,8 +252,11 @@ impl FrameScanner {
                     _ => 8,
                 };
                 self.skip = window + dict + fcs;
+                self.descriptor = d;
+                self.header_len = 0;
                 self.state = State::HeaderRest;
                 if self.skip == 0 {
+                    self.header_done()?;
                     self.after_skip();
                 }
             }
@@ -270,6 +345,56 @@ mod tests {
             assert_eq!(err, FrameError::Skippable { offset: want });
             assert!(err.to_string().contains("skippable"));
         }
+    }
+
+    fn encode(data: &[u8], window_log: u32) -> Vec<u8> {
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        enc.window_log(window_log).unwrap();
+        enc.long_distance_matching(true).unwrap();
+        std::io::Write::write_all(&mut enc, data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    #[test]
+    fn the_decoder_memory_follows_the_largest_window() {
+        use crate::decoders::decoder_bytes;
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        // One-shot compression of a small input: a single-segment frame, sized by its content.
+        let one = zstd::bulk::compress(&data[..1000], 3).unwrap();
+        let s = scan_in_pieces(&one, 1).unwrap();
+        assert_eq!(s.decoder_bytes, decoder_bytes(1000, Some(1000)));
+        // Streaming without a content size: the declared window.
+        let mut stream = encode(&data, 20);
+        let s = scan_in_pieces(&stream, 3).unwrap();
+        assert_eq!(s.decoder_bytes, decoder_bytes(1 << 20, None));
+        // A later frame with a larger window raises it; a smaller one does not lower it.
+        stream.extend(encode(&data, 22));
+        stream.extend(one);
+        let s = scan_in_pieces(&stream, 7).unwrap();
+        assert_eq!(s.decoder_bytes, decoder_bytes(4 << 20, None));
+        assert_eq!(s.frames, 3);
+    }
+
+    #[test]
+    fn a_window_beyond_the_receivers_limit_is_refused_at_its_header() {
+        let data = vec![7u8; 5000];
+        let mut stream = encode(&data, 20);
+        let at = stream.len() as u64;
+        stream.extend(encode(&data, crate::ingest::WINDOW_LOG_MAX + 1));
+        let err = scan_in_pieces(&stream, 4).unwrap_err();
+        assert_eq!(
+            err,
+            FrameError::WindowTooLarge {
+                offset: at,
+                window: 1 << (crate::ingest::WINDOW_LOG_MAX + 1)
+            }
+        );
+        assert!(
+            err.to_string().contains("windows up to 16777216 bytes"),
+            "{err}"
+        );
+        // The largest window the receiver decodes passes.
+        scan_in_pieces(&encode(&data, crate::ingest::WINDOW_LOG_MAX), 4).unwrap();
     }
 
     #[test]

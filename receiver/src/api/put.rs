@@ -9,6 +9,7 @@ use http::{HeaderMap, StatusCode};
 use hyper::body::Incoming;
 use tokio::task::JoinHandle;
 
+use crate::decoders::{self, DecoderBudget};
 use crate::error::{ApiError, ConflictSeen};
 use crate::ingest::{self, Expect, Rejection, Validated};
 use crate::metrics::Metrics;
@@ -325,10 +326,12 @@ fn spawn_validator(
         tar_sha256: Some(d.tar_sha256.clone()),
         max_path_bytes: limits.max_path_bytes,
         max_ratio: limits.max_compression_ratio,
+        decoder_budget: Some((state.decoders.clone(), d.host.to_string())),
         ..Expect::new(d.episode, limits.max_uncompressed_bytes)
     };
     let (host, episode) = (d.host.to_string(), d.episode.to_string());
     let (sha, commit) = (d.tar_sha256.clone(), d.commit.to_string());
+    let decoders = state.decoders.clone();
     tokio::task::spawn_blocking(move || -> io::Result<Finished> {
         // A resumed upload's held prefix goes through the validator again, then the new bytes.
         let (held, prefix) = match held {
@@ -342,6 +345,8 @@ fn spawn_validator(
         let mut upload = store.begin(&host, &episode, &sha, &commit, length, held)?;
         let verdict = if upload.validates_afterwards() {
             store_then_validate(source, &mut upload, &expect)
+        } else if upload.can_read_back() {
+            leased_or_spooled(source, &mut upload, &expect, &decoders, &host)
         } else {
             ingest::validate(source, &mut upload, &expect)
         };
@@ -373,25 +378,71 @@ fn spawn_validator(
 /// A resumed S3 upload: its prefix cannot be read while the rest arrives, so the new bytes go
 /// into the store first, then the whole stored body is read back through the validator.
 fn store_then_validate(
-    mut source: Box<dyn Read + Send>,
+    source: Box<dyn Read + Send>,
     upload: &mut Box<dyn Upload>,
     expect: &Expect,
 ) -> Result<Validated, Rejection> {
+    spool(source, upload)?;
+    validate_stored(upload, expect, |body, expect| {
+        ingest::validate(body, io::sink(), expect)
+    })
+}
+
+/// Copies the whole body into the upload, undecoded.
+fn spool(mut source: impl Read, upload: &mut Box<dyn Upload>) -> Result<(), Rejection> {
     let mut buf = vec![0u8; 256 << 10];
     loop {
         let n = match source.read(&mut buf) {
-            Ok(0) => break,
+            Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(Rejection::Source(e)),
         };
         upload.write_all(&buf[..n]).map_err(Rejection::Sink)?;
     }
+}
+
+/// Reads the stored body back through `validate`. Reading it back is the store's side: its
+/// failures are the store's too.
+fn validate_stored(
+    upload: &mut Box<dyn Upload>,
+    expect: &Expect,
+    validate: impl FnOnce(Box<dyn Read + Send>, &Expect) -> Result<Validated, Rejection>,
+) -> Result<Validated, Rejection> {
     let body = upload.stored_body().map_err(Rejection::Sink)?;
-    // Reading the stored body back is the store's side: its failures are the store's too.
-    ingest::validate(body, io::sink(), expect).map_err(|r| match r {
+    validate(body, expect).map_err(|r| match r {
         Rejection::Source(e) => Rejection::Sink(e),
         r => r,
+    })
+}
+
+/// An fs upload (crate::decoders): validated as it arrives when its first frame's decoder fits
+/// the budget now; else written whole to its temp file and validated from there, under a lease
+/// if one comes free soon, else on the spare decoder.
+fn leased_or_spooled(
+    mut source: Box<dyn Read + Send>,
+    upload: &mut Box<dyn Upload>,
+    expect: &Expect,
+    decoders: &Arc<DecoderBudget>,
+    host: &str,
+) -> Result<Validated, Rejection> {
+    let (head, need) = decoders::first_frame(&mut source).map_err(Rejection::Source)?;
+    let body = io::Cursor::new(head).chain(source);
+    if let Some(lease) = decoders.try_lease(host, need) {
+        return ingest::validate_leased(body, upload, expect, Some(lease));
+    }
+    decoders.spooling();
+    spool(body, upload)?;
+    let mut lease = decoders.lease(host);
+    if lease.take(need, decoders::SPOOL_WAIT).is_ok() {
+        return validate_stored(upload, expect, |body, expect| {
+            ingest::validate_leased(body, io::sink(), expect, Some(lease))
+        });
+    }
+    drop(lease);
+    let _spare = decoders.spare();
+    validate_stored(upload, expect, |body, expect| {
+        ingest::validate_leased(body, io::sink(), expect, None)
     })
 }
 

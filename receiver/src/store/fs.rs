@@ -594,6 +594,23 @@ impl Write for FsUpload {
 }
 
 impl Upload for FsUpload {
+    fn can_read_back(&self) -> bool {
+        true
+    }
+
+    /// The temp or part file, opened again for reading (its own offset; what was just written
+    /// is in the page cache, so this costs no disk read).
+    fn stored_body(&mut self) -> io::Result<Box<dyn io::Read + Send>> {
+        let file = match &mut self.file {
+            Target::Temp(f) => {
+                f.flush()?;
+                File::open(f.temp_path())?
+            }
+            Target::Part(f) => f.read_back()?,
+        };
+        Ok(Box::new(io::BufReader::with_capacity(256 << 10, file)))
+    }
+
     fn commit(self: Box<Self>, v: &Validated) -> io::Result<CommitOutcome> {
         let FsUpload {
             store,

@@ -118,6 +118,12 @@ pub trait Upload: Write + Send {
     fn stored_body(&mut self) -> io::Result<Box<dyn io::Read + Send>> {
         Err(io::Error::other("this upload is validated as it arrives"))
     }
+
+    /// True when [`Upload::stored_body`] works, so the body may be written whole first and
+    /// validated afterwards (the fs store's temp files: see `crate::decoders`).
+    fn can_read_back(&self) -> bool {
+        false
+    }
 }
 
 /// What a resumable upload starts from, taken before its body is read.

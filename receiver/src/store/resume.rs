@@ -430,6 +430,14 @@ impl PartFile {
     }
 }
 
+impl PartFile {
+    /// The part file, opened again for reading: the held prefix and everything written since.
+    pub(crate) fn read_back(&mut self) -> io::Result<std::fs::File> {
+        self.file()?.flush()?;
+        std::fs::File::open(&self.path)
+    }
+}
+
 impl Write for PartFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.skip > 0 {

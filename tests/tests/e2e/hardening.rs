@@ -205,6 +205,8 @@ async fn a_decompression_bomb_stops_at_the_ratio_cap_after_little_cpu() {
     assert!(files_under(&w.store_dir().join("tmp")).is_empty());
 }
 
+type RawTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
 /// Opens a PUT as `host` for `ep` declaring `len` bytes and sends `first` of them.
 async fn open_put(
     w: &World,
@@ -213,11 +215,23 @@ async fn open_put(
     ep: &str,
     len: usize,
     first: &[u8],
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+) -> RawTls {
+    open_put_sha(w, addr, host, ep, &"0".repeat(64), len, first).await
+}
+
+/// [`open_put`] with the body's real tar SHA-256, so that it can also end well.
+async fn open_put_sha(
+    w: &World,
+    addr: std::net::SocketAddr,
+    host: &str,
+    ep: &str,
+    sha: &str,
+    len: usize,
+    first: &[u8],
+) -> RawTls {
     let mut s = cis490_tests::client::raw_tls(addr, &w.pki.ca_file, &w.pki.client(host)).await;
     let head = format!(
-        "PUT /v1/episodes/{host}/{ep} HTTP/1.1\r\nhost: localhost\r\ncontent-length: {len}\r\nx-cis490-code-commit: {COMMIT}\r\nx-cis490-tar-sha256: {}\r\n\r\n",
-        "0".repeat(64)
+        "PUT /v1/episodes/{host}/{ep} HTTP/1.1\r\nhost: localhost\r\ncontent-length: {len}\r\nx-cis490-code-commit: {COMMIT}\r\nx-cis490-tar-sha256: {sha}\r\n\r\n"
     );
     s.write_all(head.as_bytes()).await.unwrap();
     s.write_all(first).await.unwrap();
@@ -633,5 +647,193 @@ async fn tiny_invalid_uploads_keep_the_quarantine_within_max_entries_without_res
     let first = median(&mut lat[..200].to_vec());
     let last = median(&mut lat[n - 200..].to_vec());
     println!("{n} tiny rejections: median latency first 200 {first:?}, last 200 {last:?}");
+    r.stop().await;
+}
+
+/// `[limits] decoder_memory_bytes` (docs/receiver.md): a decoder leases the memory its frame
+/// header declares before it decodes. An upload that finds no room is written whole and
+/// validated afterwards (stored all the same, nothing refused); a streaming upload whose later
+/// frame needs more than is free waits, then is answered 503 `overloaded`, stores nothing, and
+/// stores on its retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_beyond_the_decoder_budget_are_spooled_or_wait_and_nothing_is_lost() {
+    let w = World::new(1);
+    let r = start(
+        &w,
+        "[version_gate]\nenabled = false\n[limits]\ndecoder_memory_bytes = 4194304\n",
+    )
+    .await;
+    let src = w.path().join("src");
+    // 3 MiB episodes: the packer's level 3 declares a 2 MiB window, about 2.5 MiB leased.
+    let holder = episode::body(&src, "ep-holder", COMMIT, 3 << 20);
+    let spooled = episode::body(&src, "ep-spooled", COMMIT, 3 << 20);
+    // The holder sends its frame header and a little more, then stops: its lease stays held.
+    let mut held = open_put_sha(
+        &w,
+        r.addr,
+        HOST,
+        &holder.id,
+        &holder.sha,
+        holder.bytes.len(),
+        &holder.bytes[..64 << 10],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let leased = metric_value(&r, "cis490_receiver_decoder_memory_bytes").await;
+    assert!(
+        (2.0 * 1048576.0..4.0 * 1048576.0).contains(&leased),
+        "the holder leases its 2 MiB window and the rest: {leased}"
+    );
+    // A second one does not fit beside it: it is written whole, then validated and stored.
+    let started = Instant::now();
+    let reply = w.client(r.addr, OTHER).put(OTHER, &spooled).await;
+    assert_eq!(reply.status, 201, "{:?}", reply.json());
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert_eq!(
+        metric_value(&r, "cis490_receiver_decoder_memory_spooled_total").await,
+        1.0
+    );
+    // A body whose first frame has a tiny window streams; its second frame, 256 KiB on,
+    // declares a 2 MiB window,
+    // which does not fit while the holder holds its lease: a 503 after the wait.
+    let grower = episode::write(
+        &src,
+        "ep-grower",
+        COMMIT,
+        &[("data.bin", &episode::noise(3 << 20, 11))],
+    );
+    let (packed, packed_body) = episode::pack(&grower, "ep-grower");
+    let tar = zstd::decode_all(&packed_body[..]).unwrap();
+    let frame = |part: &[u8], window_log: u32| {
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        enc.window_log(window_log).unwrap();
+        enc.write_all(part).unwrap();
+        enc.finish().unwrap()
+    };
+    let mut body = frame(&tar[..256 << 10], 10);
+    body.extend(frame(&tar[256 << 10..], 21));
+    let started = Instant::now();
+    let reply = w
+        .client(r.addr, OTHER)
+        .request(
+            "PUT",
+            &format!("/v1/episodes/{OTHER}/ep-grower"),
+            &put_headers(packed.tar_sha256.clone(), body.len()),
+            body.clone(),
+        )
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(
+        (reply.status, reply.error().as_str()),
+        (503, "overloaded"),
+        "{:?}",
+        reply.json()
+    );
+    let msg = reply.json()["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("limits.decoder_memory_bytes"), "{msg}");
+    assert_eq!(reply.headers["retry-after"], "5");
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(20),
+        "answered after {waited:?}"
+    );
+    assert_eq!(
+        metric_value(&r, "cis490_receiver_decoder_memory_refused_total").await,
+        1.0
+    );
+    // Nothing of it was kept: no stored file, no row.
+    let stored = files_under(&w.store_dir().join("episodes"));
+    assert!(
+        stored.iter().all(|p| !p.contains("ep-grower")),
+        "{stored:?}"
+    );
+    assert_eq!(index_rows(&w.store_dir()).len(), 1);
+    // The holder finishes and is stored; the budget is free again and the retry stores.
+    held.write_all(&holder.bytes[64 << 10..]).await.unwrap();
+    held.flush().await.unwrap();
+    let answer = read_response(&mut held).await;
+    assert!(
+        status_line(&answer).starts_with("HTTP/1.1 201"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let reply = w
+        .client(r.addr, OTHER)
+        .request(
+            "PUT",
+            &format!("/v1/episodes/{OTHER}/ep-grower"),
+            &put_headers(packed.tar_sha256.clone(), body.len()),
+            body,
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 201, "{:?}", reply.json());
+    let rows = index_rows(&w.store_dir());
+    let mut ids: Vec<&str> = rows
+        .iter()
+        .map(|r| r["episode_id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["ep-grower", "ep-holder", "ep-spooled"]);
+    // Each stored file is the body as sent.
+    let on_disk = std::fs::read(
+        w.store_dir()
+            .join("episodes")
+            .join(OTHER)
+            .join("ep-spooled.tar.zst"),
+    )
+    .unwrap();
+    assert_eq!(on_disk, spooled.bytes);
+    assert!(files_under(&w.store_dir().join("tmp")).is_empty());
+    assert_eq!(
+        metric_value(&r, "cis490_receiver_decoder_memory_bytes").await,
+        0.0,
+        "every lease is given back"
+    );
+    r.stop().await;
+}
+
+/// A frame that declares a window over 16 MiB (zstd --long=25) is refused at its header, with
+/// what the receiver decodes in the message, and kept in quarantine like every 422.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_larger_than_the_receiver_decodes_is_refused_at_the_frame_header() {
+    let w = World::new(1);
+    let r = start(&w, "[version_gate]\nenabled = false\n").await;
+    let ep = "ep-wide";
+    let mut t = Tar::new();
+    t.dir(&format!("{ep}/"))
+        .file(&format!("{ep}/meta.json"), &meta(ep, COMMIT))
+        .file(&format!("{ep}/data.bin"), &episode::noise(100_000, 5));
+    let tar = t.end();
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&tar))
+    };
+    let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+    enc.window_log(25).unwrap();
+    enc.long_distance_matching(true).unwrap();
+    enc.write_all(&tar).unwrap();
+    let body = enc.finish().unwrap();
+    let reply = w
+        .client(r.addr, HOST)
+        .request(
+            "PUT",
+            &format!("/v1/episodes/{HOST}/{ep}"),
+            &put_headers(sha, body.len()),
+            body,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (reply.status, reply.error().as_str()),
+        (422, "invalid_content")
+    );
+    let msg = reply.json()["message"].as_str().unwrap().to_string();
+    assert_eq!(
+        msg,
+        "the zstd frame at byte 0 needs a 33554432-byte window; the receiver decodes windows up to 16777216 bytes (zstd --long or levels 20-22 without a window limit)"
+    );
+    assert!(index_rows(&w.store_dir()).is_empty());
+    assert!(files_under(&w.store_dir().join("episodes")).is_empty());
     r.stop().await;
 }
