@@ -434,7 +434,7 @@ client_ca_file = "/ca.pem"
         assert_eq!(l.max_connections, 1024);
         assert_eq!(l.max_handshakes, 64);
         assert_eq!(l.idle_timeout_s, 300);
-        assert_eq!(l.decoder_memory_bytes, 32 << 20);
+        assert_eq!(l.decoder_memory_bytes, 24 << 20);
         assert_eq!(c.quarantine.max_entries, 100_000);
         assert!(c.tls.crl_file.is_none());
         let example = include_str!("../../etc/receiver.toml.example");

@@ -26,7 +26,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 /// Default of `[limits] decoder_memory_bytes`.
-pub const DEFAULT_BUDGET: u64 = 32 << 20;
+pub const DEFAULT_BUDGET: u64 = 24 << 20;
 /// Smallest `[limits] decoder_memory_bytes` accepted.
 pub const MIN_BUDGET: u64 = 4 << 20;
 /// Longest wait for a lease before the upload is answered 503.

@@ -390,7 +390,9 @@ fn store_then_validate(
 
 /// Copies the whole body into the upload, undecoded.
 fn spool(mut source: impl Read, upload: &mut Box<dyn Upload>) -> Result<(), Rejection> {
-    let mut buf = vec![0u8; 256 << 10];
+    // The body arrives in chunks of at most 64 KiB (hyper's read buffer); many uploads may be
+    // spooling at once, so no more is held per upload.
+    let mut buf = vec![0u8; 64 << 10];
     loop {
         let n = match source.read(&mut buf) {
             Ok(0) => return Ok(()),

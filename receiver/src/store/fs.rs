@@ -599,7 +599,8 @@ impl Upload for FsUpload {
     }
 
     /// The temp or part file, opened again for reading (its own offset; what was just written
-    /// is in the page cache, so this costs no disk read).
+    /// is in the page cache, so this costs no disk read). Unbuffered: the decoder reading it
+    /// has its own buffer.
     fn stored_body(&mut self) -> io::Result<Box<dyn io::Read + Send>> {
         let file = match &mut self.file {
             Target::Temp(f) => {
@@ -608,7 +609,7 @@ impl Upload for FsUpload {
             }
             Target::Part(f) => f.read_back()?,
         };
-        Ok(Box::new(io::BufReader::with_capacity(256 << 10, file)))
+        Ok(Box::new(file))
     }
 
     fn commit(self: Box<Self>, v: &Validated) -> io::Result<CommitOutcome> {
