@@ -190,6 +190,27 @@ struct QuarantineLedger {
     bytes: u64,
 }
 
+/// An entry's keys and the sibling of each (`.tar.zst` and `.reason.json`), once each.
+fn quarantine_pair(keys: &[Key]) -> Vec<Key> {
+    let mut out: Vec<Key> = Vec::new();
+    for k in keys {
+        let name = k.to_string();
+        let sibling = name
+            .strip_suffix(".tar.zst")
+            .map(|b| format!("{b}.reason.json"))
+            .or_else(|| {
+                name.strip_suffix(".reason.json")
+                    .map(|b| format!("{b}.tar.zst"))
+            });
+        for key in std::iter::once(k.clone()).chain(sibling.map(|s| Key::from(s.as_str()))) {
+            if !out.contains(&key) {
+                out.push(key);
+            }
+        }
+    }
+    out
+}
+
 impl QuarantineLedger {
     fn add(&mut self, base: String, when: SystemTime, len: u64, keys: Vec<Key>) {
         self.bytes += len;
@@ -732,8 +753,11 @@ impl S3Store {
             if !(expired || over) {
                 break;
             }
-            for k in keys {
-                self.delete(k).await?;
+            // Both objects of the entry go, whichever of them the listing that built the ledger
+            // showed: a listing taken while another object was being written may show one of
+            // the two, and deleting only that one would leave the other behind for good.
+            for k in quarantine_pair(keys) {
+                self.delete(&k).await?;
             }
             tracing::info!(event = "cleanup", file = %base, bytes = *len, expired, "removed a receiver quarantine entry from the bucket");
             ledger.bytes -= len;
@@ -1256,5 +1280,30 @@ impl Upload for S3Upload {
 impl Drop for S3Upload {
     fn drop(&mut self) {
         self.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quarantine_entry_seen_by_one_object_still_removes_both() {
+        let body = Key::from("p/quarantine/h/20261207T000000Z-ep-7.tar.zst");
+        let reason = Key::from("p/quarantine/h/20261207T000000Z-ep-7.reason.json");
+        // A listing that showed only the reason: the body goes too.
+        assert_eq!(
+            quarantine_pair(std::slice::from_ref(&reason)),
+            vec![reason.clone(), body.clone()]
+        );
+        assert_eq!(
+            quarantine_pair(std::slice::from_ref(&body)),
+            vec![body.clone(), reason.clone()]
+        );
+        // Both listed: each once.
+        assert_eq!(
+            quarantine_pair(&[reason.clone(), body.clone()]),
+            vec![reason, body]
+        );
     }
 }
