@@ -693,6 +693,28 @@ async fn uploads_beyond_the_decoder_budget_are_spooled_or_wait_and_nothing_is_lo
         metric_value(&r, "cis490_receiver_decoder_memory_spooled_total").await,
         1.0
     );
+    // A bad body that finds no room is written whole too, then refused as any: 422, kept in
+    // the quarantine, nothing stored.
+    let mut bad = episode::body(&src, "ep-spooled-bad", COMMIT, 3 << 20);
+    bad.sha = "ab".repeat(32);
+    let reply = w.client(r.addr, OTHER).put(OTHER, &bad).await;
+    assert_eq!(
+        (reply.status, reply.error().as_str()),
+        (422, "invalid_content"),
+        "{:?}",
+        reply.json()
+    );
+    let msg = reply.json()["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("the X-Cis490-Tar-SHA256 header says"), "{msg}");
+    assert_eq!(
+        metric_value(&r, "cis490_receiver_decoder_memory_spooled_total").await,
+        2.0
+    );
+    let kept = files_under(&w.store_dir().join("quarantine"));
+    assert!(
+        kept.iter().any(|p| p.contains("ep-spooled-bad")),
+        "{kept:?}"
+    );
     // A body whose first frame has a tiny window streams; its second frame, 256 KiB on,
     // declares a 2 MiB window,
     // which does not fit while the holder holds its lease: a 503 after the wait.
