@@ -167,13 +167,20 @@ impl Queue {
     }
 
     /// Ready = `meta.json` present and nothing in the tree modified in the last `settle`.
+    #[cfg(test)]
     pub fn is_ready(&self, c: &Candidate, settle: Duration, now: SystemTime) -> bool {
+        self.readiness(c, settle, now).is_some()
+    }
+
+    /// [`Queue::is_ready`] with what the same walk saw: about how long the episode's tar is
+    /// ([`TreeWalk::tar_bytes`]) when it is ready, so the work loop knows a small episode before
+    /// packing it.
+    pub fn readiness(&self, c: &Candidate, settle: Duration, now: SystemTime) -> Option<u64> {
         if !c.dir.join("meta.json").exists() {
-            return false;
+            return None;
         }
-        newest_mtime(&c.dir)
-            .map(|t| now.duration_since(t).unwrap_or_default() >= settle)
-            .unwrap_or(false)
+        let walk = walk_tree(&c.dir).ok()?;
+        (now.duration_since(walk.newest).unwrap_or_default() >= settle).then_some(walk.tar_bytes)
     }
 
     /// Sweep (SPEC §2): removes `*.partial` files and tarballs whose episode is gone, and finishes
@@ -520,7 +527,8 @@ impl Queue {
 }
 
 /// Tarballs up to this size are packed in memory and sent from there: no outbox file, no
-/// fsyncs (4 fewer per small episode). At most `2 × concurrency` are held at once.
+/// fsyncs (4 fewer per small episode). The daemon holds at most `concurrency` plus its small
+/// lane's total of them at once (`daemon::in_hand::Slots`): 10 MiB at most with the defaults.
 pub const IN_MEMORY_MAX: usize = 1 << 20;
 
 /// A packed episode: in memory, or in the outbox.
@@ -608,7 +616,24 @@ fn touch(dir: &Path) -> io::Result<()> {
 
 /// The newest mtime of anything in the tree (entries are not followed).
 pub fn newest_mtime(dir: &Path) -> io::Result<SystemTime> {
+    walk_tree(dir).map(|w| w.newest)
+}
+
+/// What one walk of an episode's tree found.
+#[derive(Debug, Clone, Copy)]
+pub struct TreeWalk {
+    /// The newest mtime of the directory and everything in it.
+    pub newest: SystemTime,
+    /// About the length of its tar: a header for every entry (the directory's own too), the
+    /// files' bytes padded to blocks, and the end blocks. Long-name records are not counted.
+    pub tar_bytes: u64,
+}
+
+/// Stats every entry under `dir` once (the settle check; symlinks are not followed).
+pub fn walk_tree(dir: &Path) -> io::Result<TreeWalk> {
     let mut newest = fs::symlink_metadata(dir)?.modified()?;
+    const BLOCK: u64 = 512;
+    let mut tar_bytes = 3 * BLOCK;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in fs::read_dir(&d)? {
@@ -617,12 +642,18 @@ pub fn newest_mtime(dir: &Path) -> io::Result<SystemTime> {
             if let Ok(t) = md.modified() {
                 newest = newest.max(t);
             }
+            let padded = if md.is_file() {
+                md.len().div_ceil(BLOCK).saturating_mul(BLOCK)
+            } else {
+                0
+            };
+            tar_bytes = tar_bytes.saturating_add(BLOCK).saturating_add(padded);
             if md.is_dir() {
                 stack.push(e.path());
             }
         }
     }
-    Ok(newest)
+    Ok(TreeWalk { newest, tar_bytes })
 }
 
 /// Reads `meta.json`'s commit the way the receiver will.
@@ -1035,6 +1066,20 @@ mod tests {
         assert!(l.is_ready(&c, Duration::from_secs(60), now + Duration::from_secs(61)));
         fs::remove_file(c.dir.join("meta.json")).unwrap();
         assert!(!l.is_ready(&c, Duration::ZERO, now + Duration::from_secs(61)));
+    }
+
+    #[test]
+    fn the_settle_walk_knows_the_tar_length() {
+        let (_t, l) = queue();
+        let c = episode(&l, "ep1");
+        fs::create_dir(c.dir.join("frames")).unwrap();
+        fs::write(c.dir.join("frames").join("0001.bin"), vec![7u8; 5000]).unwrap();
+        fs::write(c.dir.join("empty"), b"").unwrap();
+        let later = SystemTime::now() + Duration::from_secs(61);
+        let estimate = l.readiness(&c, Duration::from_secs(60), later);
+        let (packed, _) = l.pack(&c, Compression::default()).unwrap();
+        assert_eq!(estimate, Some(packed.tar_bytes), "short names: exact");
+        assert_eq!(l.readiness(&c, Duration::from_secs(60), SystemTime::now()), None);
     }
 
     #[test]

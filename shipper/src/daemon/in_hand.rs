@@ -1,6 +1,11 @@
 //! What the daemon knows about each episode it has in hand: one [`EpisodeRecord`] per episode in
 //! one map, and the rule that decides when a packed episode may start its upload, so that with
 //! `concurrency = 1` episodes are stored strictly oldest first (SPEC §2).
+//!
+//! Uploads go in two lanes: an outbox tarball (over 1 MiB) needs one of the `concurrency`
+//! slots; a tarball held in memory only needs room under a higher total ([`Slots`]). A small
+//! upload is bound by round trips and fsyncs, not by the link or the CPU, so more of them at
+//! once ship more episodes a second without more disk or memory than a few MiB.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +28,8 @@ enum Phase {
     Packed,
     /// On the wire.
     Uploading {
+        /// In the small lane (an in-memory tarball).
+        small: bool,
         /// Body bytes sent, counted by the upload itself.
         progress: Arc<AtomicU64>,
         /// `progress` when the watchdog last looked, and when it last saw it move.
@@ -78,8 +85,9 @@ struct State {
     /// `(mtime, id)` of every record still before its upload, oldest first: the first one is
     /// the only episode allowed to take a free upload slot.
     before_upload: BTreeSet<(SystemTime, String)>,
-    /// Records in [`Phase::Uploading`].
+    /// Records in [`Phase::Uploading`], and those of them in the large lane.
     uploading: usize,
+    uploading_large: usize,
 }
 
 impl State {
@@ -93,14 +101,16 @@ impl State {
         if r.phase.before_upload() {
             self.before_upload.remove(&key);
         }
-        if matches!(r.phase, Phase::Uploading { .. }) {
+        if let Phase::Uploading { small, .. } = r.phase {
             self.uploading -= 1;
+            self.uploading_large -= usize::from(!small);
         }
         if phase.before_upload() {
             self.before_upload.insert(key);
         }
-        if matches!(phase, Phase::Uploading { .. }) {
+        if let Phase::Uploading { small, .. } = phase {
             self.uploading += 1;
+            self.uploading_large += usize::from(!small);
         }
         r.phase = phase;
     }
@@ -111,22 +121,54 @@ impl State {
     }
 }
 
+/// How many uploads may run at once, per lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slots {
+    /// Uploads of outbox tarballs: `[shipping] concurrency`.
+    pub(crate) large: usize,
+    /// Uploads of both kinds together: small ones may use what large ones leave of this.
+    pub(crate) total: usize,
+}
+
+/// Uploads at once when the small lane is full: the receiver's default `[limits]
+/// max_uploads_per_host` (SPEC §16), so a fleet on default settings never hears `overloaded`
+/// for this.
+pub(crate) const SMALL_LANE_TOTAL: usize = 8;
+
+impl Slots {
+    /// The lanes for `[shipping] concurrency`. With 1 there is no small lane: one upload at a
+    /// time, strictly oldest first, as an operator who set 1 expects.
+    pub(crate) fn for_concurrency(concurrency: usize) -> Slots {
+        let large = concurrency.max(1);
+        let total = if large == 1 {
+            1
+        } else {
+            large.max(SMALL_LANE_TOTAL)
+        };
+        Slots { large, total }
+    }
+
+    fn admits(&self, st: &State, small: bool) -> bool {
+        st.uploading < self.total && (small || st.uploading_large < self.large)
+    }
+}
+
 /// The records of every episode in hand, shared by the work loop, the workers and the watchdog.
 #[derive(Debug)]
 pub(crate) struct InHand {
     state: Mutex<State>,
     /// Wakes the workers waiting for their upload turn whenever a record changes phase.
     changed: Notify,
-    upload_slots: usize,
+    slots: Slots,
 }
 
 impl InHand {
-    /// At most `upload_slots` uploads at once.
-    pub(crate) fn new(upload_slots: usize) -> InHand {
+    /// At most `slots` uploads at once.
+    pub(crate) fn new(slots: Slots) -> InHand {
         InHand {
             state: Mutex::new(State::default()),
             changed: Notify::new(),
-            upload_slots: upload_slots.max(1),
+            slots,
         }
     }
 
@@ -215,11 +257,17 @@ impl InHand {
             .collect()
     }
 
-    /// Waits until `id` may upload, counting its bytes in `progress`: an upload slot is free
-    /// and no older episode in hand is still before its upload. Episodes backing off are not in
-    /// hand, so they hold nobody back; an older one still packing does, which is what keeps a
-    /// small episode packed ahead from overtaking it. The slot is freed when the turn drops.
-    pub(crate) async fn upload_turn(&self, id: &str, progress: Arc<AtomicU64>) -> UploadTurn<'_> {
+    /// Waits until `id` may upload, counting its bytes in `progress`: a slot of its lane is
+    /// free (`small`: its tarball is in memory) and no older episode in hand is still before its
+    /// upload. Episodes backing off are not in hand, so they hold nobody back; an older one still
+    /// packing does, which is what keeps a small episode packed ahead from overtaking it. The
+    /// slot is freed when the turn drops.
+    pub(crate) async fn upload_turn(
+        &self,
+        id: &str,
+        progress: Arc<AtomicU64>,
+        small: bool,
+    ) -> UploadTurn<'_> {
         self.update(|st| st.set_phase(id, Phase::Packed));
         loop {
             // Registered before the check, so a change between the check and the wait wakes it.
@@ -235,10 +283,11 @@ impl InHand {
                     // Invariant: a worker's record lives until the worker finishes.
                     None => true,
                 };
-                if its_turn && st.uploading < self.upload_slots {
+                if its_turn && self.slots.admits(&st, small) {
                     st.set_phase(
                         id,
                         Phase::Uploading {
+                            small,
                             progress: progress.clone(),
                             seen: progress.load(Ordering::Relaxed),
                             moved_at: Instant::now(),
@@ -266,6 +315,7 @@ impl InHand {
                 progress,
                 seen,
                 moved_at,
+                ..
             } = &mut r.phase
             {
                 let v = progress.load(Ordering::Relaxed);
@@ -319,21 +369,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_younger_packed_episode_waits_for_an_older_one_still_packing() {
-        let h = InHand::new(1);
+        let h = InHand::new(Slots::for_concurrency(1));
         let (old, young) = (candidate("old", 20), candidate("young", 10));
         h.take(&old);
         h.take(&young);
         assert!(
-            ready_now(h.upload_turn("young", progress()))
+            ready_now(h.upload_turn("young", progress(), false))
                 .await
                 .is_none(),
             "the older one is still packing"
         );
-        let turn = ready_now(h.upload_turn("old", progress())).await;
+        let turn = ready_now(h.upload_turn("old", progress(), false)).await;
         assert!(turn.is_some(), "the oldest goes first");
         // One slot: the young one waits for the old one's answer, then goes.
         let h2 = &h;
-        let young_turn = async move { h2.upload_turn("young", progress()).await };
+        let young_turn = async move { h2.upload_turn("young", progress(), false).await };
         tokio::pin!(young_turn);
         assert!(
             ready_now(young_turn.as_mut()).await.is_none(),
@@ -345,7 +395,7 @@ mod tests {
 
     #[tokio::test]
     async fn episodes_backing_off_hold_nobody_back() {
-        let h = InHand::new(1);
+        let h = InHand::new(Slots::for_concurrency(1));
         let (old, young) = (candidate("old", 20), candidate("young", 10));
         h.take(&old);
         h.take(&young);
@@ -353,14 +403,14 @@ mod tests {
         h.finish("old");
         assert!(!h.available("old", Instant::now()));
         assert_eq!(h.attempts("old"), 1);
-        let turn = ready_now(h.upload_turn("young", progress())).await;
+        let turn = ready_now(h.upload_turn("young", progress(), false)).await;
         assert!(turn.is_some(), "the old one is set aside, not in the way");
         assert_eq!(h.busy(), HashSet::from(["young".to_string()]));
     }
 
     #[tokio::test]
     async fn records_are_kept_only_while_they_say_something() {
-        let h = InHand::new(2);
+        let h = InHand::new(Slots::for_concurrency(2));
         let c = candidate("ep", 5);
         h.take(&c);
         assert!(!h.available("ep", Instant::now()), "a worker has it");
@@ -379,15 +429,73 @@ mod tests {
 
     #[tokio::test]
     async fn a_stalled_upload_is_seen_and_a_moving_one_is_not() {
-        let h = InHand::new(2);
+        let h = InHand::new(Slots::for_concurrency(2));
         h.take(&candidate("ep", 5));
         let p = progress();
-        let _turn = h.upload_turn("ep", p.clone()).await;
+        let _turn = h.upload_turn("ep", p.clone(), false).await;
         let window = Duration::from_millis(50);
         assert!(h.uploads_moving(window), "it just started");
         tokio::time::sleep(window + Duration::from_millis(30)).await;
         assert!(!h.uploads_moving(window), "no byte moved within the window");
         p.fetch_add(1, Ordering::Relaxed);
         assert!(h.uploads_moving(window), "a byte moved since the last look");
+    }
+
+    #[test]
+    fn the_lanes_follow_concurrency() {
+        let s = |c| {
+            let s = Slots::for_concurrency(c);
+            (s.large, s.total)
+        };
+        assert_eq!(s(1), (1, 1), "concurrency 1: one upload, no small lane");
+        assert_eq!(s(2), (2, SMALL_LANE_TOTAL));
+        assert_eq!(s(8), (8, 8));
+        assert_eq!(s(16), (16, 16), "never fewer in total than concurrency");
+    }
+
+    #[tokio::test]
+    async fn small_uploads_use_what_large_ones_leave_of_the_total() {
+        let h = InHand::new(Slots::for_concurrency(2));
+        let ids: Vec<String> = (0..10).map(|i| format!("ep{i}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            h.take(&candidate(id, 100 - i as u64));
+        }
+        let mut turns = Vec::new();
+        for id in &ids[..2] {
+            turns.push(
+                ready_now(h.upload_turn(id, progress(), false))
+                    .await
+                    .expect("a large slot"),
+            );
+        }
+        // The third is large too: both large slots are taken, and it is the oldest left, so
+        // the small ones behind it wait with it.
+        let h2 = &h;
+        let third = async move { h2.upload_turn("ep2", progress(), false).await };
+        tokio::pin!(third);
+        assert!(
+            ready_now(third.as_mut()).await.is_none(),
+            "no third large upload"
+        );
+        h.finish("ep2");
+        for id in &ids[3..9] {
+            turns.push(
+                ready_now(h.upload_turn(id, progress(), true))
+                    .await
+                    .expect("room in the total"),
+            );
+        }
+        assert_eq!(h.lock().uploading, SMALL_LANE_TOTAL);
+        let ninth = async move { h2.upload_turn("ep9", progress(), true).await };
+        tokio::pin!(ninth);
+        assert!(
+            ready_now(ninth.as_mut()).await.is_none(),
+            "the total is full"
+        );
+        drop(turns.pop());
+        let ninth = ready_now(ninth).await;
+        assert!(ninth.is_some(), "a small one finished: room again");
+        let st = h.lock();
+        assert_eq!((st.uploading, st.uploading_large), (SMALL_LANE_TOTAL, 2));
     }
 }

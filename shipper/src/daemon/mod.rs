@@ -1,11 +1,14 @@
 //! The work loop shared by `run` and `once`: scan, sweep, clean up, hand ready episodes to
-//! workers (two per upload slot, so the next is packed while the current one is on the wire),
+//! workers (two per large upload slot, so the next is packed while the current one is on the
+//! wire, and one per slot of the small lane, see `in_hand::Slots`),
 //! make retires durable in batches, feed the systemd watchdog (and answer `/healthz`) only while
 //! the loop and every upload make progress, and at every scan bring the metrics up to date (queue
 //! counts, the install checkout's HEAD, whether this binary is stale). `in_hand` holds what is
 //! known about each episode; `steps` is one episode's attempt.
 
 mod in_hand;
+#[cfg(test)]
+mod lanes_tests;
 #[cfg(test)]
 mod model_tests;
 mod steps;
@@ -27,10 +30,10 @@ use crate::config::Config;
 use crate::host;
 use crate::metrics::{self, CertFile, Metrics, Textfile};
 use crate::pack::{self, Compression};
-use crate::queue::{Candidate, Queue};
+use crate::queue::{Candidate, Queue, IN_MEMORY_MAX};
 use crate::retry::{RetryPolicy, Setback};
 use crate::transport::Transport;
-use in_hand::InHand;
+use in_hand::{InHand, Slots};
 
 /// How one attempt ended, for `once`'s exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,8 +52,43 @@ enum Mode {
     Once,
 }
 
-/// Episodes in hand per upload slot: one uploading, one packed (or packing) behind it.
+/// Episodes in hand per large upload slot: one uploading, one packed (or packing) behind it.
 const IN_HAND_PER_SLOT: usize = 2;
+
+/// How many more episodes the work loop may hand to workers, by the size the settle walk saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Room {
+    /// Episodes whose tar may outgrow memory (an outbox tarball each).
+    large: usize,
+    /// Episodes of both sizes.
+    total: usize,
+}
+
+impl Room {
+    /// What is left of the limits for `slots` with `workers` in hand, `large` of them large.
+    fn left(slots: Slots, workers: usize, large: usize) -> Room {
+        let large_max = slots.large * IN_HAND_PER_SLOT;
+        // The small lane's extra slots get one episode each: a small pack takes well under a
+        // millisecond, so none needs to wait packed behind it.
+        let total_max = large_max + (slots.total - slots.large);
+        Room {
+            large: large_max.saturating_sub(large),
+            total: total_max.saturating_sub(workers),
+        }
+    }
+
+    /// Takes room for an episode whose tar is about `tar_bytes` long; false when there is none
+    /// (then it waits, and so do the younger ones behind it).
+    fn take(&mut self, tar_bytes: u64) -> Option<bool> {
+        let large = tar_bytes > IN_MEMORY_MAX as u64;
+        if self.total == 0 || (large && self.large == 0) {
+            return None;
+        }
+        self.total -= 1;
+        self.large -= usize::from(large);
+        Some(large)
+    }
+}
 
 /// How long a retire may wait for the fsync that makes it durable (`Queue::sync_retired`); a
 /// power cut inside that window means re-shipping those episodes, answered with already_stored.
@@ -74,6 +112,8 @@ pub(crate) struct Shipper {
     /// The zstd level adapted to the link (`compression = "auto"` only).
     adapt: Option<Mutex<Controller>>,
     in_hand: InHand,
+    /// The upload lanes `in_hand` enforces, for the work loop's own limit of episodes in hand.
+    slots: Slots,
     /// At most `concurrency` packs at once (the upload slots are counted in `in_hand`).
     pack_slots: Semaphore,
     /// Last time the work loop went round: the watchdog's first condition.
@@ -112,8 +152,11 @@ struct Rounds {
     /// `once`: the episodes already given their one attempt.
     attempted: HashSet<String>,
     workers: JoinSet<(String, Verdict)>,
-    /// Each worker's episode, for a worker that panics (its result carries no id then).
-    worker_ids: HashMap<tokio::task::Id, String>,
+    /// Each worker's episode (for a worker that panics: its result carries no id then) and
+    /// whether the settle walk found it large.
+    worker_ids: HashMap<tokio::task::Id, (String, bool)>,
+    /// Workers whose episode the settle walk found large.
+    large_workers: usize,
     /// Attempts that ended with the episode kept.
     kept: usize,
 }
@@ -158,7 +201,8 @@ impl Shipper {
             retry: RetryPolicy::new(Duration::from_secs(cfg.shipping.max_backoff_s)),
             compression,
             adapt,
-            in_hand: InHand::new(conc),
+            in_hand: InHand::new(Slots::for_concurrency(conc)),
+            slots: Slots::for_concurrency(conc),
             pack_slots: Semaphore::new(conc),
             loop_turned: Mutex::new(Instant::now()),
             metrics,
@@ -271,7 +315,6 @@ impl Shipper {
     ) -> anyhow::Result<()> {
         let stop_syncer = CancellationToken::new();
         let syncer = self.spawn_retire_syncer(stop_syncer.clone());
-        let in_hand_max = self.cfg.shipping.concurrency * IN_HAND_PER_SLOT;
         let scan_every = Duration::from_secs(self.cfg.shipping.scan_interval_s);
         let mut next_scan = Instant::now() + scan_every;
         let mut refill = true;
@@ -282,15 +325,15 @@ impl Shipper {
                 next_scan = Instant::now() + scan_every;
                 refill = true;
             }
-            let free = in_hand_max.saturating_sub(rounds.workers.len());
-            if refill && free > 0 {
+            let room = Room::left(self.slots, rounds.workers.len(), rounds.large_workers);
+            if refill && room.total > 0 {
                 refill = false;
-                let batch = self.ready(rounds, free, mode);
+                let batch = self.ready(rounds, room, mode);
                 if mode == Mode::Once && batch.is_empty() && rounds.workers.is_empty() {
                     break;
                 }
-                for c in batch {
-                    self.spawn(rounds, c);
+                for (c, large) in batch {
+                    self.spawn(rounds, c, large);
                 }
             }
             // Wake a few times a second so the watchdog sees the loop alive even with a short
@@ -422,9 +465,10 @@ impl Shipper {
         }
     }
 
-    /// Ready episodes no worker has and not backing off, oldest first, at most `limit`; in
-    /// `once`, each episode at most once.
-    fn ready(&self, rounds: &mut Rounds, limit: usize, mode: Mode) -> Vec<Candidate> {
+    /// Ready episodes no worker has and not backing off, oldest first, as many as `room` takes
+    /// (each with whether it is large); in `once`, each episode at most once. A large episode
+    /// that finds no room stops the batch, so the small ones behind it do not overtake it.
+    fn ready(&self, rounds: &mut Rounds, mut room: Room, mode: Mode) -> Vec<(Candidate, bool)> {
         let scan_every = Duration::from_secs(self.cfg.shipping.scan_interval_s);
         let stale = rounds.listed_at.is_none_or(|t| t.elapsed() >= scan_every);
         if rounds.listing.is_empty() || stale {
@@ -448,27 +492,33 @@ impl Shipper {
         let now = Instant::now();
         let mut out = Vec::new();
         // Episodes skipped here come back with the next listing.
-        while out.len() < limit {
+        while room.total > 0 {
             let Some(c) = rounds.listing.pop_front() else {
                 break;
             };
             if !self.in_hand.available(&c.id, now)
                 || (mode == Mode::Once && rounds.attempted.contains(&c.id))
+                || !c.dir.is_dir()
             {
                 continue;
             }
-            if c.dir.is_dir() && self.queue.is_ready(&c, self.settle(), now_sys) {
-                if mode == Mode::Once {
-                    rounds.attempted.insert(c.id.clone());
-                }
-                out.push(c);
+            let Some(tar_bytes) = self.queue.readiness(&c, self.settle(), now_sys) else {
+                continue;
+            };
+            let Some(large) = room.take(tar_bytes) else {
+                rounds.listing.push_front(c);
+                break;
+            };
+            if mode == Mode::Once {
+                rounds.attempted.insert(c.id.clone());
             }
+            out.push((c, large));
         }
         out
     }
 
     /// Hands `c` to a worker of its own, so a panic in one episode's work stops only that one.
-    fn spawn(self: &Arc<Self>, rounds: &mut Rounds, c: Candidate) {
+    fn spawn(self: &Arc<Self>, rounds: &mut Rounds, c: Candidate, large: bool) {
         self.in_hand.take(&c);
         let id = c.id.clone();
         let me = self.clone();
@@ -478,7 +528,8 @@ impl Shipper {
             me.in_hand.finish(&id);
             (id, verdict)
         });
-        rounds.worker_ids.insert(task.id(), id);
+        rounds.worker_ids.insert(task.id(), (id, large));
+        rounds.large_workers += usize::from(large);
     }
 
     fn finished(
@@ -489,14 +540,17 @@ impl Shipper {
         match r {
             Ok((task, (_, verdict))) => {
                 // Forget the task's id too, or a months-long run grows by one entry an episode.
-                rounds.worker_ids.remove(&task);
+                if let Some((_, large)) = rounds.worker_ids.remove(&task) {
+                    rounds.large_workers -= usize::from(large);
+                }
                 if verdict == Verdict::Kept {
                     rounds.kept += 1;
                 }
             }
             Err(e) => {
                 // A panic inside one episode's work: log it, set the episode aside, keep going.
-                if let Some(id) = rounds.worker_ids.remove(&e.id()) {
+                if let Some((id, large)) = rounds.worker_ids.remove(&e.id()) {
+                    rounds.large_workers -= usize::from(large);
                     let delay = self.retry.delay(Setback::WorkerFailed, 0);
                     self.in_hand.back_off(&id, delay);
                     self.in_hand.finish(&id);

@@ -255,6 +255,16 @@ fn respond(a: Answer) -> http::Response<Full<Bytes>> {
 
 /// A plain HTTPS receiver on 127.0.0.1:0 answering each attempt from `script`.
 async fn fake_receiver(script: Arc<Mutex<Script>>) -> (String, rustls::ClientConfig) {
+    https_server(move |req| serve(script.clone(), req)).await
+}
+
+/// An HTTPS server on 127.0.0.1:0 (a self-signed certificate, no client certificate asked)
+/// answering every request with `handle`; the URL and a client config that trusts it.
+pub(super) async fn https_server<F, Fut>(handle: F) -> (String, rustls::ClientConfig)
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<http::Response<Full<Bytes>>, String>> + Send + 'static,
+{
     let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
     let cert = ck.cert.der().clone();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
@@ -275,12 +285,8 @@ async fn fake_receiver(script: Arc<Mutex<Script>>) -> (String, rustls::ClientCon
             let Ok(tls) = acceptor.accept(tcp).await else {
                 continue;
             };
-            let script = script.clone();
-            let svc =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let script = script.clone();
-                    async move { serve(script, req).await }
-                });
+            let handle = handle.clone();
+            let svc = hyper::service::service_fn(move |req| handle(req));
             tokio::spawn(async move {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), svc)
@@ -358,6 +364,17 @@ struct World {
 }
 
 fn shipper(data_dir: &Path, url: &str, tls: &rustls::ClientConfig) -> Shipper {
+    shipper_with(data_dir, url, tls, 1)
+}
+
+/// A shipper over `data_dir` sending to `url`, with `[shipping] concurrency` and the
+/// defaults otherwise (no settle time, no metrics listener).
+pub(super) fn shipper_with(
+    data_dir: &Path,
+    url: &str,
+    tls: &rustls::ClientConfig,
+    concurrency: usize,
+) -> Shipper {
     let toml = format!(
         r#"
 host_id = "labhost-01"
@@ -372,7 +389,7 @@ connect_timeout_s = 5
 idle_timeout_s = 10
 [shipping]
 settle_s = 0
-concurrency = 1
+concurrency = {concurrency}
 max_backoff_s = {MAX_BACKOFF_S}
 [metrics]
 listen = ""
@@ -426,7 +443,7 @@ fn write_episode(q: &Queue, w: &Written) {
     }
 }
 
-fn write_meta(dir: &Path, commit: &str) {
+pub(super) fn write_meta(dir: &Path, commit: &str) {
     fs::write(
         dir.join("meta.json"),
         format!(r#"{{"episode_id":"x","code_version":{{"commit":"{commit}"}}}}"#),

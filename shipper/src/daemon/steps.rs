@@ -151,7 +151,11 @@ impl Shipper {
     async fn upload(&self, s: &Shipment, fresh_level: Option<i32>) -> Outcome {
         let _turn = self
             .in_hand
-            .upload_turn(&s.episode_id, s.progress.clone())
+            .upload_turn(
+                &s.episode_id,
+                s.progress.clone(),
+                matches!(s.tarball, Tarball::Memory(_)),
+            )
             .await;
         let _in_flight = self.metrics.upload_in_flight(s.tarball.len());
         let was_resumed = AtomicBool::new(false);
