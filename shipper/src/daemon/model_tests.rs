@@ -286,7 +286,7 @@ where
                 continue;
             };
             let handle = handle.clone();
-            let svc = hyper::service::service_fn(move |req| handle(req));
+            let svc = hyper::service::service_fn(handle);
             tokio::spawn(async move {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), svc)
