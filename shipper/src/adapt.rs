@@ -26,6 +26,10 @@ pub const IMBALANCE: f64 = 1.3;
 pub const MIN_PACKED: u64 = 8 << 20;
 /// Body bytes sent at the current level before the link's rate counts.
 pub const MIN_SENT: u64 = 4 << 20;
+/// A pack whose body is smaller than this is no evidence of either stage: its upload is mostly
+/// a round trip and the receiver's durable commit, whatever the link, so thousands of small
+/// episodes would read as a slow link and push the level up for nothing (issue 21).
+pub const MIN_EVIDENCE_BODY: u64 = 128 << 10;
 /// Two climbing steps that save less than this share of the wire bytes are undone.
 pub const MIN_GAIN: f64 = 0.02;
 /// How much tar is packed before an undone climb's level may be tried again.

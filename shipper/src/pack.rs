@@ -220,6 +220,19 @@ pub fn pack<W: Write>(
     Ok((packed, out))
 }
 
+/// [`pack`] for a caller that has walked `dir` already: `tar_estimate` is that walk's
+/// [`TreeWalk::tar_bytes`](crate::queue::TreeWalk), which sets the window (no second walk).
+pub fn pack_estimated<W: Write>(
+    dir: &Path,
+    episode_id: &str,
+    out: W,
+    compression: Compression,
+    tar_estimate: u64,
+) -> Result<(Packed, W), PackError> {
+    let (packed, out, _) = pack_inner(dir, episode_id, out, compression, Some(tar_estimate))?;
+    Ok((packed, out))
+}
+
 /// [`pack`], and what the auto mode did (for tests and the benchmark).
 #[doc(hidden)]
 pub fn pack_counted<W: Write>(
@@ -228,12 +241,24 @@ pub fn pack_counted<W: Write>(
     out: W,
     compression: Compression,
 ) -> Result<(Packed, W, Switches), PackError> {
+    pack_inner(dir, episode_id, out, compression, None)
+}
+
+fn pack_inner<W: Write>(
+    dir: &Path,
+    episode_id: &str,
+    out: W,
+    compression: Compression,
+    tar_estimate: Option<u64>,
+) -> Result<(Packed, W, Switches), PackError> {
     let threads = match compression.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         n => n,
     };
     let workers = if threads > 1 { threads } else { 0 };
-    let window_log = crate::queue::walk_tree(dir).map_or(0, |w| small_window_log(w.tar_bytes));
+    let tar_estimate =
+        tar_estimate.or_else(|| crate::queue::walk_tree(dir).ok().map(|w| w.tar_bytes));
+    let window_log = tar_estimate.map_or(0, small_window_log);
     let mut ctx =
         PooledContext::take(compression.level, workers, window_log).map_err(io_at(dir))?;
     let enc = match compression.mode {

@@ -342,3 +342,46 @@ async fn a_slow_link_raises_the_auto_level_and_level_mode_keeps_it() {
     }
     r.stop().await;
 }
+
+/// Small episodes are no evidence for `auto`'s level (shipper/src/adapt.rs, MIN_EVIDENCE_BODY):
+/// each upload of one is mostly a round trip and the receiver's commit, so on a link with no
+/// limit at all they would read as a slow link and push the level up, costing CPU for bytes
+/// that do not matter. 700 episodes of 16 KiB (half random, half CSV, as the small benchmark)
+/// are well past the evidence a move needs (8 MiB packed, 4 MiB sent): the level stays where
+/// it started, and every episode is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_episodes_do_not_move_the_auto_level() {
+    let w = World::new(3);
+    let r = crate::support::start(&w, "").await;
+    let url = format!("https://localhost:{}", r.addr.port());
+    let commit = w.commits[2].clone();
+    const EPISODES: usize = 700;
+    let host = "lab-small";
+    let cfg = w.shipper_config(
+        host,
+        &url,
+        "[shipping]\ncompression = \"auto\"\nzstd_max_level = 9\nconcurrency = 2\n",
+    );
+    let eps = w.data_dir(host).join("episodes");
+    for i in 0..EPISODES {
+        let csv = episode::csv(8 << 10, i as u64);
+        let noise = episode::noise(8 << 10, i as u64 + 1);
+        episode::write(
+            &eps,
+            &format!("ep-{i:03}"),
+            &commit,
+            &[("joints.csv", &csv), ("frame.bin", &noise)],
+        );
+    }
+    let (code, out, err) = tokio::task::spawn_blocking(move || shipper(&cfg, &["once"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    let climbs: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("event=\"zstd_level\"") && l.contains("slower stage"))
+        .collect();
+    assert!(climbs.is_empty(), "{climbs:?}");
+    assert_eq!(crate::support::index_rows(&w.store_dir()).len(), EPISODES);
+    r.stop().await;
+}

@@ -246,6 +246,23 @@ fn free_port() -> u16 {
 /// file's inode is found by stepping over every free inode of its group deleted in the last
 /// 60 s (360 s while the inode table block is still dirty), so cleaning up thousands of files
 /// charged a third of the next run's receiver CPU to whichever side ran after the cleanup.
+/// Before every run, each side's: writes back dirty pages and drops the page, dentry and inode
+/// caches (`sync; echo 3 > /proc/sys/vm/drop_caches`, as root), so no run inherits the caches
+/// the runs before it grew. Without it a sitting slowed run by run: the receiver's CPU for the
+/// same 5,000 small episodes rose from 2.5 s to 6 s over a dozen runs, and one drop brought it
+/// back (BENCHMARKS.md, issue 21). `CIS490_COMPARE_DROP_CACHES=0` keeps the caches.
+pub(crate) fn reset_caches() {
+    if std::env::var("CIS490_COMPARE_DROP_CACHES").is_ok_and(|v| v == "0") {
+        return;
+    }
+    nix::unistd::sync();
+    if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "3") {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| eprintln!("compare: caches not dropped between runs: {e}"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+}
+
 pub(crate) fn discard(w: &World, path: &Path) {
     if !path.exists() {
         return;
@@ -261,6 +278,7 @@ pub(crate) fn empty_trash(w: &World) {
 }
 
 fn run_peer(w: &World, wl: &Workload, parallel: usize) -> Sample {
+    reset_caches();
     let dir = w.path().join("nginx");
     discard(w, &dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -375,6 +393,7 @@ pub(crate) fn stage_shipper(
 }
 
 fn run_cis490(w: &World, wl: &Workload, round: usize) -> Sample {
+    reset_caches();
     let (p, store) = start_receiver(w, round);
     let (data, scfg) = stage_shipper(
         w,
