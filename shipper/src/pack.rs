@@ -134,9 +134,8 @@ fn zstd_error(code: usize) -> io::Error {
 }
 
 impl PooledContext {
-    /// `workers` as zstd's `nbWorkers`: 0 compresses on the calling thread. `window_log`: the
-    /// window to declare, 0 for the level's own.
-    fn take(level: i32, workers: u32, window_log: u32) -> io::Result<PooledContext> {
+    /// `workers` as zstd's `nbWorkers`: 0 compresses on the calling thread.
+    fn take(level: i32, workers: u32) -> io::Result<PooledContext> {
         let pooled = CONTEXTS.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut ctx = match pooled {
             Some(c) => c,
@@ -154,9 +153,10 @@ impl PooledContext {
         // Levels 20-22 would declare windows of 2^25-2^27 bytes in a stream of unknown size,
         // which the receiver refuses; below 20 the level's own window is at most 2^23. A pooled
         // context keeps its parameters, so the default (0) is set back explicitly.
-        let window_log = match window_log {
-            0 if level > 19 => cis490_common::ZSTD_WINDOW_LOG_MAX,
-            w => w,
+        let window_log = if level > 19 {
+            cis490_common::ZSTD_WINDOW_LOG_MAX
+        } else {
+            0
         };
         ctx.set_parameter(CParameter::WindowLog(window_log))
             .map_err(zstd_error)?;
@@ -188,27 +188,6 @@ impl Drop for PooledContext {
     }
 }
 
-/// Tars up to this long declare a window of their own size ([`small_window_log`]).
-const SMALL_WINDOW_TAR_MAX: u64 = 512 << 10;
-
-/// The zstd window for a tar of about `tar_bytes` (the settle walk's estimate): the smallest
-/// power of two that holds it (at least zstd's 1 KiB) when it is at most 512 KiB, else 0 (the
-/// level's own, 2-8 MiB). The stream's length is not known to zstd, so without this a 16 KiB
-/// episode declares the level's window, and the receiver, which budgets its decoders by the
-/// window declared, sets aside about 2.5 MiB to decode it instead of about 0.45. An estimate
-/// short of the real tar (long-name records are not counted) only limits how far back matches
-/// reach: the body stays valid.
-fn small_window_log(tar_bytes: u64) -> u32 {
-    if tar_bytes > SMALL_WINDOW_TAR_MAX {
-        return 0;
-    }
-    tar_bytes
-        .max(1)
-        .next_power_of_two()
-        .trailing_zeros()
-        .max(10)
-}
-
 /// Writes the canonical tar of `dir` (as `<episode_id>/...`) through zstd into `out`.
 pub fn pack<W: Write>(
     dir: &Path,
@@ -220,19 +199,6 @@ pub fn pack<W: Write>(
     Ok((packed, out))
 }
 
-/// [`pack`] for a caller that has walked `dir` already: `tar_estimate` is that walk's
-/// [`TreeWalk::tar_bytes`](crate::queue::TreeWalk), which sets the window (no second walk).
-pub fn pack_estimated<W: Write>(
-    dir: &Path,
-    episode_id: &str,
-    out: W,
-    compression: Compression,
-    tar_estimate: u64,
-) -> Result<(Packed, W), PackError> {
-    let (packed, out, _) = pack_inner(dir, episode_id, out, compression, Some(tar_estimate))?;
-    Ok((packed, out))
-}
-
 /// [`pack`], and what the auto mode did (for tests and the benchmark).
 #[doc(hidden)]
 pub fn pack_counted<W: Write>(
@@ -241,26 +207,12 @@ pub fn pack_counted<W: Write>(
     out: W,
     compression: Compression,
 ) -> Result<(Packed, W, Switches), PackError> {
-    pack_inner(dir, episode_id, out, compression, None)
-}
-
-fn pack_inner<W: Write>(
-    dir: &Path,
-    episode_id: &str,
-    out: W,
-    compression: Compression,
-    tar_estimate: Option<u64>,
-) -> Result<(Packed, W, Switches), PackError> {
     let threads = match compression.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         n => n,
     };
     let workers = if threads > 1 { threads } else { 0 };
-    let tar_estimate =
-        tar_estimate.or_else(|| crate::queue::walk_tree(dir).ok().map(|w| w.tar_bytes));
-    let window_log = tar_estimate.map_or(0, small_window_log);
-    let mut ctx =
-        PooledContext::take(compression.level, workers, window_log).map_err(io_at(dir))?;
+    let mut ctx = PooledContext::take(compression.level, workers).map_err(io_at(dir))?;
     let enc = match compression.mode {
         Mode::Level => Encoder::Level(zstd::stream::write::Encoder::with_context(out, ctx.get())),
         Mode::Auto => Encoder::Auto(auto::AutoEncoder::new(ctx.get(), out)),
@@ -598,63 +550,6 @@ mod tests {
             again, z3,
             "a pooled context kept a parameter of an earlier pack"
         );
-    }
-
-    /// The window the first frame of `z` declares (RFC 8878, 3.1.1.1.2).
-    fn declared_window(z: &[u8]) -> u64 {
-        assert_eq!(z[..4], [0x28, 0xb5, 0x2f, 0xfd], "a zstd frame");
-        let fhd = z[4];
-        assert_eq!(
-            fhd & 0x20,
-            0,
-            "no single-segment frame: the length is not pledged"
-        );
-        let wd = z[5];
-        let base = 1u64 << (10 + (wd >> 3));
-        base + base / 8 * u64::from(wd & 7)
-    }
-
-    #[test]
-    fn small_episodes_declare_a_window_of_their_own_size() {
-        assert_eq!(small_window_log(0), 10, "zstd's smallest window");
-        assert_eq!(small_window_log(9 * 1024), 14);
-        assert_eq!(small_window_log(512 << 10), 19);
-        assert_eq!(small_window_log((512 << 10) + 1), 0, "the level's own");
-        let t = tempfile::tempdir().unwrap();
-        let d = episode(t.path());
-        // A name over 100 bytes gets a long-name record the estimate does not count: the tar
-        // outgrows the window it declares, and must still decode to the same bytes.
-        // A filler brings the estimate to one block under 32 KiB, so the record's two blocks
-        // take the tar past the window.
-        fs::write(d.join("n".repeat(150)), text(3000, 3)).unwrap();
-        fs::write(d.join("filler"), b"").unwrap();
-        let without = crate::queue::walk_tree(&d).unwrap().tar_bytes;
-        let filler = (32 << 10) - 512 - without;
-        let mut bytes = text(filler as usize, 5);
-        bytes.truncate(filler as usize);
-        fs::write(d.join("filler"), bytes).unwrap();
-        let tar_estimate = crate::queue::walk_tree(&d).unwrap().tar_bytes;
-        assert_eq!(tar_estimate, (32 << 10) - 512);
-        for mode in [Mode::Level, Mode::Auto] {
-            for threads in [1, 2] {
-                let c = Compression {
-                    level: 3,
-                    threads,
-                    mode,
-                };
-                let (p, z) = pack(&d, "ep1", Vec::new(), c).unwrap();
-                assert!(p.tar_bytes > tar_estimate, "the long name is not estimated");
-                let window = declared_window(&z);
-                assert_eq!(window, 32 << 10, "{mode:?} {threads}");
-                assert!(window < p.tar_bytes, "matches reach back less than the tar");
-                let tar = zstd::decode_all(&z[..]).unwrap();
-                assert_eq!(hex::encode(Sha256::digest(&tar)), p.tar_sha256);
-            }
-        }
-        // Over 512 KiB of tar: the level's window (2 MiB at level 3), as before.
-        fs::write(d.join("table.csv"), text(600_000, 7)).unwrap();
-        let (_, z) = pack(&d, "ep1", Vec::new(), Compression::default()).unwrap();
-        assert_eq!(declared_window(&z), 2 << 20);
     }
 
     #[test]

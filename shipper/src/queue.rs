@@ -59,8 +59,6 @@ pub struct Candidate {
     pub id: String,
     pub dir: PathBuf,
     pub mtime: SystemTime,
-    /// About how long its tar is, once a settle walk measured it ([`TreeWalk::tar_bytes`]).
-    pub tar_bytes: Option<u64>,
 }
 
 /// What reading `meta.json` told us.
@@ -162,7 +160,6 @@ impl Queue {
                 id: name,
                 dir: e.path(),
                 mtime: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                tar_bytes: None,
             });
         }
         out.sort_by(|a, b| a.mtime.cmp(&b.mtime).then_with(|| a.id.cmp(&b.id)));
@@ -237,10 +234,7 @@ impl Queue {
             file: None,
             path: partial.clone(),
         };
-        let (packed, out) = match c.tar_bytes {
-            Some(t) => pack::pack_estimated(&c.dir, &c.id, out, compression, t)?,
-            None => pack::pack(&c.dir, &c.id, out, compression)?,
-        };
+        let (packed, out) = pack::pack(&c.dir, &c.id, out, compression)?;
         let Some(file) = out.file else {
             // Bytes keeps a Vec's spare capacity: give it back so a held tarball costs its size.
             let mut mem = out.mem;
@@ -880,7 +874,6 @@ mod tests {
             id: id.into(),
             dir: d,
             mtime: SystemTime::now(),
-            tar_bytes: None,
         }
     }
 
@@ -1086,10 +1079,7 @@ mod tests {
         let estimate = l.readiness(&c, Duration::from_secs(60), later);
         let (packed, _) = l.pack(&c, Compression::default()).unwrap();
         assert_eq!(estimate, Some(packed.tar_bytes), "short names: exact");
-        assert_eq!(
-            l.readiness(&c, Duration::from_secs(60), SystemTime::now()),
-            None
-        );
+        assert_eq!(l.readiness(&c, Duration::from_secs(60), SystemTime::now()), None);
     }
 
     #[test]

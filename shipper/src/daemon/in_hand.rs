@@ -353,7 +353,6 @@ mod tests {
             id: id.into(),
             dir: std::path::PathBuf::from("/nonexistent").join(id),
             mtime: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 - age_s),
-            tar_bytes: None,
         }
     }
 

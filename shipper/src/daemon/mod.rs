@@ -505,10 +505,6 @@ impl Shipper {
             let Some(tar_bytes) = self.queue.readiness(&c, self.settle(), now_sys) else {
                 continue;
             };
-            let c = Candidate {
-                tar_bytes: Some(tar_bytes),
-                ..c
-            };
             let Some(large) = room.take(tar_bytes) else {
                 rounds.listing.push_front(c);
                 break;

@@ -815,37 +815,6 @@ async fn uploads_beyond_the_decoder_budget_are_spooled_or_wait_and_nothing_is_lo
     r.stop().await;
 }
 
-/// A small episode as the shipper packs it declares a window of its own size (shipper/src/pack.rs),
-/// so the receiver leases well under half a MiB to decode it, not the 2.5 MiB of the level's
-/// window: many small uploads of one host decode at once instead of waiting to be spooled.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_small_episode_leases_a_small_decoder() {
-    let w = World::new(1);
-    let r = start(&w, "[version_gate]\nenabled = false\n").await;
-    let small = episode::body(&w.path().join("src"), "ep-small", COMMIT, 16 << 10);
-    let half = small.bytes.len() / 2;
-    let held = open_put_sha(
-        &w,
-        r.addr,
-        HOST,
-        &small.id,
-        &small.sha,
-        small.bytes.len(),
-        &small.bytes[..half],
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let leased = metric_value(&r, "cis490_receiver_decoder_memory_bytes").await;
-    assert!(
-        (384.0 * 1024.0..512.0 * 1024.0).contains(&leased),
-        "a 32 KiB window, one block and the fixed part: {leased}"
-    );
-    drop(held);
-    let reply = w.client(r.addr, HOST).put(HOST, &small).await;
-    assert_eq!(reply.status, 201, "{:?}", reply.json());
-    r.stop().await;
-}
-
 /// A frame that declares a window over 16 MiB (zstd --long=25) is refused at its header, with
 /// what the receiver decodes in the message, and kept in quarantine like every 422.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
