@@ -1079,7 +1079,10 @@ mod tests {
         let estimate = l.readiness(&c, Duration::from_secs(60), later);
         let (packed, _) = l.pack(&c, Compression::default()).unwrap();
         assert_eq!(estimate, Some(packed.tar_bytes), "short names: exact");
-        assert_eq!(l.readiness(&c, Duration::from_secs(60), SystemTime::now()), None);
+        assert_eq!(
+            l.readiness(&c, Duration::from_secs(60), SystemTime::now()),
+            None
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde_json::Value;
 use cis490_common::{ErrorCode, Reason};
 
 use super::{usage, Shipper, Verdict};
-use crate::adapt::{Span, MIN_EVIDENCE_BODY};
+use crate::adapt::Span;
 use crate::pack::PackError;
 use crate::queue::{read_stamp, Candidate, QuarantineReason, Stamp, Tarball};
 use crate::retry::Setback;
@@ -71,8 +71,7 @@ impl Shipper {
     }
 
     /// The tar SHA-256 and the tarball: the outbox file this process packed before, else one
-    /// left by an earlier run (hashed again), else a fresh pack (then, when its body is large
-    /// enough to be the level controller's evidence, also its zstd level).
+    /// left by an earlier run (hashed again), else a fresh pack (then also its zstd level).
     async fn tarball(&self, c: &Candidate, commit: &str) -> Step<(String, Tarball, Option<i32>)> {
         let id = &c.id;
         let path = self.queue.tarball(id);
@@ -113,8 +112,6 @@ impl Shipper {
                 if let Tarball::File { len, .. } = &tarball {
                     self.in_hand.remember_packed(id, &sha, *len);
                 }
-                // A small body is no evidence for the level controller (MIN_EVIDENCE_BODY).
-                let fresh = fresh.filter(|_| tarball.len() >= MIN_EVIDENCE_BODY);
                 if let Some((tar_bytes, span)) = fresh {
                     let body = tarball.len();
                     self.adapt(|a| a.packed(compression.level, tar_bytes, body, span));
