@@ -26,11 +26,6 @@ pub const IMBALANCE: f64 = 1.3;
 pub const MIN_PACKED: u64 = 8 << 20;
 /// Body bytes sent at the current level before the link's rate counts.
 pub const MIN_SENT: u64 = 4 << 20;
-/// An upload of a smaller body is no evidence of the link's rate: it is mostly a round trip and
-/// the receiver's durable commit, whatever the link, so thousands of small episodes read as a
-/// slow link and pushed the level up for nothing (issue 21). Its bytes count towards
-/// [`MIN_SENT`] all the same, so a host of small episodes whose CPU is busy still steps down.
-pub const MIN_EVIDENCE_BODY: u64 = 128 << 10;
 /// Two climbing steps that save less than this share of the wire bytes are undone.
 pub const MIN_GAIN: f64 = 0.02;
 /// How much tar is packed before an undone climb's level may be tried again.
@@ -70,8 +65,6 @@ struct Evidence {
     packed_body: u64,
     send_s: f64,
     sent_body: u64,
-    /// Bodies under [`MIN_EVIDENCE_BODY`] sent: counted, not timed.
-    sent_small: u64,
 }
 
 impl Evidence {
@@ -162,12 +155,8 @@ impl Controller {
         if level != self.level {
             return None;
         }
-        if body < MIN_EVIDENCE_BODY {
-            self.now.sent_small += body;
-        } else {
-            self.now.send_s += span.secs();
-            self.now.sent_body += body;
-        }
+        self.now.send_s += span.secs();
+        self.now.sent_body += body;
         self.count(span)
     }
 
@@ -181,11 +170,9 @@ impl Controller {
 
     fn decide(&mut self, at: Usage) -> Option<Move> {
         let e = self.now;
-        if e.packed_tar < MIN_PACKED || e.sent_body + e.sent_small < MIN_SENT {
+        if e.packed_tar < MIN_PACKED || e.sent_body < MIN_SENT {
             return None;
         }
-        // Without enough timed uploads the link's rate is unknown: only the CPU test decides.
-        let link_known = e.sent_body >= MIN_SENT;
         let (pack, send) = (e.pack_s_per_tar(), e.send_s_per_tar());
         let since = self.since.unwrap_or(at);
         let wall = at.wall_s - since.wall_s;
@@ -208,7 +195,7 @@ impl Controller {
         let decision = if busy >= BUSY {
             self.climb.clear();
             (self.level > MIN_LEVEL).then(|| mv(from - 1, "the CPU is the bottleneck"))
-        } else if link_known && send > IMBALANCE * pack && up_allowed && busy < CLIMB_BELOW {
+        } else if send > IMBALANCE * pack && up_allowed && busy < CLIMB_BELOW {
             // A climb of two steps that saved too little is undone, the step above blocked.
             match self.climb.as_slice() {
                 [.., (l2, r2), (l1, _)] if *l2 == from - 2 && *l1 == from - 1 => {
@@ -227,7 +214,7 @@ impl Controller {
                     Some(mv(from + 1, "sending is the slower stage"))
                 }
             }
-        } else if link_known && pack > IMBALANCE * send && self.level > MIN_LEVEL {
+        } else if pack > IMBALANCE * send && self.level > MIN_LEVEL {
             self.climb.clear();
             Some(mv(from - 1, "packing is the slower stage"))
         } else {
@@ -320,46 +307,6 @@ mod tests {
             send <= IMBALANCE * pack && pack <= IMBALANCE * send,
             "{levels:?}"
         );
-    }
-
-    /// 16 KiB episodes whose uploads take 2 ms each (a round trip and a commit): as a link that
-    /// would be 8 MiB/s, far slower than packing. They never raise the level; with the CPU busy
-    /// they still take it down.
-    #[test]
-    fn small_uploads_are_no_evidence_of_the_link_but_a_busy_cpu_still_counts() {
-        const TAR: u64 = 16 << 10;
-        let feed = |c: &mut Controller, busy: f64, n: usize| {
-            let at = |t: f64| Usage {
-                wall_s: t,
-                cpu_s: t * busy * 2.0,
-            };
-            let mut t = 0.0;
-            for _ in 0..n {
-                let l = c.level();
-                let body = TAR / 2;
-                let pack = Span {
-                    start: at(t),
-                    end: at(t + 0.0001),
-                };
-                let send = Span {
-                    start: at(t),
-                    end: at(t + 0.002),
-                };
-                c.packed(l, TAR, body, pack);
-                c.sent(l, body, send);
-                t += 0.002;
-            }
-        };
-        let mut idle = Controller::new(3, 9, 2);
-        feed(&mut idle, 0.3, 5000);
-        assert_eq!(idle.level(), 3, "no climb on round trips");
-        let mut busy = Controller::new(3, 9, 2);
-        feed(&mut busy, 0.95, 5000);
-        assert_eq!(busy.level(), MIN_LEVEL, "the CPU is the bottleneck");
-        // The same uploads timed as large ones would have climbed: the test tells them apart.
-        let mut large = Controller::new(3, 9, 2);
-        let levels = run(&mut large, 400, |_| 0.0064, |_| 0.5, 4.0);
-        assert!(levels.len() > 1 && levels[1] == 4, "{levels:?}");
     }
 
     #[test]
