@@ -77,8 +77,10 @@ impl Room {
         }
     }
 
-    /// Takes room for an episode whose tar is about `tar_bytes` long; false when there is none
-    /// (then it waits, and so do the younger ones behind it).
+    /// Takes room for an episode whose tar is about `tar_bytes` long: whether it counts as
+    /// large, or `None` when there is no room (then it waits, and so do the younger ones behind
+    /// it). Only admission goes by this estimate; the upload's lane is the tarball's own (in
+    /// memory or in outbox/), so an estimate that misses costs order, never a bound.
     fn take(&mut self, tar_bytes: u64) -> Option<bool> {
         let large = tar_bytes > IN_MEMORY_MAX as u64;
         if self.total == 0 || (large && self.large == 0) {
