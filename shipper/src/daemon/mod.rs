@@ -80,7 +80,8 @@ impl Room {
     /// Takes room for an episode whose tar is about `tar_bytes` long: whether it counts as
     /// large, or `None` when there is no room (then it waits, and so do the younger ones behind
     /// it). Only admission goes by this estimate; the upload's lane is the tarball's own (in
-    /// memory or in outbox/), so an estimate that misses costs order, never a bound.
+    /// memory or in outbox/); an estimate that misses (long names) can leave a few more outbox
+    /// tarballs in hand than `2 × concurrency`, never more than one per episode in hand.
     fn take(&mut self, tar_bytes: u64) -> Option<bool> {
         let large = tar_bytes > IN_MEMORY_MAX as u64;
         if self.total == 0 || (large && self.large == 0) {
